@@ -1,0 +1,92 @@
+"""Input validation for :func:`salt_kernels.salt_linear`, done once before any backend.
+
+Every error names the argument, what was received and what was expected, so that a
+bad call never reaches a kernel (where it could crash the process or read out of
+bounds) and never returns a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(
+            f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(t.shape)}"
+        )
+
+
+def validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend) -> None:
+    """Raise ``TypeError``/``ValueError`` unless the arguments describe a valid SALT layer.
+
+    Shapes: ``x (..., K)``, ``U (D, r)``, ``V (K, r)``, ``sigma (r,)``, ``X (r, r')``,
+    ``Y (r', r)``, ``bias (D,)`` or None; ``r >= 1``, ``r' >= 0``.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"scaling: expected a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x: expected at least 1 dimension (..., in_features), got a 0-d tensor")
+    _check_tensor("U", U, 2)
+    _check_tensor("V", V, 2)
+    D, r = U.shape
+    K = V.shape[0]
+    if r < 1:
+        raise ValueError(f"U: expected shape (out_features, rank) with rank >= 1, got {tuple(U.shape)}")
+    _check_shape("V", V, (K, r), "= (in_features, rank) with rank from U")
+    _check_tensor("sigma", sigma, 1)
+    _check_shape("sigma", sigma, (r,), "= (rank,)")
+    _check_tensor("X", X, 2)
+    if X.shape[0] != r:
+        raise ValueError(f"X: expected shape ({r}, lora_rank) = (rank, lora_rank), got {tuple(X.shape)}")
+    r_lora = X.shape[1]
+    if r_lora > r:
+        raise ValueError(f"X: expected lora_rank <= rank = {r}, got shape {tuple(X.shape)}")
+    _check_tensor("Y", Y, 2)
+    _check_shape("Y", Y, (r_lora, r), "= (lora_rank, rank)")
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"x: expected last dimension {K} (in_features, from V of shape {tuple(V.shape)}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_shape("bias", bias, (D,), "= (out_features,)")
+
+    named = {"U": U, "V": V, "sigma": sigma, "X": X, "Y": Y}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+    # The frozen basis and bias are streamed by the kernels next to x, so they share
+    # its dtype (as nn.Linear's weight must). sigma, X, Y only feed the tiny r x r core
+    # and may be kept in a wider dtype (fp32 master parameters for a bf16 model).
+    for name in ("U", "V", "bias"):
+        t = named.get(name)
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")

@@ -1,0 +1,23 @@
+"""Math shared by every backend: the r x r core matrix C = diag(sigma) + s * X @ Y.
+
+Kernel backends take C, not (sigma, X, Y): C is tiny, so building it with plain torch
+ops costs one small launch, and autograd then turns the kernel's dC into dsigma, dX
+and dY (DESIGN.md section 2) without any backend re-deriving that chain rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """C = diag(sigma) + scaling * X @ Y, shape (r, r), in ``dtype``."""
+    C = torch.diag(sigma.to(dtype))
+    if X.shape[1] > 0:
+        C = torch.addmm(C, X.to(dtype), Y.to(dtype), alpha=scaling)
+    return C

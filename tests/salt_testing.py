@@ -1,0 +1,93 @@
+"""Shared test machinery: float64 ground truth, input factories and the tolerance table
+used by every backend's tests."""
+
+from __future__ import annotations
+
+import torch
+
+# Max |error| allowed, relative to max |ground truth| of the same tensor (forward output
+# or gradient), per input dtype. fp16/bf16 bounds follow from storing x, U, V, y (and the
+# fp32-accumulated intermediates) in 11- and 8-bit mantissas across a 3-GEMM chain.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 4e-2,
+}
+
+GRAD_NAMES = ("x", "U", "V", "sigma", "X", "Y", "bias")
+
+
+def make_salt_inputs(lead, K, D, r, r_lora, dtype=torch.float32, *, bias=True, device="cpu",
+                     seed=0, grad_basis=False, param_dtype=None):
+    """Random SALT inputs: x (*lead, K), U (D, r), V (K, r) orthonormal-ish, sigma (r,),
+    X (r, r'), Y (r', r) non-zero (so the X@Y path is exercised), bias (D,)."""
+    g = torch.Generator().manual_seed(seed)
+    pdt = param_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt).to(device)
+
+    x = rnd(*lead, K)
+    U = rnd(D, r, scale=D ** -0.5)
+    V = rnd(K, r, scale=K ** -0.5)
+    sigma = (torch.rand(r, generator=g, dtype=torch.float64) + 0.5).to(pdt).to(device)
+    X = rnd(r, r_lora, scale=0.5, dt=pdt)
+    Y = rnd(r_lora, r, scale=0.5, dt=pdt)
+    b = rnd(D, scale=0.1) if bias else None
+    tensors = dict(x=x, U=U, V=V, sigma=sigma, X=X, Y=Y, bias=b)
+    for name, t in tensors.items():
+        if t is not None and (name not in ("U", "V") or grad_basis):
+            t.requires_grad_(True)
+    return tensors
+
+
+def dense_f64(x, U, V, sigma, X, Y, bias, scaling=1.0):
+    """Explicit float64 formula: W = U (diag(sigma) + s X Y) V^T, y = x W^T + b."""
+    W = U @ (torch.diag(sigma) + scaling * X @ Y) @ V.t()
+    y = x @ W.t()
+    return y if bias is None else y + bias
+
+
+def ground_truth(tensors, grad_out, scaling=1.0):
+    """Forward and every gradient of the dense float64 formula."""
+    t64 = {k: (None if v is None else v.detach().double().requires_grad_(v.requires_grad))
+           for k, v in tensors.items()}
+    y = dense_f64(*(t64[n] for n in GRAD_NAMES), scaling=scaling)
+    wanted = [n for n in GRAD_NAMES if t64[n] is not None and t64[n].requires_grad]
+    grads = torch.autograd.grad(y, [t64[n] for n in wanted], grad_out.double()) if wanted else []
+    return y.detach(), dict(zip(wanted, grads))
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual.detach().double().cpu() - expected.cpu()).abs().max().item() if expected.numel() else 0.0
+    return err / max(scale, 1e-30) if scale > 0 else err
+
+
+def assert_matches_ground_truth(fn, tensors, dtype, *, scaling=1.0, tol=None, seed=1):
+    """Run ``fn(**tensors, scaling=scaling)`` forward and backward with a random upstream
+    gradient and compare output and every gradient with float64 ground truth."""
+    tol = TOLERANCES[dtype] if tol is None else tol
+    y = fn(**tensors, scaling=scaling)
+    assert y.dtype == tensors["x"].dtype, f"output dtype {y.dtype} != x dtype {tensors['x'].dtype}"
+    D = tensors["U"].shape[0]
+    assert y.shape == (*tensors["x"].shape[:-1], D)
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y_ref, grads_ref = ground_truth(tensors, grad_out, scaling)
+    err = max_rel_err(y, y_ref)
+    assert err <= tol, f"forward: max relative error {err:.3e} > {tol:.1e}"
+    wanted = list(grads_ref)
+    if not wanted:
+        return
+    grads = torch.autograd.grad(y, [tensors[n] for n in wanted], grad_out.to(y.dtype).to(y.device),
+                                allow_unused=True)
+    for name, gr in zip(wanted, grads):
+        if gr is None and tensors[name].numel() == 0:
+            continue  # an empty X / Y (lora_rank 0) gets no gradient, and needs none
+        assert gr is not None, f"d{name} is None but {name} requires grad"
+        assert gr.shape == tensors[name].shape, f"d{name} shape {tuple(gr.shape)}"
+        assert gr.dtype == tensors[name].dtype, f"d{name} dtype {gr.dtype}"
+        err = max_rel_err(gr, grads_ref[name])
+        assert err <= tol, f"d{name}: max relative error {err:.3e} > {tol:.1e}"
