@@ -65,7 +65,29 @@ def available_backends(device="cpu") -> list[str]:
     return [b for b in order if unavailable_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device) -> str:
+    """The concrete backend that ``backend`` ("auto" or a name) runs on ``device``."""
+    return _resolve(backend, torch.device(device).type)
+
+
+# Resolution depends only on (backend, device type) and on what is installed, so it is
+# cached and, for torch.compile, treated as a constant: Dynamo then never traces the
+# imports and warnings below, and `fullgraph=True` holds.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    key = (backend, device_type)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve_uncached(backend, torch.device(device_type))
+        name = _RESOLVED[key]
+        _IMPLS[name] = _module(name)[0].salt_linear_2d
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+_IMPLS: dict = {}  # backend name -> salt_linear_2d of its module
+
+
+def _resolve_uncached(backend: str, device: torch.device) -> str:
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
@@ -82,9 +104,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"salt_kernels: skipping backend '{name}' on {device.type}: {reason}. "
                 f"Falling back to the next of {order}.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
     return "reference"
+
+
+def clear_backend_cache() -> None:
+    """Forget resolved backends (e.g. after building the extension or setting
+    TRITON_INTERPRET in a running process)."""
+    _RESOLVED.clear()
+    _warned.clear()
 
 
 def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backend: str = "auto"):
@@ -108,9 +137,8 @@ def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backen
 
 
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend):
-    name = resolve_backend(backend, x.device)
-    mod, _ = _module(name)
+    name = _resolve(backend, x.device.type)
     lead = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y2d = mod.salt_linear_2d(x2d, U, V, sigma, X, Y, bias, scaling)
+    y2d = _IMPLS[name](x2d, U, V, sigma, X, Y, bias, scaling)
     return y2d if x.dim() == 2 else y2d.reshape(*lead, U.shape[0])

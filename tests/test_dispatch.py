@@ -1,0 +1,71 @@
+"""Backend choice: fallback with one warning, truthful available_backends, compile."""
+
+import warnings
+
+import pytest
+import torch
+
+import salt_kernels
+from salt_kernels import SALTLinear, dispatch
+from salt_testing import make_salt_inputs
+
+
+@pytest.fixture
+def missing_cpu_backend(monkeypatch):
+    monkeypatch.setitem(dispatch._BACKEND_MODULES, "cpu", "salt_kernels.backends.not_built")
+    dispatch.clear_backend_cache()
+    yield
+    dispatch.clear_backend_cache()
+
+
+def test_auto_falls_back_with_one_warning(missing_cpu_backend):
+    t = make_salt_inputs((3,), 8, 6, 3, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = salt_kernels.salt_linear(**t)
+        y2 = salt_kernels.salt_linear(**t)
+    msgs = [str(w.message) for w in caught if "salt_kernels" in str(w.message)]
+    assert len(msgs) == 1 and "'cpu'" in msgs[0] and "not_built" in msgs[0]
+    assert torch.equal(y1, y2)
+    assert "cpu" not in salt_kernels.available_backends("cpu")
+    assert "reference" in salt_kernels.available_backends("cpu")
+
+
+def test_explicit_missing_backend_raises(missing_cpu_backend):
+    t = make_salt_inputs((3,), 8, 6, 3, 1)
+    with pytest.raises(salt_kernels.BackendUnavailableError, match="backend='cpu' is not available.*not_built"):
+        salt_kernels.salt_linear(**t, backend="cpu")
+
+
+def test_available_backends_all_run():
+    """Every backend listed as available really runs on that device."""
+    t = make_salt_inputs((4,), 10, 7, 3, 2)
+    for name in salt_kernels.available_backends("cpu"):
+        y = salt_kernels.salt_linear(**t, backend=name)
+        assert y.shape == (4, 7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    layer = SALTLinear(16, 8, 4, 2, backend=backend)
+    with torch.no_grad():
+        layer.Y.normal_()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert layer.X.grad is not None and x.grad is not None
+
+
+def test_autocast_cpu_bfloat16_like_linear():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 24)
+    layer = SALTLinear.from_linear(lin, 24, 4)
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_lin = layer(x), lin(x)
+    assert y.dtype == y_lin.dtype == torch.bfloat16
+    rel = ((y.float() - lin(x)).abs().max() / lin(x).abs().max()).item()
+    assert rel < 3e-2
