@@ -91,3 +91,52 @@ def assert_matches_ground_truth(fn, tensors, dtype, *, scaling=1.0, tol=None, se
         assert gr.dtype == tensors[name].dtype, f"d{name} dtype {gr.dtype}"
         err = max_rel_err(gr, grads_ref[name])
         assert err <= tol, f"d{name}: max relative error {err:.3e} > {tol:.1e}"
+
+
+# --- SALT layers (SALTLinear / SALTConv2d, every variant) against float64 ---------------
+
+def dense_layer_f64(layer, p, x):
+    """The layer's output from its float64 tensors ``p`` (name -> tensor), written out
+    independently of the package: sigma' = sigma or relu(alpha * sigma0 + beta),
+    W = residual + U (diag(sigma') + s X Y) V^T, then F.linear / F.conv2d with W."""
+    import torch.nn.functional as F
+
+    if layer.sigma_mode == "direct":
+        sigma = p["sigma"]
+    else:
+        sigma = torch.relu(p["alpha"] * p["sigma0"] + p["beta"])
+    W = p["U"] @ (torch.diag(sigma) + layer.scaling * p["X"] @ p["Y"]) @ p["V"].t()
+    if p.get("residual_weight") is not None:
+        W = W + p["residual_weight"].reshape(W.shape)
+    if hasattr(layer, "kernel_size"):
+        W = W.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
+        return F.conv2d(x, W, p.get("bias"), layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, W, p.get("bias"))
+
+
+def assert_layer_matches_ground_truth(layer, x, dtype, *, tol=None, seed=1, out_dtype=None):
+    """Forward and the gradients of x and every trainable parameter of ``layer`` against
+    :func:`dense_layer_f64` on float64 copies of the same tensors."""
+    tol = TOLERANCES[dtype] if tol is None else tol
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == (out_dtype or x.dtype), f"output dtype {y.dtype}"
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    tensors = dict(layer.named_parameters())
+    tensors.update((n, b) for n, b in layer.named_buffers() if b is not None)
+    p = {n: t.detach().double().cpu().requires_grad_(t.requires_grad) for n, t in tensors.items()}
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    y_ref = dense_layer_f64(layer, p, x64)
+    assert y.shape == y_ref.shape, f"output shape {tuple(y.shape)} != {tuple(y_ref.shape)}"
+    err = max_rel_err(y, y_ref)
+    assert err <= tol, f"forward: max relative error {err:.3e} > {tol:.1e}"
+    names = ["x"] + [n for n, t in layer.named_parameters() if t.requires_grad and t.numel() > 0]
+    ref_leaves = [x64] + [p[n] for n in names[1:]]
+    leaves = [x] + [tensors[n] for n in names[1:]]
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, grad_out)
+    grads = torch.autograd.grad(y, leaves, grad_out.to(y.dtype).to(y.device))
+    for name, gr, gr_ref, leaf in zip(names, grads, grads_ref, leaves):
+        assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, f"d{name}: {gr.shape} {gr.dtype}"
+        err = max_rel_err(gr, gr_ref)
+        assert err <= tol, f"d{name}: max relative error {err:.3e} > {tol:.1e}"
