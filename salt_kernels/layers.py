@@ -190,7 +190,16 @@ class SALTAdapterMixin:
         ``||sigma' - sigma0||_2 + ||scaling * X Y||_F``, in r x r space, float32 (float64
         for float64 parameters)."""
         acc = accumulate_dtype(self.X.dtype)
-        drift = self.effective_sigma().to(acc) - self.sigma0.to(acc)
+        sigma0 = self.sigma0.to(acc)
+        if self.sigma_mode == "direct":
+            drift = self.sigma.to(acc) - sigma0
+        else:
+            # relu(a s0 + b) - s0 = (a - 1) s0 + b where active, -s0 where clamped. Written
+            # this way it does not cancel: a - 1 is exact near a = 1, and the drift is
+            # tiny next to s0 early in training (it sets the gradient's direction).
+            alpha, beta = self.alpha.to(acc), self.beta.to(acc)
+            active = torch.addcmul(beta, alpha, sigma0) > 0
+            drift = torch.where(active, torch.addcmul(beta, alpha - 1, sigma0), -sigma0)
         update = self.scaling * (self.X.to(acc) @ self.Y.to(acc))
         return torch.linalg.vector_norm(drift) + torch.linalg.matrix_norm(update)
 

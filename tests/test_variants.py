@@ -326,3 +326,13 @@ def test_regulariser_errors():
 def test_public_api():
     for name in ("SALTConv2d", "salt_regularizer"):
         assert name in salt_kernels.__all__
+
+
+def test_regulariser_scale_shift_drift_does_not_cancel():
+    """alpha = 1 + 2^-20 in fp32: the drift (alpha - 1) sigma0 is tiny next to sigma0 and
+    must not be lost to rounding (relu(alpha sigma0) - sigma0 keeps ~1 digit of it)."""
+    layer = SALTLinear.from_linear(_linear(30, 20), 8, 0, sigma_mode="scale_shift")
+    with torch.no_grad():
+        layer.alpha.fill_(1 + 2 ** -20)
+    expect = 2 ** -20 * layer.sigma0.double().norm()
+    assert max_rel_err(salt_regularizer(layer), expect) <= TOLERANCES[torch.float32]
