@@ -149,13 +149,15 @@ def dense_layer_f64(layer, p, x):
     return F.linear(x, W, p.get("bias"))
 
 
-def assert_layer_matches_ground_truth(layer, x, dtype, *, tol=None, seed=1, out_dtype=None, scale="truth"):
+def assert_layer_matches_ground_truth(layer, x, dtype, *, tol=None, seed=1, out_dtype=None, scale="truth",
+                                      forward=None):
     """Forward and the gradients of x and every trainable parameter of ``layer`` against
     :func:`dense_layer_f64` on float64 copies of the same tensors (``scale`` as in
-    :func:`assert_matches_ground_truth`)."""
+    :func:`assert_matches_ground_truth`). ``forward(x)`` replaces ``layer(x)`` if given
+    (e.g. to run only the forward under autocast)."""
     tol = TOLERANCES[dtype] if tol is None else tol
     x = x.detach().requires_grad_(True)
-    y = layer(x)
+    y = layer(x) if forward is None else forward(x)
     assert y.dtype == (out_dtype or x.dtype), f"output dtype {y.dtype}"
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype).double()

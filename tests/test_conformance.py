@@ -48,7 +48,7 @@ def _require(backend, device):
 
 def _examples(backend, device):
     # the Triton interpreter runs kernels element by element in Python: fewer examples
-    return 10 if backend == "triton" and device == "cpu" else 25
+    return 15 if backend == "triton" and device == "cpu" else 25
 
 
 # --------------------------------------------------------------- salt_linear, every backend
@@ -203,6 +203,13 @@ def _autocast_dtypes(device):
 AUTOCAST_CASES = [(d, a) for d in DEVICES for a in _autocast_dtypes(d)]
 
 
+def _autocast_forward(layer, device, amp_dtype):
+    def forward(x):
+        with torch.autocast(device, dtype=amp_dtype):
+            return layer(x)
+    return forward
+
+
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST_CASES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sigma_mode", ["direct", "scale_shift"])
@@ -214,9 +221,13 @@ def test_autocast_linear_like_nn_linear(device, amp_dtype, backend, sigma_mode, 
     layer = perturb(SALTLinear.from_linear(lin, 12, 4, backend=backend, sigma_mode=sigma_mode,
                                            residual=residual))
     x = torch.randn(3, 7, 48, device=device)
+    # the recommended pattern: forward under autocast, backward outside
+    assert_layer_matches_ground_truth(layer, x, amp_dtype, out_dtype=amp_dtype,
+                                      forward=_autocast_forward(layer, device, amp_dtype))
     with torch.autocast(device, dtype=amp_dtype):
         expected_dtype = lin(x).dtype
-        # output in the autocast dtype, gradients in the fp32 parameters' dtype, bf16/fp16 accuracy
+        # and the common one, backward inside the autocast block: output in the autocast
+        # dtype, gradients in the fp32 parameters' dtype, bf16/fp16 accuracy
         assert_layer_matches_ground_truth(layer, x, amp_dtype, out_dtype=expected_dtype)
         # autocast leaves float64 alone, for nn.Linear and for SALT
         x64 = x.double()
@@ -232,6 +243,8 @@ def test_autocast_conv_like_nn_conv2d(device, amp_dtype, residual):
     conv = nn.Conv2d(6, 10, 3, padding=1).to(device)
     layer = perturb(SALTConv2d.from_conv2d(conv, 7, 3, residual=residual, sigma_mode="scale_shift"))
     x = torch.randn(2, 6, 9, 9, device=device)
+    assert_layer_matches_ground_truth(layer, x, amp_dtype, out_dtype=amp_dtype,
+                                      forward=_autocast_forward(layer, device, amp_dtype))
     with torch.autocast(device, dtype=amp_dtype):
         expected_dtype = conv(x).dtype
         assert_layer_matches_ground_truth(layer, x, amp_dtype, out_dtype=expected_dtype)
