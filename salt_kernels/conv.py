@@ -62,6 +62,11 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
         self.kernel_size = kernel_size
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding: expected 'same', 'valid', an int or a pair, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding: 'same' needs stride 1 (as in nn.Conv2d), got stride {self.stride}")
         fan_in = in_channels * kernel_size[0] * kernel_size[1]
         self._init_salt(fan_in, out_channels, rank, lora_rank, bias, scaling, sigma_mode, residual,
                         (out_channels, in_channels, *kernel_size), {"device": device, "dtype": dtype})

@@ -266,6 +266,10 @@ def test_conv_errors():
         SALTConv2d.from_conv2d(nn.Linear(4, 4), 2, 1)
     with pytest.raises(ValueError, match="rank"):
         SALTConv2d.from_conv2d(nn.Conv2d(2, 4, 1), 3, 1)  # rank > min(4, 2*1*1)
+    with pytest.raises(ValueError, match="padding"):
+        SALTConv2d(3, 4, 3, 2, 1, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding"):
+        SALTConv2d(3, 4, 3, 2, 1, padding="full")
     layer = SALTConv2d(3, 4, 3, 2, 1)
     with pytest.raises(ValueError, match="x: expected shape"):
         layer(torch.randn(1, 5, 8, 8))
