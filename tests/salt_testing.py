@@ -186,3 +186,24 @@ def assert_layer_matches_ground_truth(layer, x, dtype, *, tol=None, seed=1, out_
         assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, f"d{name}: {gr.shape} {gr.dtype}"
         err = max_rel_err(gr, gr_ref, grads_mag[name])
         assert err <= tol, f"d{name}: max relative error {err:.3e} > {tol:.1e}"
+
+
+@torch.no_grad()
+def perturb(layer, seed=0):
+    """Move a layer away from init as training would: sigma'/X Y/residual all non-trivial,
+    and one singular value driven below zero so the scale_shift ReLU is exercised."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(t, scale):
+        return (torch.randn(t.shape, generator=g) * scale).to(t.dtype).to(t.device)
+
+    layer.Y.copy_(rnd(layer.Y, 0.5))
+    if layer.sigma_mode == "direct":
+        layer.sigma.add_(rnd(layer.sigma, 0.1))
+    else:
+        layer.alpha.add_(rnd(layer.alpha, 0.2))
+        layer.beta.copy_(rnd(layer.beta, 0.1))
+        layer.beta[0] = -2 * layer.sigma0[0] * layer.alpha[0]
+    if layer.residual_weight is not None:
+        layer.residual_weight.copy_(rnd(layer.residual_weight, 0.05))
+    return layer

@@ -26,8 +26,7 @@ import salt_kernels
 from salt_kernels import SALTConv2d, SALTLinear
 from salt_kernels.dispatch import unavailable_reason
 from salt_testing import (TOLERANCES, assert_layer_matches_ground_truth, assert_matches_ground_truth,
-                          dense_layer_f64, make_salt_inputs, max_rel_err)
-from test_variants import perturb
+                          dense_layer_f64, make_salt_inputs, max_rel_err, perturb)
 
 BACKENDS = ["reference", "triton", "cpu", "cuda"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,7 +9,7 @@ from torch import nn
 import salt_kernels
 from salt_kernels import SALTConv2d, SALTLinear, salt_regularizer
 from salt_kernels.dispatch import unavailable_reason
-from salt_testing import TOLERANCES, assert_layer_matches_ground_truth, max_rel_err
+from salt_testing import TOLERANCES, assert_layer_matches_ground_truth, max_rel_err, perturb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton", "cpu", "cuda"]
@@ -21,27 +21,6 @@ def _require(backend):
     reason = unavailable_reason(backend, DEVICE)
     if reason is not None:
         pytest.skip(f"backend '{backend}' unavailable on {DEVICE}: {reason}")
-
-
-@torch.no_grad()
-def perturb(layer, seed=0):
-    """Move a layer away from init as training would: sigma'/X Y/residual all non-trivial,
-    and one singular value driven below zero so the scale_shift ReLU is exercised."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(t, scale):
-        return (torch.randn(t.shape, generator=g) * scale).to(t.dtype).to(t.device)
-
-    layer.Y.copy_(rnd(layer.Y, 0.5))
-    if layer.sigma_mode == "direct":
-        layer.sigma.add_(rnd(layer.sigma, 0.1))
-    else:
-        layer.alpha.add_(rnd(layer.alpha, 0.2))
-        layer.beta.copy_(rnd(layer.beta, 0.1))
-        layer.beta[0] = -2 * layer.sigma0[0] * layer.alpha[0]
-    if layer.residual_weight is not None:
-        layer.residual_weight.copy_(rnd(layer.residual_weight, 0.05))
-    return layer
 
 
 def _linear(K, D, dtype=torch.float32, bias=True, seed=0):
