@@ -6,15 +6,19 @@ computed without ever building the dense weight. See README.md and DESIGN.md.
 """
 
 from .dispatch import BackendUnavailableError, available_backends, salt_linear
+from .conv import SALTConv2d
 from .layers import SALTLinear, truncated_svd
+from .regularizer import salt_regularizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "SALTConv2d",
     "SALTLinear",
     "available_backends",
     "salt_linear",
+    "salt_regularizer",
     "truncated_svd",
     "__version__",
 ]

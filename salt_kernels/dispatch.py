@@ -126,8 +126,10 @@ def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backen
     """
     validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Behave like nn.Linear under autocast: compute in the autocast dtype.
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype != torch.float64:
+        # Behave like nn.Linear under autocast: compute in the autocast dtype (autocast
+        # leaves float64 alone, so do we).
         dtype = torch.get_autocast_dtype(device_type)
         x, U, V = x.to(dtype), U.to(dtype), V.to(dtype)
         bias = None if bias is None else bias.to(dtype)

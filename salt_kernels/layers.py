@@ -1,4 +1,16 @@
-"""``SALTLinear``: a drop-in replacement for ``nn.Linear`` computed by :func:`salt_linear`."""
+"""``SALTLinear``: a drop-in replacement for ``nn.Linear`` computed by :func:`salt_linear`.
+
+The variants of the official SALT layer live here too, all feeding the same op:
+
+* ``sigma_mode="scale_shift"`` trains ``alpha``, ``beta`` with effective singular values
+  ``sigma' = relu(alpha * sigma0 + beta)`` (the SALT paper's top-r form); ``"direct"``
+  trains ``sigma`` itself. Either way ``sigma'`` goes into :func:`salt_linear` unchanged.
+* ``residual=True`` keeps the frozen residual ``W - U_r diag(S_r) V_r^T`` so the layer
+  equals the pretrained one at init for any rank (lossless, the PiSSA idea).
+
+:class:`SALTAdapterMixin` holds what :class:`SALTLinear` and
+:class:`~salt_kernels.conv.SALTConv2d` share.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +19,11 @@ import math
 import torch
 from torch import nn
 
+from .backends.core import accumulate_dtype, mix_matrix
 from .dispatch import salt_linear
 
 SVD_METHODS = ("exact", "lowrank")
+SIGMA_MODES = ("direct", "scale_shift")
 
 
 def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
@@ -59,13 +73,153 @@ def _check_ranks(rank, lora_rank, in_features, out_features):
         raise ValueError(f"lora_rank: expected 0 <= lora_rank <= rank = {rank}, got {lora_rank}")
 
 
-class SALTLinear(nn.Module):
-    """``y = U (diag(sigma) + scaling * X Y) V^T x + bias`` without forming the dense weight.
+def _check_variant_args(sigma_mode, residual):
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"sigma_mode: expected one of {SIGMA_MODES}, got {sigma_mode!r}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
 
-    ``U (out, r)`` and ``V (in, r)`` are frozen buffers (saved in ``state_dict``);
-    ``sigma (r,)``, ``X (r, r')``, ``Y (r', r)`` and ``bias`` are trained. ``X @ Y`` is
-    zero at init (``Y`` zero, ``X`` random, as LoRA does with B and A). ``lora_rank=0``
-    trains the singular values alone.
+
+class SALTAdapterMixin:
+    """The SALT parametrisation shared by :class:`SALTLinear` and ``SALTConv2d``.
+
+    A layer with ``out_features`` D and flattened ``in_features`` K holds frozen buffers
+    ``U (D, r)``, ``V (K, r)``, ``sigma0 (r,)`` (the singular values at init/conversion),
+    optionally ``residual_weight`` (frozen, the weight's shape), and parameters
+    ``sigma (r,)`` (``"direct"``) or ``alpha, beta (r,)`` (``"scale_shift"``),
+    ``X (r, r')``, ``Y (r', r)``, ``bias``.
+    """
+
+    def _init_salt(self, in_features, out_features, rank, lora_rank, bias, scaling,
+                   sigma_mode, residual, residual_shape, factory):
+        _check_ranks(rank, lora_rank, in_features, out_features)
+        _check_variant_args(sigma_mode, residual)
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.lora_rank = rank, lora_rank
+        self.scaling = float(scaling)
+        self.sigma_mode, self.residual = sigma_mode, residual
+        self.register_buffer("U", torch.empty(out_features, rank, **factory))
+        self.register_buffer("V", torch.empty(in_features, rank, **factory))
+        # sigma0 is what the regulariser pulls sigma' towards, and the scale_shift base.
+        self.register_buffer("sigma0", torch.empty(rank, **factory))
+        if sigma_mode == "direct":
+            self.sigma = nn.Parameter(torch.empty(rank, **factory))
+        else:
+            self.alpha = nn.Parameter(torch.empty(rank, **factory))
+            self.beta = nn.Parameter(torch.empty(rank, **factory))
+        self.X = nn.Parameter(torch.empty(rank, lora_rank, **factory))
+        self.Y = nn.Parameter(torch.empty(lora_rank, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer(
+            "residual_weight", torch.zeros(residual_shape, **factory) if residual else None
+        )
+
+    # --- initialisation -------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A random layer: orthonormal U, V and sigma = sqrt(out / (3 rank)), which gives
+        outputs of the same variance as ``nn.Linear``'s default init (1/3 per unit-variance
+        input); X ~ Kaiming, Y = 0; the residual (if any) zero."""
+        for basis in (self.U, self.V):
+            q, _ = torch.linalg.qr(torch.randn(basis.shape, device=basis.device, dtype=torch.float32))
+            basis.copy_(q)
+        self.sigma0.fill_(math.sqrt(self.out_features / (3.0 * self.rank)))
+        self.reset_sigma()
+        self.reset_adapter()
+        if self.residual_weight is not None:
+            self.residual_weight.zero_()
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def reset_sigma(self) -> None:
+        """sigma' = sigma0: ``sigma = sigma0`` (direct) or ``alpha = 1, beta = 0``."""
+        if self.sigma_mode == "direct":
+            self.sigma.copy_(self.sigma0)
+        else:
+            self.alpha.fill_(1.0)
+            self.beta.zero_()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """X random (Kaiming-uniform, as LoRA's A), Y zero: X @ Y = 0."""
+        if self.lora_rank > 0:
+            nn.init.kaiming_uniform_(self.X, a=math.sqrt(5))
+        self.Y.zero_()
+
+    @torch.no_grad()
+    def _init_from_weight(self, weight: torch.Tensor, svd: str) -> None:
+        """Set U, sigma0, V from the rank-r SVD of ``weight`` (flattened to (D, K)) and,
+        with ``residual``, the residual against the factors as stored (after the cast to
+        the layer's dtype), so that it absorbs their rounding too."""
+        W = weight.detach().reshape(self.out_features, self.in_features)
+        U, S, V = truncated_svd(W, self.rank, svd)
+        self.U.copy_(U)
+        self.V.copy_(V)
+        self.sigma0.copy_(S)
+        self.reset_sigma()
+        if self.residual_weight is not None:
+            acc = accumulate_dtype(self.U.dtype)
+            low_rank = (self.U.to(acc) * self.sigma0.to(acc)) @ self.V.to(acc).t()
+            self.residual_weight.copy_((W.to(acc) - low_rank).reshape(self.residual_weight.shape))
+
+    # --- the parametrisation --------------------------------------------------------
+    def effective_sigma(self) -> torch.Tensor:
+        """sigma' fed to the op: ``sigma`` (direct) or ``relu(alpha * sigma0 + beta)``."""
+        if self.sigma_mode == "direct":
+            return self.sigma
+        return torch.relu(torch.addcmul(self.beta, self.alpha, self.sigma0.to(self.alpha.dtype)))
+
+    def mix(self, dtype: torch.dtype) -> torch.Tensor:
+        """C = diag(sigma') + scaling * X @ Y (r, r) in ``dtype``."""
+        return mix_matrix(self.effective_sigma(), self.X, self.Y, self.scaling, dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight ``residual + U (diag(sigma') + s X Y) V^T`` as (out, in_flat),
+        computed in float32 (float64 for a float64 layer) and returned in that precision."""
+        acc = accumulate_dtype(self.U.dtype)
+        W = self.U.to(acc) @ self.mix(acc) @ self.V.to(acc).t()
+        if self.residual_weight is not None:
+            W += self.residual_weight.reshape(W.shape).to(acc)
+        return W
+
+    def regularization(self) -> torch.Tensor:
+        """This layer's term of :func:`salt_kernels.salt_regularizer`:
+        ``||sigma' - sigma0||_2 + ||scaling * X Y||_F``, in r x r space, float32 (float64
+        for float64 parameters)."""
+        acc = accumulate_dtype(self.X.dtype)
+        sigma0 = self.sigma0.to(acc)
+        if self.sigma_mode == "direct":
+            drift = self.sigma.to(acc) - sigma0
+        else:
+            # relu(a s0 + b) - s0 = (a - 1) s0 + b where active, -s0 where clamped. Written
+            # this way it does not cancel: a - 1 is exact near a = 1, and the drift is
+            # tiny next to s0 early in training (it sets the gradient's direction).
+            alpha, beta = self.alpha.to(acc), self.beta.to(acc)
+            active = torch.addcmul(beta, alpha, sigma0) > 0
+            drift = torch.where(active, torch.addcmul(beta, alpha - 1, sigma0), -sigma0)
+        update = self.scaling * (self.X.to(acc) @ self.Y.to(acc))
+        return torch.linalg.vector_norm(drift) + torch.linalg.matrix_norm(update)
+
+    def _salt_repr(self) -> str:
+        return (
+            f"rank={self.rank}, lora_rank={self.lora_rank}, bias={self.bias is not None}, "
+            f"scaling={self.scaling}, sigma_mode={self.sigma_mode!r}, residual={self.residual}"
+        )
+
+
+class SALTLinear(SALTAdapterMixin, nn.Module):
+    """``y = U (diag(sigma') + scaling * X Y) V^T x + bias`` without forming the dense weight.
+
+    ``U (out, r)`` and ``V (in, r)`` are frozen buffers (saved in ``state_dict``, as is
+    ``sigma0``, the singular values at init/conversion); ``sigma (r,)`` (or ``alpha``,
+    ``beta`` with ``sigma_mode="scale_shift"``), ``X (r, r')``, ``Y (r', r)`` and ``bias``
+    are trained. ``X @ Y`` is zero at init (``Y`` zero, ``X`` random, as LoRA does with B
+    and A). ``lora_rank=0`` trains the singular values alone. ``residual=True`` adds the
+    frozen ``residual_weight (out, in)``: ``W_res x`` is accumulated into the SALT output
+    in place (no extra M x out temporary); a layer built from scratch has a zero residual.
     """
 
     def __init__(
@@ -79,48 +233,30 @@ class SALTLinear(nn.Module):
         device=None,
         dtype=None,
         backend: str = "auto",
+        *,
+        sigma_mode: str = "direct",
+        residual: bool = False,
     ):
         super().__init__()
-        _check_ranks(rank, lora_rank, in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.lora_rank = rank, lora_rank
-        self.scaling = float(scaling)
+        self._init_salt(in_features, out_features, rank, lora_rank, bias, scaling, sigma_mode,
+                        residual, (out_features, in_features), {"device": device, "dtype": dtype})
         self.backend = backend
-        self.register_buffer("U", torch.empty(out_features, rank, **factory))
-        self.register_buffer("V", torch.empty(in_features, rank, **factory))
-        self.sigma = nn.Parameter(torch.empty(rank, **factory))
-        self.X = nn.Parameter(torch.empty(rank, lora_rank, **factory))
-        self.Y = nn.Parameter(torch.empty(lora_rank, rank, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """A random layer: orthonormal U, V and sigma = sqrt(out / (3 rank)), which gives
-        outputs of the same variance as ``nn.Linear``'s default init (1/3 per unit-variance
-        input); X ~ Kaiming, Y = 0."""
-        for basis in (self.U, self.V):
-            q, _ = torch.linalg.qr(torch.randn(basis.shape, device=basis.device, dtype=torch.float32))
-            basis.copy_(q)
-        self.sigma.fill_(math.sqrt(self.out_features / (3.0 * self.rank)))
-        self.reset_adapter()
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    @torch.no_grad()
-    def reset_adapter(self) -> None:
-        """X random (Kaiming-uniform, as LoRA's A), Y zero: X @ Y = 0."""
-        if self.lora_rank > 0:
-            nn.init.kaiming_uniform_(self.X, a=math.sqrt(5))
-        self.Y.zero_()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return salt_linear(
-            x, self.U, self.V, self.sigma, self.X, self.Y, self.bias,
-            scaling=self.scaling, backend=self.backend,
-        )
+        sigma = self.effective_sigma()
+        if self.residual_weight is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
+            # (salt_linear's validation reports a bad x)
+            return salt_linear(x, self.U, self.V, sigma, self.X, self.Y, self.bias,
+                               scaling=self.scaling, backend=self.backend)
+        # Lossless mode: y = SALT(x) + W_res x. Produce y once (bias fused in salt_linear)
+        # and accumulate the residual GEMM into it in place: no second M x out tensor.
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = salt_linear(x2d, self.U, self.V, sigma, self.X, self.Y, self.bias,
+                        scaling=self.scaling, backend=self.backend)
+        # y's dtype is x's, or the autocast dtype under torch.autocast (as in nn.Linear).
+        y.addmm_(x2d.to(y.dtype), self.residual_weight.to(y.dtype).t())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
     def from_linear(
@@ -132,9 +268,12 @@ class SALTLinear(nn.Module):
         scaling: float = 1.0,
         svd: str = "exact",
         backend: str = "auto",
+        sigma_mode: str = "direct",
+        residual: bool = False,
     ) -> "SALTLinear":
         """Build from a pretrained ``nn.Linear``: rank-``rank`` SVD of its weight in
-        float32 on its device, cast to the layer's dtype; bias copied."""
+        float32 on its device, cast to the layer's dtype; bias copied. ``residual=True``
+        also keeps ``W - U_r diag(S_r) V_r^T``, so the layer equals ``linear`` at init."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         if svd not in SVD_METHODS:
@@ -145,25 +284,13 @@ class SALTLinear(nn.Module):
             linear.in_features, linear.out_features, rank, lora_rank,
             bias=linear.bias is not None, scaling=scaling,
             device=W.device, dtype=W.dtype, backend=backend,
+            sigma_mode=sigma_mode, residual=residual,
         )
-        U, S, V = truncated_svd(W, rank, svd)
-        with torch.no_grad():
-            layer.U.copy_(U)
-            layer.V.copy_(V)
-            layer.sigma.copy_(S)
-            if linear.bias is not None:
+        layer._init_from_weight(W, svd)
+        if linear.bias is not None:
+            with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The dense weight ``U (diag(sigma) + s X Y) V^T`` (out, in), computed in float32
-        (float64 for a float64 layer) and returned in that precision."""
-        from .backends.core import accumulate_dtype, mix_matrix
-
-        acc = accumulate_dtype(self.U.dtype)
-        C = mix_matrix(self.sigma, self.X, self.Y, self.scaling, acc)
-        return self.U.to(acc) @ C @ self.V.to(acc).t()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -179,6 +306,5 @@ class SALTLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, lora_rank={self.lora_rank}, bias={self.bias is not None}, "
-            f"scaling={self.scaling}, backend={self.backend!r}"
+            f"{self._salt_repr()}, backend={self.backend!r}"
         )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salt_kernels.backends.autograd import register_salt_autograd, run_salt_op
-from salt_testing import assert_matches_ground_truth, make_salt_inputs
+from salt_testing import TOLERANCES, assert_matches_ground_truth, ground_truth, make_salt_inputs, max_rel_err
 
 
 @torch.library.custom_op("salt_contract_test::forward", mutates_args=())
@@ -75,3 +75,24 @@ def test_opcheck_contract_ops():
     x, U, V = (t[n].detach() for n in ("x", "U", "V"))
     C = torch.randn(4, 4, requires_grad=True)
     torch.library.opcheck(_forward, (x.requires_grad_(), U, V, C, t["bias"].detach()))
+
+
+def test_backward_inside_autocast_sees_forward_dtypes():
+    """salt_linear runs a kernel op's forward with autocast off (inputs already cast); a
+    backward called inside the torch.autocast block must run the same way, not with
+    autocast re-casting the backward op's GEMMs (the C++ extension's backward crashed
+    on mixed dtypes that way). Here the forward is fp32: a backward op re-cast to bf16
+    misses the fp32 tolerance for dx and dsigma, which come straight from the backward
+    op. dX, dY pass through the autograd of C = diag(sigma) + s X Y, plain torch ops that
+    autocast re-casts in any backward run inside it (PyTorch advises against that), so
+    they are held to the bf16 tolerance."""
+    t = make_salt_inputs((6,), 12, 9, 4, 2, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            y = _fn(**t, scaling=0.5)
+        grads = torch.autograd.grad(y.sum(), [t["x"], t["sigma"], t["X"], t["Y"], t["bias"]])
+    _, grads_ref = ground_truth(t, torch.ones(y.shape, dtype=torch.float64), 0.5)
+    for name, g in zip(["x", "sigma", "X", "Y", "bias"], grads):
+        assert g.dtype == t[name].dtype, name
+        tol = TOLERANCES[torch.bfloat16 if name in ("X", "Y") else torch.float32]
+        assert max_rel_err(g, grads_ref[name]) <= tol, name

@@ -92,7 +92,7 @@ def test_state_dict_round_trip():
     with torch.no_grad():
         a.Y.normal_()
     sd = a.state_dict()
-    assert set(sd) == {"U", "V", "sigma", "X", "Y", "bias"}
+    assert set(sd) == {"U", "V", "sigma0", "sigma", "X", "Y", "bias"}
     b = SALTLinear(20, 10, 6, 2)
     b.load_state_dict(sd)
     x = torch.randn(3, 20)
@@ -102,7 +102,7 @@ def test_state_dict_round_trip():
 def test_parameters_and_buffers():
     layer = SALTLinear(20, 10, 6, 2)
     assert {n for n, _ in layer.named_parameters()} == {"sigma", "X", "Y", "bias"}
-    assert {n for n, _ in layer.named_buffers()} == {"U", "V"}
+    assert {n for n, _ in layer.named_buffers()} == {"U", "V", "sigma0"}
     assert torch.allclose(layer.U.t() @ layer.U, torch.eye(6), atol=1e-5)
     no_bias = SALTLinear(20, 10, 6, 0, bias=False)
     assert no_bias.bias is None and no_bias.X.shape == (6, 0)

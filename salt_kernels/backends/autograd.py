@@ -34,7 +34,16 @@ def register_salt_autograd(forward_op, backward_op) -> None:
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_y, grad_Z):
-        # grad_Z is always zero: Z is an internal output that salt_linear never returns.
+        # The forward ran with autocast off (salt_linear casts first); a backward called
+        # inside a torch.autocast block must not have autocast re-cast its operands.
+        device_type = grad_y.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return _backward(ctx, grad_y)
+        return _backward(ctx, grad_y)
+
+    def _backward(ctx, grad_y):
+        # (grad_Z is always zero: Z is an internal output that salt_linear never returns.)
         Z, U, V, C, x = ctx.saved_tensors
         need_x, need_U, need_V, need_C, need_b = ctx.needs_input_grad
         need_b = need_b and ctx.has_bias
