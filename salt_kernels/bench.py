@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from . import __version__, available_backends, salt_linear
+from .dispatch import _BACKEND_MODULES, unavailable_reason
 from .bench_baselines import dense_linear, official_rebuild_flops, official_salt_forward
 
 # --------------------------------------------------------------------------- shapes
@@ -522,7 +523,7 @@ def write_csv(path, rows: list[Row], meta: dict, verify_errors: dict) -> None:
                 D=s.D, r=s.r, r_lora=s.rl, mode=r.mode, time_ms=_fmt(r.seconds and r.seconds * 1e3, ".4f"),
                 speedup_vs_reference=_fmt(r.vs_reference, ".3f"), speedup_vs_official=_fmt(r.vs_official, ".3f"),
                 speedup_vs_dense=_fmt(r.vs_dense, ".3f"),
-                peak_mem_MiB=_fmt(r.peak_bytes and r.peak_bytes / 2 ** 20, ".2f"),
+                peak_mem_MiB=_fmt(r.peak_bytes and r.peak_bytes / 2 ** 20, ".4f"),
                 achieved_GBps=_fmt(r.gbps, ".1f"), roofline_fraction=_fmt(r.roofline, ".3f"),
                 verify_max_rel_err=_fmt(err, ".2e"), note=r.skip or r.method.note))
 
@@ -646,6 +647,8 @@ def _parser():
                    help="skip the official baseline where rebuilding its weight costs more (default 20 with --quick on CPU)")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="peak memory bandwidth in GB/s for the roofline (default: looked up from the GPU name)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends to verify and time (default: every available one)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (torch.set_num_threads; default: torch's default)")
     p.add_argument("--verify-only", action="store_true", help="verify the backends and exit")
@@ -698,6 +701,15 @@ def main(argv=None) -> int:
 
     # 1. verification, in fp32 and in the timing dtype
     backends = available_backends(device)
+    if args.backends:
+        wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+        for b in wanted:
+            if b not in backends:
+                print(f"salt-bench: backend {b!r} is not available on {device.type}: "
+                      f"{unavailable_reason(b, device) if b in _BACKEND_MODULES else 'unknown backend'}",
+                      file=sys.stderr)
+                return 2
+        backends = [b for b in backends if b in wanted or b == REFERENCE]  # reference: the baseline
     vdtypes = list(dict.fromkeys([torch.float32, dtype]))
     results = verify_backends(device, vdtypes, backends)
     verified, ok, verify_errors = [], True, {}
