@@ -24,6 +24,7 @@ shapes. On a GPU, SALT rows also report achieved bandwidth over the minimum byte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import math
@@ -393,7 +394,8 @@ def peak_memory_bytes(step: Callable[[], None], device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" on GPU-less machines
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
@@ -402,6 +404,21 @@ def peak_memory_bytes(step: Callable[[], None], device) -> int:
         current += nbytes
         peak = max(peak, current)
     return peak
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Kineto prints profiler start/stop lines straight to file descriptor 2; they would
+    interleave with the progress bar. (The step already ran cleanly while being timed.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def min_bytes(shape: Shape, mode: str, elem: int) -> int:
