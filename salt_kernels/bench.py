@@ -15,7 +15,8 @@
    ``torch.profiler`` with ``profile_memory=True``.
 
 Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
-call; median); CPU uses ``torch.utils.benchmark.Timer.blocked_autorange`` (median).
+call; median); CPU times all methods of a shape in interleaved rounds and takes the
+median (:func:`time_steps`), so load from other processes hits them alike.
 Both rotate through several copies of the inputs so that caches do not flatter small
 shapes. On a GPU, SALT rows also report achieved bandwidth over the minimum bytes
 (DESIGN.md section 6) as a fraction of the device's peak (``--bandwidth`` overrides).
@@ -30,7 +31,9 @@ import itertools
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable
@@ -368,6 +371,37 @@ def time_step(step: Callable[[], None], device, min_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_time).median
 
 
+def time_steps(steps: dict, device, min_time: float, *, min_rounds: int = 3, block: float = 0.02) -> dict:
+    """Median seconds per call of each named step.
+
+    CUDA: :func:`time_step` for each (GPU timing, CPU load barely matters). CPU:
+    interleaved rounds -- every round runs each step ``n`` times back to back (``n``
+    calibrated to ~``block`` seconds) -- until at least ``min_rounds`` rounds and
+    ``min_time`` seconds per step; the median over rounds. Interleaving means a burst of
+    load from other processes hits all methods alike instead of one of them.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {name: time_step(step, device, min_time) for name, step in steps.items()}
+    number = {}
+    for name, step in steps.items():
+        step()  # warm-up
+        t0 = time.perf_counter()
+        step()
+        number[name] = max(1, int(block / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict = {name: [] for name in steps}
+    start = time.perf_counter()
+    for rounds in itertools.count(1):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(number[name]):
+                step()
+            samples[name].append((time.perf_counter() - t0) / number[name])
+        if rounds >= 1000 or (rounds >= min_rounds and time.perf_counter() - start >= min_time * len(steps)):
+            break
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _cuda_event_median(step, min_time):
     torch.cuda.synchronize()
     times = []
@@ -475,32 +509,39 @@ class Row:
 
 
 def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=None, progress=True) -> list[Row]:
-    """Time every method on every shape in both modes (and its fwd+bwd peak memory)."""
+    """Time every method on every shape in both modes (and its fwd+bwd peak memory).
+    All methods of one shape and mode are timed together (:func:`time_steps`), so on a
+    shared CPU their ratios see the same load."""
     from tqdm import tqdm
     device = torch.device(device)
+    elem = torch.empty((), dtype=dtype).element_size()
     rows: list[Row] = []
-    jobs = [(s, m) for s in shapes for m in methods]
-    bar = tqdm(jobs, desc="salt-bench", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for shape, method in bar:
-        bar.set_postfix_str(f"{method.name} | {shape.layer} M={shape.M} r={shape.r}", refresh=True)
-        reason = method.skip_reason(shape)
-        if reason:
-            rows += [Row(shape, method, mode, skip=reason) for mode in ("fwd", "fwd+bwd")]
-            continue
-        sets = make_input_sets(method, shape, dtype, device)
+    bar = tqdm(total=2 * len(shapes), desc="salt-bench", unit="run", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for shape in shapes:
+        active = [m for m in methods if not m.skip_reason(shape)]
+        rows += [Row(shape, m, mode, skip=m.skip_reason(shape)) for m in methods if m.skip_reason(shape)
+                 for mode in ("fwd", "fwd+bwd")]
+        sets = {m.name: make_input_sets(m, shape, dtype, device) for m in active}
         for mode in ("fwd", "fwd+bwd"):
-            step = make_step(method, sets, mode)
-            row = Row(shape, method, mode, seconds=time_step(step, device, min_time))
-            if mode == "fwd+bwd":
-                row.peak_bytes = peak_memory_bytes(step, device)
-            if bandwidth_gbps and method.kind == "salt":
-                elem = torch.empty((), dtype=dtype).element_size()
-                row.gbps = min_bytes(shape, mode, elem) / row.seconds / 1e9
-                row.roofline = row.gbps / bandwidth_gbps
-            rows.append(row)
-        del sets
+            bar.set_postfix_str(f"{shape.layer} M={shape.M} r={shape.r} {mode}", refresh=True)
+            steps = {m.name: make_step(m, sets[m.name], mode) for m in active}
+            seconds = time_steps(steps, device, min_time)
+            for m in active:
+                row = Row(shape, m, mode, seconds=seconds[m.name])
+                if mode == "fwd+bwd":
+                    row.peak_bytes = peak_memory_bytes(steps[m.name], device)
+                if bandwidth_gbps and m.kind == "salt":
+                    row.gbps = min_bytes(shape, mode, elem) / row.seconds / 1e9
+                    row.roofline = row.gbps / bandwidth_gbps
+                rows.append(row)
+            bar.update(1)
+        del sets, steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    bar.close()
+    order = {(s, m.name): i for i, (s, m) in enumerate((s, m) for s in shapes for m in methods)}
+    rows.sort(key=lambda r: (order[(r.shape, r.method.name)], r.mode != "fwd"))
     _add_ratios(rows)
     return rows
 
@@ -612,7 +653,8 @@ def write_plots(out_dir, rows: list[Row], title: str) -> list[str]:
                     r = next((r for r in rows if r.shape == s and r.mode == mode and r.method.name == name), None)
                     vals.append(getattr(r, attr) if r is not None and getattr(r, attr) else float("nan"))
                 xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(shapes))]
-                ax.bar(xs, vals, width, label=name)
+                bars = ax.bar(xs, vals, width, label=name)
+                ax.bar_label(bars, labels=["" if v != v else f"{v:.2g}" for v in vals], fontsize=6)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log")
             ax.set_xticks(range(len(shapes)), [s.short for s in shapes], fontsize=7)
@@ -747,6 +789,11 @@ def main(argv=None) -> int:
         return 0 if ok else 1
 
     # 2. timing
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            print(f"note: load average {load:.1f} on {cores} cores -- other processes compete for the CPU; "
+                  "multi-threaded timings suffer most (try --threads 1), compare ratios within this run only")
     if REFERENCE not in verified:
         print("salt-bench: the reference backend failed verification; nothing to compare against.", file=sys.stderr)
         return 1
