@@ -15,7 +15,16 @@ from salt_kernels.backends import reference
 from salt_kernels.bench_baselines import official_rebuild_flops, official_salt_forward, official_salt_params
 from salt_testing import TOLERANCES
 
-FAST = ["--presets", "smoke", "--min-time", "0.01", "--no-progress", "--backends", "reference"]
+# One thread: on a shared 2-core CI machine, two intra-op threads can wait on each other
+# for milliseconds per op, which would make these seconds-long runs take a minute.
+FAST = ["--presets", "smoke", "--min-time", "0.01", "--no-progress", "--threads", "1", "--backends", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _csv_rows(path):
