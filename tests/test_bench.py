@@ -78,14 +78,20 @@ def _wrong_gradient(fn):
     return wrapped
 
 
-@pytest.mark.parametrize("how", ["forward", "gradient"])
+def _raises(*args):
+    raise RuntimeError("kernel launch failed")
+
+
+@pytest.mark.parametrize("how", ["forward", "gradient", "raises"])
 def test_wrong_reference_fails_verification(monkeypatch, capsys, how):
     good = reference.salt_linear_2d
-    bad = (lambda *a: good(*a) * 1.001) if how == "forward" else _wrong_gradient(good)
+    bad = {"forward": lambda *a: good(*a) * 1.001, "gradient": _wrong_gradient(good), "raises": _raises}[how]
     monkeypatch.setattr(reference, "salt_linear_2d", bad)
     assert bench.main(FAST) == 1
     out = capsys.readouterr().out
-    assert "FAILED" in out
+    assert "reference  FAILED" in out
+    if how == "raises":
+        assert "raised RuntimeError: kernel launch failed" in out
     assert "×ref" not in out  # nothing was timed
 
 
