@@ -759,6 +759,8 @@ def main(argv=None) -> int:
 
     name = device_name(device)
     bandwidth = args.bandwidth or (peak_bandwidth_gbps(name) if device.type == "cuda" else None)
+    if device.type == "cuda" and bandwidth is None:
+        print(f"note: peak bandwidth of {name!r} unknown; pass --bandwidth GB/s for the roofline columns")
     meta = dict(device=device.type, device_name=name, dtype=str(dtype).replace("torch.", ""),
                 threads=torch.get_num_threads(), torch=torch.__version__, triton=_triton_version(),
                 salt_kernels=__version__)
