@@ -5,6 +5,7 @@ timed steps are the CLI's own.
 
     pytest benchmarks/ --benchmark-only                       # the "quick" preset
     SALT_BENCH_PRESETS=vit-b16,decode pytest benchmarks/ --benchmark-only
+    SALT_BENCH_THREADS=1 pytest benchmarks/ --benchmark-only  # CPU intra-op threads
 
 Not part of the normal test run (pyproject's testpaths is ``tests``). A backend is
 verified against float64 before any of its benchmarks runs; a wrong one fails instead
@@ -19,6 +20,8 @@ import torch
 
 from salt_kernels import available_backends, bench
 
+if os.environ.get("SALT_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SALT_BENCH_THREADS"]))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 PRESETS = os.environ.get("SALT_BENCH_PRESETS", "quick").split(",")
