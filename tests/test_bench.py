@@ -184,3 +184,30 @@ def test_presets_respect_rank_limits():
     for shapes in bench.PRESETS.values():
         for s in shapes:
             assert 0 <= s.rl <= s.r <= min(s.D, s.K)
+
+
+def test_time_helpers_on_cpu():
+    calls = []
+    assert bench.time_step(lambda: calls.append(1), "cpu", 0.01) > 0
+    times = bench.time_steps({"a": lambda: None, "b": lambda: sum(range(100))}, "cpu", 0.01)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    assert len(calls) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU timing, peak memory, roofline)")
+def test_cli_smoke_on_cuda(tmp_path, capsys):
+    """The GPU path: do_bench timing, CUDA peak memory, bf16 verification, roofline columns."""
+    argv = ["--device", "cuda", "--presets", "smoke", "--min-time", "0.01", "--no-progress",
+            "--bandwidth", "1000", "--output", str(tmp_path)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "% BW" in out
+    rows = _csv_rows(tmp_path / "results.csv")
+    assert {r["device"] for r in rows} == {"cuda"}
+    for r in rows:
+        assert float(r["time_ms"]) > 0
+        if r["mode"] == "fwd+bwd":
+            assert float(r["peak_mem_MiB"]) > 0
+        if r["kind"] == "salt":
+            assert 0 < float(r["roofline_fraction"]) and float(r["achieved_GBps"]) > 0
