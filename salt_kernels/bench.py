@@ -751,7 +751,12 @@ def main(argv=None) -> int:
             return 2
     else:
         names = ["quick"] if quick else FULL_PRESETS
-    shapes = list(dict.fromkeys(s for n in names for s in PRESETS[n]))
+    # the same layer and ranks in two presets (e.g. sam-vit-l and lora-rank) is timed once
+    shapes, seen = [], set()
+    for s in (s for n in names for s in PRESETS[n]):
+        if (s.layer, s.M, s.K, s.D, s.r, s.rl) not in seen:
+            seen.add((s.layer, s.M, s.K, s.D, s.r, s.rl))
+            shapes.append(s)
     min_time = args.min_time if args.min_time is not None else (0.2 if quick else 1.0)
     official_cap = args.official_max_gflop
     if official_cap is None and quick and device.type == "cpu":
@@ -821,7 +826,7 @@ def main(argv=None) -> int:
         os.makedirs(args.output, exist_ok=True)
         csv_path = os.path.join(args.output, "results.csv")
         write_csv(csv_path, rows, meta, verify_errors)
-        title = f"salt-bench on {name}, {meta['dtype']}, torch {torch.__version__}"
+        title = f"salt-bench on {name}, {meta['dtype']}, {meta['threads']} threads, torch {torch.__version__}"
         pngs = write_plots(args.output, rows, title)
         print(f"wrote {csv_path}, " + ", ".join(pngs))
     return 0 if ok else 1
