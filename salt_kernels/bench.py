@@ -12,7 +12,8 @@
    Also the peak memory of one forward+backward: bytes allocated by the step above
    what existed before it (its inputs and parameters). CUDA: ``max_memory_allocated``;
    CPU: the running sum of the allocator's alloc/free events recorded by
-   ``torch.profiler`` with ``profile_memory=True``.
+   ``torch.profiler`` with ``profile_memory=True`` (tensors only: scratch that a BLAS
+   library allocates for itself is not seen).
 
 Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
 call; median); CPU times all methods of a shape in interleaved rounds and takes the
