@@ -726,6 +726,7 @@ def _parser():
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = _parser().parse_args(argv)
     if args.list_presets:
         for name, shapes in PRESETS.items():
@@ -830,6 +831,7 @@ def main(argv=None) -> int:
         title = f"salt-bench on {name}, {meta['dtype']}, {meta['threads']} threads, torch {torch.__version__}"
         pngs = write_plots(args.output, rows, title)
         print(f"wrote {csv_path}, " + ", ".join(pngs))
+    print(f"salt-bench finished in {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
 
 
