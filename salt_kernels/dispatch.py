@@ -113,6 +113,7 @@ def clear_backend_cache() -> None:
     """Forget resolved backends (e.g. after building the extension or setting
     TRITON_INTERPRET in a running process)."""
     _RESOLVED.clear()
+    _IMPLS.clear()
     _warned.clear()
 
 

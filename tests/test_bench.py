@@ -21,10 +21,13 @@ FAST = ["--presets", "smoke", "--min-time", "0.01", "--no-progress", "--threads"
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
+def _restore_threads_and_backends():
+    # Tests swap backend implementations; dispatch caches resolved ones.
     n = torch.get_num_threads()
+    dispatch.clear_backend_cache()
     yield
     torch.set_num_threads(n)
+    dispatch.clear_backend_cache()
 
 
 def _csv_rows(path):
