@@ -7,13 +7,29 @@ computed without ever building the dense weight. See README.md and DESIGN.md.
 
 from .dispatch import BackendUnavailableError, available_backends, salt_linear
 from .layers import SALTLinear, truncated_svd
+from .model import (
+    apply_salt,
+    load_salt,
+    merge_salt,
+    print_trainable_parameters,
+    read_salt_config,
+    save_salt,
+    trainable_parameters,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "SALTLinear",
+    "apply_salt",
     "available_backends",
+    "load_salt",
+    "merge_salt",
+    "print_trainable_parameters",
+    "read_salt_config",
+    "save_salt",
+    "trainable_parameters",
     "salt_linear",
     "truncated_svd",
     "__version__",
