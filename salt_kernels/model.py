@@ -244,6 +244,10 @@ def apply_salt(
         raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
     target_modules = _check_target_modules(target_modules)
     layer_kwargs = _json_ready(layer_kwargs)
+    # plain Python numbers (e.g. not numpy scalars) so that the config is JSON
+    if rank is not None:
+        rank = int(rank) if isinstance(rank, numbers.Integral) else float(rank)
+    energy = None if energy is None else float(energy)
 
     targets, matched_other = [], []
     for name, module in model.named_modules():

@@ -153,6 +153,13 @@ def test_energy_keeps_smallest_rank_retaining_fraction(energy):
         assert model.get_submodule(name).lora_rank == min(3, r)
 
 
+def test_numpy_rank_is_saved_as_json(tmp_path):
+    np = pytest.importorskip("numpy")
+    model = apply_salt(Toy(), rank=np.int64(4), lora_rank=np.int64(2))
+    save_salt(model, tmp_path / "a.safetensors")
+    assert read_salt_config(tmp_path / "a.safetensors")["rank"] == 4
+
+
 def test_lora_rank_capped_at_layer_rank():
     model = apply_salt(Toy(), rank=2, lora_rank=8)
     assert all(model.get_submodule(n).lora_rank == 2 for n in LINEAR_NAMES)
