@@ -432,3 +432,18 @@ def test_public_exports():
     for name in ("apply_salt", "merge_salt", "save_salt", "load_salt", "trainable_parameters",
                  "print_trainable_parameters"):
         assert name in salt_kernels.__all__ and callable(getattr(salt_kernels, name))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_apply_save_load_merge(tmp_path):
+    base = Toy().cuda()
+    model, info = _trained(tmp_path, base, rank=0.5, lora_rank=3)
+    assert model.head.U.is_cuda  # SVD ran on the layer's device
+    x = _inputs().cuda()
+    with torch.no_grad():
+        y = model(x)
+        loaded = load_salt(copy.deepcopy(base), info["path"])
+        assert max_rel_err(loaded(x), y.double()) <= 5 * TOLERANCES[torch.float32]
+        merged = merge_salt(copy.deepcopy(model))
+        assert max_rel_err(merged(x), y.double()) <= 5 * TOLERANCES[torch.float32]
