@@ -85,7 +85,7 @@ def _fake_training(model, seed=5):
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         if p.requires_grad:
-            p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.dtype) * (p.abs().mean() + 0.1))
+            p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.device, p.dtype) * (p.abs().mean() + 0.1))
 
 
 # ------------------------------------------------------------------ target_modules
