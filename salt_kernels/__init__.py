@@ -8,6 +8,15 @@ computed without ever building the dense weight. See README.md and DESIGN.md.
 from .dispatch import BackendUnavailableError, available_backends, salt_linear
 from .conv import SALTConv2d
 from .layers import SALTLinear, truncated_svd
+from .model import (
+    apply_salt,
+    load_salt,
+    merge_salt,
+    print_trainable_parameters,
+    read_salt_config,
+    save_salt,
+    trainable_parameters,
+)
 from .regularizer import salt_regularizer
 
 __version__ = "0.1.0"
@@ -16,7 +25,14 @@ __all__ = [
     "BackendUnavailableError",
     "SALTConv2d",
     "SALTLinear",
+    "apply_salt",
     "available_backends",
+    "load_salt",
+    "merge_salt",
+    "print_trainable_parameters",
+    "read_salt_config",
+    "save_salt",
+    "trainable_parameters",
     "salt_linear",
     "salt_regularizer",
     "truncated_svd",

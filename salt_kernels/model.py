@@ -1,0 +1,544 @@
+"""Model-level SALT in the style of PEFT: convert a pretrained model's ``nn.Linear``
+layers in place, count what trains, merge back, and save / load only the trained
+tensors.
+
+    model = apply_salt(model, rank=0.5, lora_rank=8, target_modules=["query", "value"])
+    print_trainable_parameters(model)
+    ... train ...
+    save_salt(model, "adapter.safetensors")        # trained tensors + conversion config
+    fresh = load_salt(fresh_base, "adapter.safetensors")   # plain or pre-converted base
+    plain = merge_salt(model)                      # every SALTLinear -> nn.Linear
+
+File format (safetensors):
+
+* tensors: every parameter that requires grad, under its name in the model (the SALT
+  ``sigma``/``X``/``Y`` and anything else the user unfroze, e.g. a task head); with
+  ``include_basis=True`` also each SALT layer's frozen ``U`` and ``V``; and per SALT
+  layer a tiny *basis check* (``r`` row indices and the entries of ``U`` there) that
+  ``load_salt`` uses to undo SVD sign flips and to refuse a base model that is not the
+  one the adapter was trained on.
+* metadata ``"salt_config"``: JSON with the conversion options and, per converted
+  layer, its type, sizes, rank, lora_rank, scaling, svd method and any extra
+  constructor options, so that a plain base can be converted again on load.
+
+Why the basis check: trained ``X``, ``Y`` live in the singular basis ``U``, ``V``. An
+SVD is unique only up to the sign of each singular pair, and two LAPACK builds may
+disagree; ``truncated_svd`` fixes a convention, but the argmax it relies on can tie.
+Loading compares the recomputed ``U`` with the stored entries and flips pairs that
+disagree (``U_i, V_i -> -U_i, -V_i`` leaves the base weight unchanged), so the trained
+model is reproduced whatever sign the SVD returned. Randomised ``svd="lowrank"`` is not
+reproducible beyond signs, so its basis is always stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .conv import SALTConv2d
+from .layers import SVD_METHODS, SALTLinear
+
+FORMAT_NAME = "salt_kernels.adapter"
+FORMAT_VERSION = 1
+_CHECK_PREFIX = "__salt_basis_check__."
+_CONFIG_ATTR = "salt_config"
+# Show a progress bar over layers when converting at least this many (big models).
+_PROGRESS_MIN_LAYERS = 32
+
+# SALT layer type name -> (the base layer it replaces, its constructor from that layer,
+# the name of its merge-back method). A new SALT layer kind is added here only.
+_KINDS = {
+    "SALTLinear": (nn.Linear, SALTLinear.from_linear, "to_linear"),
+    "SALTConv2d": (nn.Conv2d, SALTConv2d.from_conv2d, "to_conv2d"),
+}
+SALT_MODULE_TYPES: tuple[type, ...] = (SALTLinear, SALTConv2d)
+_BASE_TYPES: tuple[type, ...] = tuple(base for base, _, _ in _KINDS.values())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_salt(module: nn.Module) -> bool:
+    return isinstance(module, SALT_MODULE_TYPES)
+
+
+def _kind_of_base(module: nn.Module) -> str | None:
+    """The SALT layer type that replaces ``module`` (an nn.Linear or nn.Conv2d)."""
+    for kind, (base, _, _) in _KINDS.items():
+        if type(module) is base or isinstance(module, base):
+            return kind
+    return None
+
+
+def _io(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear / SALTLinear, channels of a Conv2d / SALTConv2d."""
+    if hasattr(module, "in_channels"):  # SALTConv2d also has in_features = in*kh*kw
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
+
+
+def _geometry(module: nn.Module) -> dict:
+    """What must match between an adapter's layer and a base layer: sizes, and for a
+    convolution its kernel, stride, padding and dilation."""
+    inp, out = _io(module)
+    geo = {"in_features": inp, "out_features": out}
+    if hasattr(module, "kernel_size"):
+        for key in ("kernel_size", "stride", "padding", "dilation"):
+            v = getattr(module, key)
+            geo[key] = list(v) if isinstance(v, tuple) else v
+    return geo
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_target_modules(target_modules):
+    if target_modules is None or isinstance(target_modules, str):
+        return target_modules
+    if isinstance(target_modules, (list, tuple, set, frozenset)):
+        items = list(target_modules)
+        if not items or not all(isinstance(t, str) and t for t in items):
+            raise TypeError(
+                "target_modules: expected None, a regex string, or a non-empty list of module "
+                f"names, got {target_modules!r}"
+            )
+        return sorted(set(items))
+    raise TypeError(
+        "target_modules: expected None, a regex string, or a list of module names, "
+        f"got {type(target_modules).__name__}"
+    )
+
+
+def _matches(name: str, target_modules) -> bool:
+    """PEFT's rules: ``None`` or ``"all-linear"`` match every layer; a string is a regex
+    that must match the full module name; a list matches a name equal to an entry or
+    ending in ``"." + entry`` (so ``"query"`` matches ``encoder.layer.0.attention.self.query``)."""
+    if target_modules is None or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_rank_spec(rank, energy):
+    if (rank is None) == (energy is None):
+        raise ValueError(
+            f"rank / energy: give exactly one of them, got rank={rank!r}, energy={energy!r}"
+        )
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+            raise TypeError(f"rank: expected an int or a float in (0, 1], got {type(rank).__name__}")
+        if isinstance(rank, numbers.Integral):
+            if rank < 1:
+                raise ValueError(f"rank: expected an int >= 1, got {rank}")
+        elif not (0.0 < float(rank) <= 1.0):
+            raise ValueError(f"rank: a float rank is a fraction of min(in, out): expected (0, 1], got {rank}")
+    if energy is not None:
+        if isinstance(energy, bool) or not isinstance(energy, numbers.Real):
+            raise TypeError(f"energy: expected a float in (0, 1], got {type(energy).__name__}")
+        if not (0.0 < float(energy) <= 1.0):
+            raise ValueError(f"energy: expected a fraction of the squared spectrum in (0, 1], got {energy}")
+
+
+def _layer_rank(weight: torch.Tensor, rank, energy) -> int:
+    """The rank for one (D, K) weight: an int capped at min(D, K), a fraction of
+    min(D, K) (rounded up, at least 1), or the smallest rank keeping ``energy`` of the
+    squared spectrum (singular values in float32 on the weight's device)."""
+    full = min(weight.shape)
+    if energy is not None:
+        s2 = torch.linalg.svdvals(weight.detach().to(torch.float32)).double() ** 2
+        total = s2.sum()
+        if total <= 0:
+            return 1
+        kept = torch.cumsum(s2, 0) / total
+        # smallest k with kept[k-1] >= energy; rounding may leave kept[-1] a hair below 1
+        return max(1, min(full, int(torch.searchsorted(kept, float(energy) - 1e-12).item()) + 1))
+    if isinstance(rank, numbers.Integral):
+        return min(int(rank), full)
+    return max(1, min(full, math.ceil(float(rank) * full - 1e-9)))
+
+
+def _json_ready(kwargs: dict) -> dict:
+    try:
+        json.dumps(kwargs)
+    except TypeError as exc:
+        raise TypeError(f"layer options must be JSON-serialisable to be saved: {kwargs!r} ({exc})") from None
+    return dict(kwargs)
+
+
+def _make_salt_layer(module: nn.Module, spec: dict) -> nn.Module:
+    """Build the SALT layer for ``module`` from a per-layer spec (the one place a
+    layer is constructed, used by both ``apply_salt`` and ``load_salt``)."""
+    if spec["type"] not in _KINDS:
+        raise ValueError(f"unknown SALT layer type {spec['type']!r}, expected one of {sorted(_KINDS)}")
+    base, convert, _ = _KINDS[spec["type"]]
+    if not isinstance(module, base):
+        raise TypeError(f"expected an nn.{base.__name__} to convert to {spec['type']}, got {type(module).__name__}")
+    return convert(
+        module, spec["rank"], spec["lora_rank"], scaling=spec["scaling"], svd=spec["svd"],
+        **spec.get("kwargs", {}),
+    )
+
+
+def _layer_spec(name: str, layer: nn.Module, svd: str, kwargs: dict) -> dict:
+    return {
+        "type": type(layer).__name__,
+        **_geometry(layer),
+        "rank": layer.rank,
+        "lora_rank": layer.lora_rank,
+        "bias": layer.bias is not None,
+        "scaling": layer.scaling,
+        "svd": svd,
+        "kwargs": kwargs,
+    }
+
+
+def _freeze(model: nn.Module, train_bias: bool) -> None:
+    """Only SALT's sigma/X/Y (and SALT biases with ``train_bias``) stay trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if _is_salt(m):
+            for pname, p in m.named_parameters(recurse=False):
+                p.requires_grad_(pname != "bias" or train_bias)
+
+
+def _progress(items: list, enabled, desc: str):
+    if enabled is None:
+        enabled = len(items) >= _PROGRESS_MIN_LAYERS
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="layer")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def apply_salt(
+    model: nn.Module,
+    *,
+    rank: int | float | None = None,
+    lora_rank: int,
+    target_modules: str | Iterable[str] | None = None,
+    scaling: float = 1.0,
+    svd: str = "exact",
+    energy: float | None = None,
+    freeze_base: bool = True,
+    train_bias: bool = False,
+    progress: bool | None = None,
+    **layer_kwargs,
+) -> nn.Module:
+    """Replace matching ``nn.Linear`` layers of ``model`` in place by ``SALTLinear``.
+
+    rank: an int (capped at each layer's ``min(in, out)``) or a float in (0, 1], the
+        fraction of ``min(in, out)`` kept (rounded up). Alternative: ``energy``.
+    energy: keep the smallest rank whose singular values retain this fraction of
+        ``sum(sigma**2)`` (per layer).
+    lora_rank: ``r'`` of the ``X (r, r')``, ``Y (r', r)`` update; capped at each layer's
+        rank. 0 trains the singular values alone.
+    target_modules: ``None`` / ``"all-linear"`` (every ``nn.Linear``), a regex matched
+        against full module names, or a list of names matched exactly or as a dotted
+        suffix (PEFT's rules). ``nn.Conv2d`` layers (``groups=1``) become ``SALTConv2d``
+        when named by a regex or list; the default converts Linear layers only.
+    freeze_base: freeze every parameter except SALT's ``sigma``, ``X``, ``Y`` (and the
+        SALT biases when ``train_bias``, like PEFT's ``bias="lora_only"``).
+    progress: progress bar over layers (default: on for 32 layers or more).
+    layer_kwargs: passed to the layer constructor (``SALTLinear.from_linear``) and
+        saved with the adapter; must be JSON-serialisable.
+
+    SVDs run in float32 on each layer's device; layers keep their dtype. The options and
+    per-layer ranks are recorded in ``model.salt_config`` for :func:`save_salt`.
+    """
+    _check_model(model)
+    _check_rank_spec(rank, energy)
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, numbers.Integral):
+        raise TypeError(f"lora_rank: expected an int, got {type(lora_rank).__name__}")
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank: expected an int >= 0, got {lora_rank}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(float(scaling)):
+        raise TypeError(f"scaling: expected a finite float, got {scaling!r}")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
+    target_modules = _check_target_modules(target_modules)
+    layer_kwargs = _json_ready(layer_kwargs)
+    # plain Python numbers (e.g. not numpy scalars) so that the config is JSON
+    if rank is not None:
+        rank = int(rank) if isinstance(rank, numbers.Integral) else float(rank)
+    energy = None if energy is None else float(energy)
+
+    targets, matched_other = [], []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, target_modules):
+            continue
+        kind = _kind_of_base(module)
+        every_linear = target_modules is None or target_modules == "all-linear"
+        if kind == "SALTLinear" or (kind is not None and not every_linear):
+            targets.append((name, module, kind))
+        else:
+            matched_other.append((name, module))
+    if not targets:
+        extra = ""
+        if matched_other:
+            kinds = ", ".join(f"{n} ({type(m).__name__})" for n, m in matched_other[:5])
+            extra = f"; these names matched but are not nn.Linear / nn.Conv2d: {kinds}"
+        raise ValueError(
+            f"target_modules: {target_modules!r} matched no nn.Linear (or named nn.Conv2d) in the model{extra}"
+        )
+
+    config = getattr(model, _CONFIG_ATTR, None) or {"layers": {}}
+    layers = config["layers"]
+    for name, base, kind in _progress(targets, progress, "apply_salt"):
+        # a conv kernel (out, in, kh, kw) is decomposed as the (out, in*kh*kw) matrix
+        r = _layer_rank(base.weight.flatten(1), rank, energy)
+        spec = {"type": kind, "rank": r, "lora_rank": min(int(lora_rank), r),
+                "scaling": float(scaling), "svd": svd, "kwargs": layer_kwargs}
+        layer = _make_salt_layer(base, spec)
+        _replace_module(model, name, layer)
+        layers[name] = _layer_spec(name, layer, svd, layer_kwargs)
+
+    config.update(
+        format=FORMAT_NAME, version=FORMAT_VERSION, rank=rank, energy=energy,
+        lora_rank=int(lora_rank),
+        target_modules=target_modules if not isinstance(target_modules, list) else list(target_modules),
+        scaling=float(scaling), svd=svd, freeze_base=bool(freeze_base), train_bias=bool(train_bias),
+        layer_kwargs=layer_kwargs,
+    )
+    setattr(model, _CONFIG_ATTR, config)
+    if freeze_base:
+        _freeze(model, train_bias)
+    return model
+
+
+def _salt_weight_numel(model: nn.Module) -> int:
+    """Elements of the SALT layers' frozen weight buffers (U, V, a residual): weights of
+    the model even though they are buffers, so they count towards the total. ``sigma0``
+    (the singular values at conversion, kept for the regulariser) is bookkeeping."""
+    return sum(b.numel() for m in model.modules() if _is_salt(m)
+               for n, b in m.named_buffers(recurse=False) if b.is_floating_point() and n != "sigma0")
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` element counts. ``total`` is every parameter plus the
+    frozen SALT bases (``U``, ``V`` are buffers but are the layer's weights)."""
+    _check_model(model)
+    params = {id(p): p for p in model.parameters()}  # tied weights once
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    total = sum(p.numel() for p in params.values()) + _salt_weight_numel(model)
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print (and return) ``trainable params: N || all params: M || trainable%: P``."""
+    trainable, total = trainable_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+    print(line)
+    return line
+
+
+@torch.no_grad()
+def merge_salt(model: nn.Module) -> nn.Module:
+    """Replace every SALT layer by a plain ``nn.Linear`` / ``nn.Conv2d`` holding its merged weight
+    (merged in float32, cast once to the layer's dtype). The merged layers' parameters
+    require grad as the SALT layer's ``sigma`` did; the rest of the model is untouched."""
+    _check_model(model)
+    if _is_salt(model):
+        raise TypeError("model: merge_salt replaces layers inside a model; call .to_linear() on a bare SALT layer")
+    salt_layers = [(n, m) for n, m in model.named_modules() if _is_salt(m)]
+    for name, layer in salt_layers:
+        merged = getattr(layer, _KINDS[type(layer).__name__][2])()
+        trainable = any(p.requires_grad for p in layer.parameters())
+        for p in merged.parameters():
+            p.requires_grad_(trainable)
+        _replace_module(model, name, merged)
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    return model
+
+
+def _basis_check(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of U: the row of its largest entry and that entry (float32)."""
+    Uf = U.detach().float().cpu()
+    idx = Uf.abs().argmax(dim=0)
+    return idx, Uf[idx, torch.arange(Uf.shape[1])]
+
+
+def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> dict:
+    """Save the trained tensors and the conversion config of a SALT model to a
+    safetensors file. Returns ``{"path", "file_bytes", "num_tensors", "num_elements"}``.
+
+    include_basis: also store every SALT layer's frozen ``U``, ``V`` (a bigger file that
+        does not depend on recomputing the SVD). Default: only for layers converted with
+        ``svd="lowrank"``, whose randomised SVD is not reproducible.
+    """
+    from safetensors.torch import save_file
+
+    _check_model(model)
+    if include_basis is not None and not isinstance(include_basis, bool):
+        raise TypeError(f"include_basis: expected None or a bool, got {type(include_basis).__name__}")
+    salt_layers = {n: m for n, m in model.named_modules() if _is_salt(m)}
+    if not salt_layers:
+        raise ValueError("model: has no SALT layers; call apply_salt first")
+    config = dict(getattr(model, _CONFIG_ATTR, None) or {})
+    known = config.get("layers", {})
+    layers = {}
+    for name, layer in salt_layers.items():
+        old = known.get(name, {})
+        layers[name] = _layer_spec(name, layer, old.get("svd", "exact"), old.get("kwargs", {}))
+    config.update(format=FORMAT_NAME, version=FORMAT_VERSION, layers=layers)
+
+    tensors = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            tensors[name] = p.detach()
+    for name, layer in salt_layers.items():
+        store = include_basis if include_basis is not None else layers[name]["svd"] == "lowrank"
+        layers[name]["basis_stored"] = bool(store)
+        if store:
+            tensors[f"{name}.U"] = layer.U.detach()
+            tensors[f"{name}.V"] = layer.V.detach()
+        idx, val = _basis_check(layer.U)
+        tensors[f"{_CHECK_PREFIX}{name}.row"] = idx
+        tensors[f"{_CHECK_PREFIX}{name}.value"] = val
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    path = os.fspath(path)
+    save_file(tensors, path, metadata={"salt_config": json.dumps(config), "format": FORMAT_NAME})
+    return {
+        "path": path,
+        "file_bytes": os.path.getsize(path),
+        "num_tensors": len(tensors),
+        "num_elements": sum(t.numel() for t in tensors.values()),
+    }
+
+
+def read_salt_config(path) -> dict:
+    """The conversion config stored in a file written by :func:`save_salt`."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT_NAME or "salt_config" not in meta:
+        raise ValueError(f"path: {os.fspath(path)!r} is not a salt_kernels adapter file (no salt_config metadata)")
+    config = json.loads(meta["salt_config"])
+    if config.get("version") != FORMAT_VERSION:
+        raise ValueError(f"path: adapter format version {config.get('version')} is not supported "
+                         f"(this salt_kernels reads version {FORMAT_VERSION})")
+    return config
+
+
+@torch.no_grad()
+def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Tensor) -> int:
+    """Flip singular pairs of ``layer`` whose sign differs from the saved ones; refuse a
+    basis that differs by more than a sign. Returns the number of flipped pairs."""
+    U = layer.U.detach().float().cpu()
+    cols = torch.arange(U.shape[1])
+    now = U[row, cols]
+    # The stored entry is the largest of a unit column (>= 1/sqrt(D)); the recomputed
+    # one must match it in magnitude up to the layer dtype's rounding.
+    tol = 2e-2 * value.abs() + 1e-4
+    bad = ((now.abs() - value.abs()).abs() > tol).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"load_salt: layer {name!r}: the base model's singular vector {i} does not match the "
+            f"adapter's (U[{int(row[i])}, {i}] = {now[i].item():.6g}, saved {value[i].item():.6g}). "
+            "Is this the base model the adapter was trained on? If it is (e.g. nearly repeated "
+            "singular values), save with include_basis=True."
+        )
+    flip = (torch.sign(now) != torch.sign(value)).nonzero().flatten()
+    if flip.numel():
+        f = flip.to(layer.U.device)
+        layer.U[:, f] *= -1
+        layer.V[:, f] *= -1
+    return int(flip.numel())
+
+
+@torch.no_grad()
+def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Module:
+    """Load a file written by :func:`save_salt` into ``model`` in place and return it.
+
+    ``model`` is a fresh copy of the base model the adapter was trained on, either plain
+    (its layers are converted from the stored config) or already converted with the same
+    config. Afterwards exactly the saved trained tensors require grad.
+    """
+    from safetensors.torch import load_file
+
+    _check_model(model)
+    config = read_salt_config(path)
+    tensors = load_file(os.fspath(path))
+    layers = config["layers"]
+
+    modules = dict(model.named_modules())
+    to_convert = []
+    for name, spec in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"load_salt: the adapter has layer {name!r} but the model has no module of that name")
+        if not _is_salt(module) and _kind_of_base(module) != spec["type"]:
+            base = _KINDS.get(spec["type"], (nn.Module,))[0].__name__
+            raise TypeError(
+                f"load_salt: layer {name!r} is a {type(module).__name__}, expected nn.{base} or a {spec['type']}"
+            )
+        if _is_salt(module) and type(module).__name__ != spec["type"]:
+            raise TypeError(f"load_salt: layer {name!r} is a {type(module).__name__}, the adapter has a {spec['type']}")
+        expected = {k: spec[k] for k in _geometry(module) if k in spec}
+        if _geometry(module) != expected:
+            raise ValueError(
+                f"load_salt: layer {name!r} ({type(module).__name__}) has {_geometry(module)} but the "
+                f"adapter was saved with {expected}"
+            )
+        if _is_salt(module):
+            for key in ("rank", "lora_rank"):
+                if getattr(module, key) != spec[key]:
+                    raise ValueError(
+                        f"load_salt: layer {name!r} has {key}={getattr(module, key)} but the adapter "
+                        f"was saved with {key}={spec[key]}"
+                    )
+        else:
+            to_convert.append((name, module, spec))
+
+    for name, module, spec in _progress(to_convert, progress, "load_salt"):
+        _replace_module(model, name, _make_salt_layer(module, spec))
+
+    for name, spec in layers.items():
+        layer = model.get_submodule(name)
+        if spec.get("basis_stored"):
+            layer.U.copy_(tensors.pop(f"{name}.U"))
+            layer.V.copy_(tensors.pop(f"{name}.V"))
+            tensors.pop(f"{_CHECK_PREFIX}{name}.row")
+            tensors.pop(f"{_CHECK_PREFIX}{name}.value")
+        else:
+            _align_basis(name, layer, tensors.pop(f"{_CHECK_PREFIX}{name}.row"),
+                         tensors.pop(f"{_CHECK_PREFIX}{name}.value"))
+
+    params = dict(model.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise ValueError(f"load_salt: the adapter has tensors the model lacks: {missing[:5]}")
+    for p in params.values():
+        p.requires_grad_(False)
+    for key, value in tensors.items():
+        p = params[key]
+        if tuple(p.shape) != tuple(value.shape):
+            raise ValueError(f"load_salt: {key}: model has shape {tuple(p.shape)}, adapter {tuple(value.shape)}")
+        p.copy_(value)
+        p.requires_grad_(True)
+    setattr(model, _CONFIG_ATTR, config)
+    return model
