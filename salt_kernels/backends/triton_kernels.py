@@ -1,0 +1,516 @@
+"""The ``triton`` backend: fused Triton kernels for the SALT forward and backward.
+
+    forward   Z = x V (shrink)   T = Z C^T (mix)   y = T U^T + b (expand)
+    backward  dT = G U (shrink)  dZ = dT C (mix)   dx = dZ V^T (expand)
+              dC = dT^T Z, db = sum_rows G (deterministic partial sums)
+
+Two kernels serve both directions, because the backward is the forward's shape with
+(x, V, C^T, U) replaced by (G, U, C, V):
+
+* ``_shrink_kernel``: A (M x N) @ B (N x r) with the r-wide accumulator kept in fp32
+  on chip, N split across programs when M alone gives too few programs.
+* ``_expand_kernel``: (mixed r-wide rows) @ B^T (r x N) + bias, one output tile each.
+
+The mix (r x r) rides along with one of them, chosen by problem size (see
+:func:`_plan`):
+
+* large M ("mix in the shrink epilogue"): cdiv(M, BM) programs already fill the GPU,
+  so the shrink runs unsplit, holds all of Z for its rows on chip, multiplies by the
+  core once and writes T (M x r fp32). The expand is then a plain GEMM + bias.
+* small M, e.g. decode M = 1..64 ("mix in the expand prologue"): cdiv(M, BM) is 1..4
+  programs, far too few to stream V (K x r) at bandwidth, so the shrink is split over
+  K into deterministic fp32 partials; each expand program sums them in fixed order,
+  applies the core (cheap at this M) and writes its tile. Parallelism is then
+  split x cdiv(M, BM) for the shrink and cdiv(M, BM) x cdiv(D, BN) for the expand.
+
+Why no single fully fused kernel (shrink + mix + loop over all of D in one program):
+it launches only cdiv(M, BM) programs, which starves the GPU at small M (as DESIGN.md
+section 3 notes), and at large M each program must keep T (BM x r fp32) live across
+the whole D loop, which does not fit in registers for r = 256 without shrinking BM
+until U is re-read M / BM times. The pair costs an extra M x r x 4 bytes written and
+read (Z is written anyway for the backward), i.e. r*8 / (2*(K + D)) of the x/y traffic:
+1.6% at K = D = 4096, r = 64 in bf16.
+
+Numerics: every accumulator is fp32. Half-precision inputs feed the tensor cores
+directly (the mixed rows are rounded to the input dtype just before the expand dot,
+as cuBLAS would for a bf16 T); fp32 inputs use ``input_precision="tf32x3"`` (three
+TF32 MMAs, ~fp32 accuracy: the fp32 tolerance in tests/salt_testing.py is 2e-5,
+which plain TF32's ~1e-3 would miss). The r x r mix always runs in fp32 (tf32x3).
+fp64 inputs (gradcheck) are computed with plain torch ops inside the op.
+
+Under ``TRITON_INTERPRET=1`` (tests without a GPU) the same kernels run on CPU
+tensors. The interpreter's ``tl.dot`` is wrong on bfloat16 operands (triton issue
+11584), so there only, bf16 dot operands are upcast to fp32 first (``UPCAST_DOT``);
+bf16 x bf16 products are exact in fp32, so the math is unchanged.
+
+Autotuning: a few configs per kernel, keyed on power-of-two buckets of M and N and on
+the padded rank. ``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first,
+default config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .autograd import register_salt_autograd, run_salt_op
+
+# Read once, like triton itself: the variable must be set before triton is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE = os.environ.get("SALT_KERNELS_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
+
+# fp32 dot precision: see the module docstring.
+FP32_PRECISION = "tf32x3"
+MAX_RANK = 256
+# Register budget for fp32 tiles held live across a loop: elements per thread.
+_LIVE_FP32_PER_THREAD = 128
+# Split-N tuning (small M): aim for this many programs per SM, each reading >= _SPLIT_MIN_N
+# columns of A (a floor that keeps per-program work worth its launch and partial store).
+_PROGRAMS_PER_SM = 2
+_SPLIT_MIN_N = 256
+# Tests set this to force the split / unsplit path on small shapes (None: by size).
+FORCE_SPLIT: int | None = None
+
+
+def availability(device: torch.device, backend: str) -> str | None:
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b. UPCAST_DOT: interpreter only, bf16 tl.dot is broken there (issue 11584)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_rank_block_product(
+    lhs_t_ptr, stride_lm, stride_lr,  # (M, R) fp32 read in column chunks
+    acc, offs_m, mask_m, offs_r, mask_r, R,
+    out_ptr,  # (R, R) fp32 contiguous: out = acc^T @ lhs
+    R_PAD: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dC partial for one row block: acc^T (R_PAD x BM) @ Z (BM x R), BR columns at a time
+    so only acc and one R_PAD x BR tile are live."""
+    for j0 in tl.static_range(0, R_PAD, BR):
+        offs_j = j0 + tl.arange(0, BR)
+        mask_j = offs_j < R
+        z = tl.load(lhs_t_ptr + offs_m[:, None] * stride_lm + offs_j[None, :] * stride_lr,
+                    mask=mask_m[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+        part = tl.dot(tl.trans(acc), z, input_precision=PRECISION)
+        tl.store(out_ptr + offs_r[:, None] * R + offs_j[None, :], part,
+                 mask=mask_r[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _shrink_kernel(
+    a_ptr, stride_am, stride_an,  # A (M, N): x (forward) or G (backward), any strides
+    b_ptr, stride_bn, stride_br,  # B (N, R): V (forward) or U (backward)
+    cm_ptr, stride_ci, stride_cj,  # core as applied on the right: C^T (forward) or C (backward)
+    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_ACC); backward: Z in (DC)
+    out_ptr,  # not MIX: fp32 partials (SPLIT, M, R); MIX: acc @ Cm, fp32 (M, R)
+    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R) partials of dC = acc^T Z
+    colsum_ptr,  # COLSUM: fp32 (cdiv(M, BM), N) partial column sums of A (db)
+    M, N, R, n_per_split,
+    M_BUCKET, N_BUCKET,  # autotune key only
+    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
+    NEED_ACC: tl.constexpr, MIX: tl.constexpr, STORE_ACC: tl.constexpr, STORE_MIX: tl.constexpr,
+    DC: tl.constexpr, COLSUM: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Program (m, s): rows [m*BM, (m+1)*BM) of acc = A[:, n-range s] @ B[n-range s, :].
+
+    HBM traffic (element size e, S splits, P = cdiv(M, BM)):
+      read  A: M*N*e (once)      B: P*N*R*e (once per row block; L2-resident at small r)
+      write not MIX: S*M*R*4     MIX: M*R*4 (+ M*R*4 for Z when STORE_ACC)
+            DC: P*R*R*4 (+ read Z M*R*4)   COLSUM: P*N*4
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    n_start = pid_s.to(tl.int64) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+
+    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < n_end
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if COLSUM:  # each (row block, column) is owned by exactly one program: no atomics
+            tl.store(colsum_ptr + pid_m.to(tl.int64) * N + offs_n,
+                     tl.sum(a.to(tl.float32), axis=0), mask=mask_n)
+        if NEED_ACC:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc = _dot(a, b, acc, PRECISION, UPCAST_DOT)
+
+    if NEED_ACC:
+        if not MIX:
+            part_ptr = out_ptr + pid_s.to(tl.int64) * M * R
+            tl.store(part_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+                     mask=mask_m[:, None] & mask_r[None, :])
+        else:
+            if STORE_ACC:
+                tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
+                         acc, mask=mask_m[:, None] & mask_r[None, :])
+            if STORE_MIX:
+                # acc @ Cm, BR output columns at a time: Cm (R x R fp32, up to 256 KB)
+                # never has to fit on chip, only an R_PAD x BR slice of it.
+                for j0 in tl.static_range(0, R_PAD, BR):
+                    offs_j = j0 + tl.arange(0, BR)
+                    mask_j = offs_j < R
+                    cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_j[None, :] * stride_cj,
+                                 mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+                    mixed = tl.dot(acc, cm, input_precision=PRECISION)
+                    tl.store(out_ptr + offs_m[:, None] * R + offs_j[None, :], mixed,
+                             mask=mask_m[:, None] & mask_j[None, :])
+            if DC:
+                _store_rank_block_product(z_ptr, stride_zm, stride_zr, acc, offs_m, mask_m,
+                                          offs_r, mask_r, R, dc_ptr + pid_m.to(tl.int64) * R * R,
+                                          R_PAD, BR, PRECISION)
+
+
+@triton.jit
+def _expand_kernel(
+    p_ptr, split_stride,  # PROLOGUE_MIX: fp32 partials (SPLIT, M, R); else mixed rows (M, R) fp32
+    cm_ptr, stride_ci, stride_cj,  # core as applied on the right (PROLOGUE_MIX only)
+    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
+    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R)
+    b_ptr, stride_bn, stride_br,  # B (N, R): U (forward) or V (backward); out = mixed @ B^T
+    bias_ptr, stride_bias,
+    out_ptr, stride_om, stride_on,
+    M, N, R, SPLIT,
+    M_BUCKET, N_BUCKET,  # autotune key only
+    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
+    PROLOGUE_MIX: tl.constexpr, STORE_Z: tl.constexpr, DC: tl.constexpr,
+    COMPUTE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Program (m, n): out[m-block, n-block] = mixed @ B[n-block]^T (+ bias).
+
+    HBM traffic (element size e, P = cdiv(M, BM), Q = cdiv(N, BN)):
+      read  B: P*N*R*e (L2-resident at small r)   mixed: Q*M*R*4 (PROLOGUE_MIX: Q*SPLIT*M*R*4)
+      write out: M*N*e (once)   STORE_Z: M*R*4   DC: P*R*R*4 (+ read Z M*R*4)
+    The Q re-reads of the r-wide rows mostly hit L2; at r << N they are small next to out.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if PROLOGUE_MIX:
+        # Sum the shrink's split partials in a fixed order (deterministic), on chip.
+        rows = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        part_ptrs = p_ptr + offs_m[:, None] * R + offs_r[None, :]
+        for _ in range(SPLIT):
+            rows += tl.load(part_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            part_ptrs += split_stride  # 64-bit pointer arithmetic: no int32 overflow
+        if pid_n == 0:  # one program per row block writes the row-block-wide results
+            if STORE_Z:
+                tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
+                         rows, mask=mask_m[:, None] & mask_r[None, :])
+            if DC:
+                _store_rank_block_product(z_ptr, stride_zm, stride_zr, rows, offs_m, mask_m,
+                                          offs_r, mask_r, R, dc_ptr + pid_m.to(tl.int64) * R * R,
+                                          R_PAD, BR, PRECISION)
+        if COMPUTE_OUT:
+            for j0 in tl.static_range(0, R_PAD, BR):
+                offs_j = j0 + tl.arange(0, BR)
+                mask_j = offs_j < R
+                cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_j[None, :] * stride_cj,
+                             mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+                mixed = tl.dot(rows, cm, input_precision=PRECISION)
+                bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                             mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
+    else:
+        for j0 in tl.static_range(0, R_PAD, BR):
+            offs_j = j0 + tl.arange(0, BR)
+            mask_j = offs_j < R
+            mixed = tl.load(p_ptr + offs_m[:, None] * R + offs_j[None, :],
+                            mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+            bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
+
+    if COMPUTE_OUT:
+        if HAS_BIAS:  # bias as epilogue: y is written once, never re-read
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Autotune configs. BM is chosen on the host (partial buffers are sized by it); the
+# configs choose the streamed tile (BN), warps and pipeline depth. The first config of
+# each list is the default used when autotuning is off.
+# ---------------------------------------------------------------------------------------
+
+SHRINK_CONFIGS = [
+    triton.Config({"BN": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BN": 32}, num_warps=4, num_stages=3),  # fallback: fits fp32 at R_PAD = 256
+]
+EXPAND_CONFIGS = [
+    triton.Config({"BN": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BN": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BN": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BN": 32}, num_warps=4, num_stages=2),  # fallback for the largest tiles
+]
+# Shared memory we allow a config to plan for (sm_80 has 163 KB per block; leave room
+# for layout conversions). aot.py checks the real numbers.
+_SMEM_BUDGET = 144 * 1024
+
+
+def _fits(kernel_name: str, c, BM: int, R_PAD: int, elem: int) -> bool:
+    """Whether config ``c`` keeps its live fp32 tiles in registers and its pipelined
+    operand tiles in shared memory (estimates; aot.py measures)."""
+    BN, threads, stages = c.kwargs["BN"], 32 * c.num_warps, c.num_stages
+    if kernel_name == "shrink":
+        live = BM * R_PAD  # the fp32 accumulator; operand tiles are staged in shared memory
+        smem = stages * (BM * BN + BN * R_PAD) * elem
+    else:
+        live = BM * R_PAD + BM * BN + BM * 64  # summed rows + output tile + one mixed chunk
+        smem = stages * 64 * BN * elem + BM * R_PAD * 4
+    return live <= _LIVE_FP32_PER_THREAD * threads and smem <= _SMEM_BUDGET
+
+
+def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int) -> list:
+    configs = SHRINK_CONFIGS if kernel_name == "shrink" else EXPAND_CONFIGS
+    kept = [c for c in configs if _fits(kernel_name, c, BM, R_PAD, elem)]
+    return kept or configs[-1:]
+
+
+def _pruner(kernel_name):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return usable_configs(kernel_name, args["BM"], args["R_PAD"], args["b_ptr"].element_size())
+    return prune
+
+
+_KEY = ["M_BUCKET", "N_BUCKET", "R_PAD"]
+if AUTOTUNE:
+    shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=_KEY,
+                                    prune_configs_by={"early_config_prune": _pruner("shrink")})(_shrink_kernel)
+    expand_kernel = triton.autotune(EXPAND_CONFIGS, key=_KEY,
+                                    prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
+else:
+    shrink_kernel = _shrink_kernel
+    expand_kernel = _expand_kernel
+
+
+def _launch(kernel, kernel_name, elem, grid, *args, **kwargs):
+    """Launch through wrap_triton (traceable by torch.compile). Autotuning off: the first
+    usable config (the lists are ordered best-first)."""
+    if AUTOTUNE:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        c = usable_configs(kernel_name, kwargs["BM"], kwargs["R_PAD"], elem)[0]
+        meta = dict(c.kwargs)
+        wrap_triton(kernel)[grid(meta)](*args, **meta, **kwargs, num_warps=c.num_warps,
+                                       num_stages=c.num_stages)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch planning
+# ---------------------------------------------------------------------------------------
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket for autotune keys (caps at 2^16 so large sizes share one tune)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def rank_tiles(r: int) -> tuple[int, int]:
+    """(R_PAD, BR): r padded to a power of two >= 16 (tl.dot's minimum), and the chunk of it
+    processed at once in the mix and expand (64 keeps one R_PAD x BR core slice small)."""
+    R_PAD = max(16, triton.next_power_of_2(r))
+    return R_PAD, min(R_PAD, 64)
+
+
+def block_m(M: int, R_PAD: int) -> int:
+    """Rows per program: the smallest tile covering small M (decode wastes less of the
+    dot), else 64; 32 at R_PAD = 256 so a BM x R_PAD fp32 accumulator stays in registers."""
+    cap = 64 if R_PAD <= 128 else 32
+    return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: any small number; the split path is exercised by FORCE_SPLIT
+
+
+def _plan(M: int, N: int, R_PAD: int, device: torch.device) -> tuple[int, int, int]:
+    """(BM, split, n_per_split) for a shrink over N columns. split > 1 only when the row
+    blocks alone give fewer than _PROGRAMS_PER_SM programs per SM."""
+    BM = block_m(M, R_PAD)
+    m_blocks = triton.cdiv(M, BM)
+    if FORCE_SPLIT is not None:
+        split = FORCE_SPLIT
+    else:
+        want = _PROGRAMS_PER_SM * _num_sms(device)
+        split = 1 if m_blocks >= want else min(triton.cdiv(want, m_blocks), triton.cdiv(N, _SPLIT_MIN_N))
+    split = max(1, min(split, N))
+    n_per_split = triton.cdiv(N, split)
+    if split > 1 and FORCE_SPLIT is None:
+        n_per_split = triton.cdiv(n_per_split, 64) * 64  # whole tiles per split
+    split = triton.cdiv(N, n_per_split)
+    return BM, split, n_per_split
+
+
+def _uses_kernels(t: torch.Tensor) -> bool:
+    return t.dtype != torch.float64 and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return FP32_PRECISION if not INTERPRET else "ieee"
+
+
+# ---------------------------------------------------------------------------------------
+# Ops (contract: salt_kernels/backends/autograd.py)
+# ---------------------------------------------------------------------------------------
+
+
+def _forward_torch(x, U, V, C, bias):
+    """fp64 inputs and CPU tensors outside the interpreter (what torch.compile traces on CPU)."""
+    acc = C.dtype
+    Z = x.to(acc) @ V.to(acc)
+    T = Z @ C.t()
+    y = T @ U.to(acc).t() if bias is None else torch.addmm(bias.to(acc), T, U.to(acc).t())
+    return y.to(x.dtype), Z
+
+
+def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
+    acc = C.dtype
+    dT = G.to(acc) @ U.to(acc)
+    dx = ((dT @ C) @ V.to(acc).t()).to(G.dtype) if need_dx else G.new_empty(0)
+    dC = dT.t() @ Z.to(acc) if need_dC else C.new_empty(0)
+    db = G.to(acc).sum(0).to(G.dtype) if need_db else G.new_empty(0)
+    return dx, dC, db
+
+
+@triton_op("salt_triton::forward", mutates_args=())
+def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _uses_kernels(x):
+        return _forward_torch(x, U, V, C, bias)
+    M, K = x.shape
+    D, r = U.shape
+    y = torch.empty((M, D), dtype=x.dtype, device=x.device)
+    Z = torch.empty((M, r), dtype=C.dtype, device=x.device)
+    if M == 0:
+        return y, Z
+    R_PAD, BR = rank_tiles(r)
+    BM, split, n_per_split = _plan(M, K, R_PAD, x.device)
+    m_blocks = triton.cdiv(M, BM)
+    Cm = C.t()  # T = Z @ C^T
+    common = dict(R_PAD=R_PAD, BR=BR, BM=BM, PRECISION=_precision(x.dtype),
+                  UPCAST_DOT=_upcast_dot(x.dtype))
+    mixed = torch.empty((split, M, r) if split > 1 else (M, r), dtype=torch.float32, device=x.device)
+    _launch(shrink_kernel, "shrink", x.element_size(), lambda meta: (m_blocks, split),
+            x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1),
+            Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
+            mixed, mixed, mixed, M, K, r, n_per_split, _bucket(M), _bucket(K),
+            NEED_ACC=True, MIX=split == 1, STORE_ACC=True, STORE_MIX=True, DC=False, COLSUM=False,
+            **common)
+    bias_arg = y if bias is None else bias
+    _launch(expand_kernel, "expand", x.element_size(), lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
+            mixed, M * r, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), mixed,
+            U, U.stride(0), U.stride(1), bias_arg, 0 if bias is None else bias.stride(0),
+            y, y.stride(0), y.stride(1), M, D, r, split, _bucket(M), _bucket(D),
+            PROLOGUE_MIX=split > 1, STORE_Z=True, DC=False, COMPUTE_OUT=True,
+            HAS_BIAS=bias is not None, **common)
+    return y, Z
+
+
+@triton_op("salt_triton::backward", mutates_args=())
+def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
+                  need_dx: bool, need_dC: bool, need_db: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _uses_kernels(G):
+        return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
+    M, D = G.shape
+    K, r = V.shape
+    dev = G.device
+    dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
+    if M == 0:
+        dC = torch.zeros((r, r), dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
+        db = torch.zeros((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
+        return dx, dC, db
+    need_dT = need_dx or need_dC
+    if not (need_dT or need_db):
+        return dx, C.new_empty(0), G.new_empty(0)
+    R_PAD, BR = rank_tiles(r)
+    BM, split, n_per_split = _plan(M, D, R_PAD, dev)
+    if not need_dT:  # db only: one pass over G, no U
+        split, n_per_split = 1, D
+    m_blocks = triton.cdiv(M, BM)
+    common = dict(R_PAD=R_PAD, BR=BR, BM=BM, PRECISION=_precision(G.dtype),
+                  UPCAST_DOT=_upcast_dot(G.dtype))
+    f32 = dict(dtype=torch.float32, device=dev)
+    db_part = torch.empty((m_blocks, D), **f32) if need_db else dx
+    dc_part = torch.empty((m_blocks, r, r), **f32) if need_dC else dx
+    mix_in_shrink = split == 1
+    if need_dT:
+        mixed = torch.empty((split, M, r) if split > 1 else (M, r), **f32)
+    else:
+        mixed = dx
+    # dZ = dT @ C: the core is applied on the right as is.
+    _launch(shrink_kernel, "shrink", G.element_size(), lambda meta: (m_blocks, split),
+            G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1),
+            C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1),
+            mixed, dc_part, db_part, M, D, r, n_per_split, _bucket(M), _bucket(D),
+            NEED_ACC=need_dT, MIX=mix_in_shrink, STORE_ACC=False, STORE_MIX=need_dx,
+            DC=need_dC and mix_in_shrink, COLSUM=need_db, **common)
+    prologue_dc = need_dC and not mix_in_shrink
+    if need_dx or prologue_dc:
+        grid = (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1))
+        _launch(expand_kernel, "expand", G.element_size(), grid,
+                mixed, M * r, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
+                V, V.stride(0), V.stride(1), dx, 0,
+                dx, dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+                M, K, r, split, _bucket(M), _bucket(K),
+                PROLOGUE_MIX=not mix_in_shrink, STORE_Z=False, DC=prologue_dc, COMPUTE_OUT=need_dx,
+                HAS_BIAS=False, **common)
+    # Fixed-order reductions of the per-row-block partials (torch's sum over a fixed-size
+    # buffer uses no atomics: bitwise reproducible run to run).
+    dC = dc_part.sum(0).to(C.dtype) if need_dC else C.new_empty(0)
+    db = db_part.sum(0).to(G.dtype) if need_db else G.new_empty(0)
+    return dx, dC, db
+
+
+register_salt_autograd(salt_forward, salt_backward)
+
+
+def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
+    return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)
