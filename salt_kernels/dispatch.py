@@ -107,9 +107,21 @@ def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backen
     return _run(x, U, V, sigma, X, Y, bias, float(scaling), backend)
 
 
+@torch.compiler.assume_constant_result
+def _resolve_for_run(backend: str, device: torch.device) -> str:
+    # Runs eagerly even under torch.compile (importlib and warnings are not traceable);
+    # the backend name is a constant of the compiled graph, guarded like any global.
+    name = resolve_backend(backend, device)
+    _loaded[name] = _module(name)[0]
+    return name
+
+
+_loaded: dict = {}
+
+
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend):
-    name = resolve_backend(backend, x.device)
-    mod, _ = _module(name)
+    name = _resolve_for_run(backend, x.device)
+    mod = _loaded[name]
     lead = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = mod.salt_linear_2d(x2d, U, V, sigma, X, Y, bias, scaling)

@@ -55,6 +55,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from .autograd import register_salt_autograd, run_salt_op
@@ -385,7 +386,17 @@ def _plan(M: int, N: int, R_PAD: int, device: torch.device) -> tuple[int, int, i
 
 
 def _uses_kernels(t: torch.Tensor) -> bool:
-    return t.dtype != torch.float64 and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    """CUDA tensors launch the kernels (also while torch.compile traces them: wrap_triton
+    records the launches). CPU tensors launch them only eagerly under the interpreter:
+    interpreted kernels cannot be traced, so fake tensors and torch.compile on CPU take
+    the plain torch path, which is what lets a SALTLinear compile with fullgraph=True on
+    CPU. fp64 (gradcheck) always takes the torch path: tl.dot has no fp64 tensor cores."""
+    if t.dtype == torch.float64:
+        return False
+    if t.device.type == "cuda":
+        return True
+    return (INTERPRET and t.device.type == "cpu" and not is_fake(t)
+            and not torch.compiler.is_compiling())
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
