@@ -99,46 +99,37 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _store_rank_block_product(
-    lhs_t_ptr, stride_lm, stride_lr,  # (M, R) fp32 read in column chunks
-    acc, offs_m, mask_m, offs_r, mask_r, R,
-    out_ptr,  # (R, R) fp32 contiguous: out = acc^T @ lhs
-    R_PAD: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dC partial for one row block: acc^T (R_PAD x BM) @ Z (BM x R), BR columns at a time
-    so only acc and one R_PAD x BR tile are live."""
-    for j0 in tl.static_range(0, R_PAD, BR):
-        offs_j = j0 + tl.arange(0, BR)
-        mask_j = offs_j < R
-        z = tl.load(lhs_t_ptr + offs_m[:, None] * stride_lm + offs_j[None, :] * stride_lr,
-                    mask=mask_m[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
-        part = tl.dot(tl.trans(acc), z, input_precision=PRECISION)
-        tl.store(out_ptr + offs_r[:, None] * R + offs_j[None, :], part,
-                 mask=mask_r[:, None] & mask_j[None, :])
+def _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R,
+                BM: tl.constexpr, BR: tl.constexpr):
+    """Rows offs_m, columns offs_r of sum_s partials[s] (fp32 (SPLIT, M, R) contiguous),
+    summed in split order: deterministic."""
+    rows = tl.zeros((BM, BR), dtype=tl.float32)
+    ptrs = p_ptr + offs_m[:, None] * R + offs_r[None, :]
+    for _ in range(SPLIT):
+        rows += tl.load(ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        ptrs += split_stride  # 64-bit pointer arithmetic: no int32 overflow
+    return rows
 
 
 @triton.jit
 def _shrink_kernel(
     a_ptr, stride_am, stride_an,  # A (M, N): x (forward) or G (backward), any strides
     b_ptr, stride_bn, stride_br,  # B (N, R): V (forward) or U (backward)
-    cm_ptr, stride_ci, stride_cj,  # core as applied on the right: C^T (forward) or C (backward)
-    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_ACC); backward: Z in (DC)
-    out_ptr,  # not MIX: fp32 partials (SPLIT, M, R); MIX: acc @ Cm, fp32 (M, R)
-    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R) partials of dC = acc^T Z
-    colsum_ptr,  # COLSUM: fp32 (cdiv(M, BM), N) partial column sums of A (db)
+    out_ptr,  # fp32 (SPLIT, M, R) contiguous: this split's partial of A @ B
+    colsum_ptr,  # COLSUM: fp32 (cdiv(M, BM), N) column sums of A per row block (db)
     M, N, R, n_per_split,
     M_BUCKET, N_BUCKET,  # autotune key only
-    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
-    NEED_ACC: tl.constexpr, MIX: tl.constexpr, STORE_ACC: tl.constexpr, STORE_MIX: tl.constexpr,
-    DC: tl.constexpr, COLSUM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_ACC: tl.constexpr, COLSUM: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Program (m, s): rows [m*BM, (m+1)*BM) of acc = A[:, n-range s] @ B[n-range s, :].
+    """Program (m, s): rows [m*BM, (m+1)*BM) of A[:, n-range s] @ B[n-range s, :], with
+    the r-wide accumulator in fp32 registers for the whole N loop.
 
     HBM traffic (element size e, S splits, P = cdiv(M, BM)):
-      read  A: M*N*e (once)      B: P*N*R*e (once per row block; L2-resident at small r)
-      write not MIX: S*M*R*4     MIX: M*R*4 (+ M*R*4 for Z when STORE_ACC)
-            DC: P*R*R*4 (+ read Z M*R*4)   COLSUM: P*N*4
+      read  A: M*N*e (each element once)   B: P*N*R*e (once per row block; L2 absorbs
+            the repeats when P is large, and P is small exactly when S > 1)
+      write S*M*R*4 (partials; S = 1 at large M)   COLSUM: P*N*4
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -155,62 +146,98 @@ def _shrink_kernel(
         mask_n = offs_n < n_end
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if COLSUM:  # each (row block, column) is owned by exactly one program: no atomics
+        if COLSUM:  # each (row block, column) belongs to exactly one program: no atomics
             tl.store(colsum_ptr + pid_m.to(tl.int64) * N + offs_n,
                      tl.sum(a.to(tl.float32), axis=0), mask=mask_n)
         if NEED_ACC:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
             acc = _dot(a, b, acc, PRECISION, UPCAST_DOT)
-
     if NEED_ACC:
-        if not MIX:
-            part_ptr = out_ptr + pid_s.to(tl.int64) * M * R
-            tl.store(part_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
-                     mask=mask_m[:, None] & mask_r[None, :])
-        else:
-            if STORE_ACC:
-                tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
-                         acc, mask=mask_m[:, None] & mask_r[None, :])
-            if STORE_MIX:
-                # acc @ Cm, BR output columns at a time: Cm (R x R fp32, up to 256 KB)
-                # never has to fit on chip, only an R_PAD x BR slice of it.
-                for j0 in tl.static_range(0, R_PAD, BR):
-                    offs_j = j0 + tl.arange(0, BR)
-                    mask_j = offs_j < R
-                    cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_j[None, :] * stride_cj,
-                                 mask=mask_r[:, None] & mask_j[None, :], other=0.0)
-                    mixed = tl.dot(acc, cm, input_precision=PRECISION)
-                    tl.store(out_ptr + offs_m[:, None] * R + offs_j[None, :], mixed,
-                             mask=mask_m[:, None] & mask_j[None, :])
-            if DC:
-                _store_rank_block_product(z_ptr, stride_zm, stride_zr, acc, offs_m, mask_m,
-                                          offs_r, mask_r, R, dc_ptr + pid_m.to(tl.int64) * R * R,
-                                          R_PAD, BR, PRECISION)
+        part_ptr = out_ptr + pid_s.to(tl.int64) * M * R
+        tl.store(part_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+                 mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _mix_kernel(
+    p_ptr, split_stride, SPLIT,  # fp32 partials (SPLIT, M, R) of Z (forward) or dT (backward)
+    cm_ptr, stride_ci, stride_cj,  # core as applied on the right: C^T (forward) or C (backward)
+    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
+    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R) per-row-block partials of dC = dT^T Z
+    out_ptr,  # STORE_MIX: fp32 (M, R) = rows @ Cm
+    M, R,
+    BM: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
+    STORE_Z: tl.constexpr, DC: tl.constexpr, STORE_MIX: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (m, j): BR columns j of the r-wide rows times the core, for r > 64.
+
+    A separate kernel because Triton cannot slice a register tile: fusing an r = 256 mix
+    into the shrink or expand needs the whole BM x 256 fp32 tile as one dot operand,
+    which spilled (measured with aot.py). Here each operand is a BM x BR slice loaded
+    from the (L2-resident) partials.
+
+    HBM traffic: read SPLIT*M*R*4 (times R_PAD/BR programs along j, L2 hits) + R*R*4,
+    write M*R*4 (+ M*R*4 for Z when STORE_Z) (+ P*R*R*4 for DC).
+    """
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_j = pid_j * BR + tl.arange(0, BR)
+    mask_j = offs_j < R
+    mixed = tl.zeros((BM, BR), dtype=tl.float32)
+    if DC:
+        z_j = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr,
+                      mask=mask_m[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+    for i0 in range(0, R, BR):
+        offs_i = i0 + tl.arange(0, BR)
+        mask_i = offs_i < R
+        rows_i = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_i, mask_i, R, BM, BR)
+        if STORE_MIX:
+            cm = tl.load(cm_ptr + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj,
+                         mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+            mixed = tl.dot(rows_i, cm, mixed, input_precision=PRECISION)
+        if DC:
+            dc = tl.dot(tl.trans(rows_i), z_j, input_precision=PRECISION)
+            tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_i[:, None] * R + offs_j[None, :], dc,
+                     mask=mask_i[:, None] & mask_j[None, :])
+    if STORE_Z:
+        rows_j = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_j, mask_j, R, BM, BR)
+        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr, rows_j,
+                 mask=mask_m[:, None] & mask_j[None, :])
+    if STORE_MIX:
+        tl.store(out_ptr + offs_m[:, None] * R + offs_j[None, :], mixed,
+                 mask=mask_m[:, None] & mask_j[None, :])
 
 
 @triton.jit
 def _expand_kernel(
-    p_ptr, split_stride,  # PROLOGUE_MIX: fp32 partials (SPLIT, M, R); else mixed rows (M, R) fp32
+    p_ptr, split_stride, SPLIT,  # PROLOGUE_MIX: fp32 partials (SPLIT, M, R); else mixed rows (M, R) fp32
     cm_ptr, stride_ci, stride_cj,  # core as applied on the right (PROLOGUE_MIX only)
     z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
     dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R)
     b_ptr, stride_bn, stride_br,  # B (N, R): U (forward) or V (backward); out = mixed @ B^T
     bias_ptr, stride_bias,
     out_ptr, stride_om, stride_on,
-    M, N, R, SPLIT,
+    M, N, R,
     M_BUCKET, N_BUCKET,  # autotune key only
     BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
     PROLOGUE_MIX: tl.constexpr, STORE_Z: tl.constexpr, DC: tl.constexpr,
     COMPUTE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Program (m, n): out[m-block, n-block] = mixed @ B[n-block]^T (+ bias).
+    """Program (m, n): out[m-block, n-block] = mixed @ B[n-block]^T (+ bias epilogue).
+
+    PROLOGUE_MIX (r <= 64, R_PAD == BR): the program sums the shrink's split partials and
+    applies the core itself (BM x 64 x 64, small next to its BM x BN x 64 expand), so no
+    mix kernel and no mixed-rows round trip; column-block 0 also writes Z / dC partials.
 
     HBM traffic (element size e, P = cdiv(M, BM), Q = cdiv(N, BN)):
-      read  B: P*N*R*e (L2-resident at small r)   mixed: Q*M*R*4 (PROLOGUE_MIX: Q*SPLIT*M*R*4)
-      write out: M*N*e (once)   STORE_Z: M*R*4   DC: P*R*R*4 (+ read Z M*R*4)
-    The Q re-reads of the r-wide rows mostly hit L2; at r << N they are small next to out.
+      read  B: P*N*R*e (L2 absorbs repeats)   rows: Q*SPLIT*M*R*4 (L2 hits after the first)
+      write out: M*N*e, exactly once (bias fused: y is never re-read)
+            STORE_Z: M*R*4   DC: P*R*R*4 (+ read Z M*R*4)
+    At r << N the r-wide reads are a few percent of out: the kernel streams out at bandwidth.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -218,51 +245,46 @@ def _expand_kernel(
     mask_m = offs_m < M
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, R_PAD)
-    mask_r = offs_r < R
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if PROLOGUE_MIX:
-        # Sum the shrink's split partials in a fixed order (deterministic), on chip.
-        rows = tl.zeros((BM, R_PAD), dtype=tl.float32)
-        part_ptrs = p_ptr + offs_m[:, None] * R + offs_r[None, :]
-        for _ in range(SPLIT):
-            rows += tl.load(part_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            part_ptrs += split_stride  # 64-bit pointer arithmetic: no int32 overflow
+        tl.static_assert(R_PAD == BR)
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        rows = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R, BM, R_PAD)
         if pid_n == 0:  # one program per row block writes the row-block-wide results
             if STORE_Z:
                 tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
                          rows, mask=mask_m[:, None] & mask_r[None, :])
             if DC:
-                _store_rank_block_product(z_ptr, stride_zm, stride_zr, rows, offs_m, mask_m,
-                                          offs_r, mask_r, R, dc_ptr + pid_m.to(tl.int64) * R * R,
-                                          R_PAD, BR, PRECISION)
+                z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                dc = tl.dot(tl.trans(rows), z, input_precision=PRECISION)
+                tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_r[:, None] * R + offs_r[None, :],
+                         dc, mask=mask_r[:, None] & mask_r[None, :])
         if COMPUTE_OUT:
-            for j0 in tl.static_range(0, R_PAD, BR):
-                offs_j = j0 + tl.arange(0, BR)
-                mask_j = offs_j < R
-                cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_j[None, :] * stride_cj,
-                             mask=mask_r[:, None] & mask_j[None, :], other=0.0)
-                mixed = tl.dot(rows, cm, input_precision=PRECISION)
-                bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                             mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-                acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
+            cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_r[None, :] * stride_cj,
+                         mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+            mixed = tl.dot(rows, cm, input_precision=PRECISION)
+            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
     else:
-        for j0 in tl.static_range(0, R_PAD, BR):
+        for j0 in range(0, R, BR):
             offs_j = j0 + tl.arange(0, BR)
             mask_j = offs_j < R
             mixed = tl.load(p_ptr + offs_m[:, None] * R + offs_j[None, :],
                             mask=mask_m[:, None] & mask_j[None, :], other=0.0)
             bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
                          mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            # rounded to the input dtype for the tensor cores, as cuBLAS would for a bf16 T
             acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
 
     if COMPUTE_OUT:
-        if HAS_BIAS:  # bias as epilogue: y is written once, never re-read
+        if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
 
 # ---------------------------------------------------------------------------------------
 # Autotune configs. BM is chosen on the host (partial buffers are sized by it); the
@@ -430,6 +452,17 @@ def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
     return dx, dC, db
 
 
+MIX_WARPS = 4
+
+
+def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, BM, R_PAD, BR, precision):
+    """Launch _mix_kernel (r > 64): mixed = (sum of split partials) @ Cm, plus Z / dC partials."""
+    wrap_triton(_mix_kernel)[(triton.cdiv(M, BM), R_PAD // BR)](
+        parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
+        dc_part, mixed, M, r, BM=BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc,
+        STORE_MIX=store_mix, PRECISION=precision, num_warps=MIX_WARPS)
+
+
 @triton_op("salt_triton::forward", mutates_args=())
 def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,30 +470,35 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
         return _forward_torch(x, U, V, C, bias)
     M, K = x.shape
     D, r = U.shape
-    y = torch.empty((M, D), dtype=x.dtype, device=x.device)
-    Z = torch.empty((M, r), dtype=C.dtype, device=x.device)
+    dev = x.device
+    y = torch.empty((M, D), dtype=x.dtype, device=dev)
+    Z = torch.empty((M, r), dtype=C.dtype, device=dev)
     if M == 0:
         return y, Z
     R_PAD, BR = rank_tiles(r)
-    BM, split, n_per_split = _plan(M, K, R_PAD, x.device)
+    BM, split, n_per_split = _plan(M, K, R_PAD, dev)
     m_blocks = triton.cdiv(M, BM)
+    precision, upcast = _precision(x.dtype), _upcast_dot(x.dtype)
     Cm = C.t()  # T = Z @ C^T
-    common = dict(R_PAD=R_PAD, BR=BR, BM=BM, PRECISION=_precision(x.dtype),
-                  UPCAST_DOT=_upcast_dot(x.dtype))
-    mixed = torch.empty((split, M, r) if split > 1 else (M, r), dtype=torch.float32, device=x.device)
+    # Unsplit, the shrink writes Z itself; split, its partials are summed (fixed order) later.
+    parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
     _launch(shrink_kernel, "shrink", x.element_size(), lambda meta: (m_blocks, split),
-            x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1),
-            Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
-            mixed, mixed, mixed, M, K, r, n_per_split, _bucket(M), _bucket(K),
-            NEED_ACC=True, MIX=split == 1, STORE_ACC=True, STORE_MIX=True, DC=False, COLSUM=False,
-            **common)
-    bias_arg = y if bias is None else bias
+            x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
+            M, K, r, n_per_split, _bucket(M), _bucket(K),
+            BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision, UPCAST_DOT=upcast)
+    prologue = R_PAD == BR
+    if prologue:
+        rows = parts
+    else:
+        rows = torch.empty((M, r), dtype=torch.float32, device=dev)
+        _mix_rows(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False, store_mix=True,
+                  BM=BM, R_PAD=R_PAD, BR=BR, precision=precision)
     _launch(expand_kernel, "expand", x.element_size(), lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
-            mixed, M * r, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), mixed,
-            U, U.stride(0), U.stride(1), bias_arg, 0 if bias is None else bias.stride(0),
-            y, y.stride(0), y.stride(1), M, D, r, split, _bucket(M), _bucket(D),
-            PROLOGUE_MIX=split > 1, STORE_Z=True, DC=False, COMPUTE_OUT=True,
-            HAS_BIAS=bias is not None, **common)
+            rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
+            U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
+            y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D),
+            BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
+            COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST_DOT=upcast)
     return y, Z
 
 
@@ -486,33 +524,31 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
     if not need_dT:  # db only: one pass over G, no U
         split, n_per_split = 1, D
     m_blocks = triton.cdiv(M, BM)
-    common = dict(R_PAD=R_PAD, BR=BR, BM=BM, PRECISION=_precision(G.dtype),
-                  UPCAST_DOT=_upcast_dot(G.dtype))
+    precision, upcast = _precision(G.dtype), _upcast_dot(G.dtype)
     f32 = dict(dtype=torch.float32, device=dev)
-    db_part = torch.empty((m_blocks, D), **f32) if need_db else dx
-    dc_part = torch.empty((m_blocks, r, r), **f32) if need_dC else dx
-    mix_in_shrink = split == 1
-    if need_dT:
-        mixed = torch.empty((split, M, r) if split > 1 else (M, r), **f32)
-    else:
-        mixed = dx
-    # dZ = dT @ C: the core is applied on the right as is.
+    db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
+    dc_part = torch.empty((m_blocks, r, r), **f32) if need_dC else Z
+    parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
     _launch(shrink_kernel, "shrink", G.element_size(), lambda meta: (m_blocks, split),
-            G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1),
-            C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1),
-            mixed, dc_part, db_part, M, D, r, n_per_split, _bucket(M), _bucket(D),
-            NEED_ACC=need_dT, MIX=mix_in_shrink, STORE_ACC=False, STORE_MIX=need_dx,
-            DC=need_dC and mix_in_shrink, COLSUM=need_db, **common)
-    prologue_dc = need_dC and not mix_in_shrink
-    if need_dx or prologue_dc:
-        grid = (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1))
-        _launch(expand_kernel, "expand", G.element_size(), grid,
-                mixed, M * r, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
-                V, V.stride(0), V.stride(1), dx, 0,
-                dx, dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-                M, K, r, split, _bucket(M), _bucket(K),
-                PROLOGUE_MIX=not mix_in_shrink, STORE_Z=False, DC=prologue_dc, COMPUTE_OUT=need_dx,
-                HAS_BIAS=False, **common)
+            G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
+            M, D, r, n_per_split, _bucket(M), _bucket(D),
+            BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision, UPCAST_DOT=upcast)
+    if need_dT:
+        prologue = R_PAD == BR
+        rows = parts
+        if not prologue:  # dZ = dT @ C: the core is applied on the right as is
+            rows = torch.empty((M, r), **f32) if need_dx else parts
+            _mix_rows(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC, store_mix=need_dx,
+                      BM=BM, R_PAD=R_PAD, BR=BR, precision=precision)
+        if need_dx or (prologue and need_dC):
+            grid = (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1))
+            _launch(expand_kernel, "expand", G.element_size(), grid,
+                    rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
+                    V, V.stride(0), V.stride(1), Z, 0,
+                    dx if need_dx else Z, dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+                    M, K, r, _bucket(M), _bucket(K),
+                    BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
+                    COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision, UPCAST_DOT=upcast)
     # Fixed-order reductions of the per-row-block partials (torch's sum over a fixed-size
     # buffer uses no atomics: bitwise reproducible run to run).
     dC = dc_part.sum(0).to(C.dtype) if need_dC else C.new_empty(0)

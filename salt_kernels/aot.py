@@ -1,0 +1,198 @@
+"""``python -m salt_kernels.aot``: compile every Triton kernel ahead of time, no GPU needed.
+
+Each kernel variant the launcher can produce (the constexpr mode flags of
+``_shrink_kernel`` / ``_expand_kernel``), at every autotune config that survives the
+launcher's pruning, for fp32 and bf16 (fp16 has bf16's tile sizes and code shape),
+at the padded ranks and row tiles the host picks, is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for sm_80 and
+sm_90. Registers and spills come from the ``ptxas`` shipped in the triton wheel
+(``ptxas -v`` on the generated PTX), shared memory from the compiled metadata.
+
+Prints one row per compile and exits non-zero if any compile fails, spills, or needs
+more shared memory than the architecture allows (DESIGN.md section 5).
+
+Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions
+are not compilable); if the variable is set, this re-runs itself without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+ARCHS = (80, 90)
+DTYPES = ("fp32", "bf16")
+
+# (kernel, variant name, mode constexprs) -- exactly the combinations salt_forward /
+# salt_backward launch (see triton_kernels.py).
+_SHRINK_OFF = dict(NEED_ACC=True, MIX=False, STORE_ACC=False, STORE_MIX=False, DC=False, COLSUM=False)
+_EXPAND_OFF = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
+VARIANTS = [
+    ("shrink", "fwd.split", {**_SHRINK_OFF, "STORE_ACC": True, "STORE_MIX": True}),
+    ("shrink", "fwd.mix", {**_SHRINK_OFF, "MIX": True, "STORE_ACC": True, "STORE_MIX": True}),
+    ("shrink", "bwd.split", {**_SHRINK_OFF, "STORE_MIX": True, "COLSUM": True}),
+    ("shrink", "bwd.mix", {**_SHRINK_OFF, "MIX": True, "STORE_MIX": True, "DC": True, "COLSUM": True}),
+    ("shrink", "bwd.db", {**_SHRINK_OFF, "NEED_ACC": False, "MIX": True, "COLSUM": True}),
+    ("expand", "fwd.prologue", {**_EXPAND_OFF, "PROLOGUE_MIX": True, "STORE_Z": True, "HAS_BIAS": True}),
+    ("expand", "fwd.plain", {**_EXPAND_OFF, "HAS_BIAS": True}),
+    ("expand", "bwd.prologue", {**_EXPAND_OFF, "PROLOGUE_MIX": True, "DC": True}),
+    ("expand", "bwd.plain", dict(_EXPAND_OFF)),
+]
+# (R_PAD, BM) pairs the host produces (rank_tiles / block_m): decode-sized tiles for the
+# split variants, the largest row tile per rank for all (the register/smem worst case).
+SPLIT_TILES = [(16, 16), (64, 16), (256, 16)]
+ALL_TILES = [(16, 64), (64, 64), (128, 64), (256, 32)]
+
+
+def _jobs(quick: bool):
+    from .backends import triton_kernels as tk
+
+    jobs = []
+    for kernel, variant, modes in VARIANTS:
+        split_like = variant.endswith(("split", "prologue"))
+        tiles = ALL_TILES + (SPLIT_TILES if split_like else [])
+        if quick:
+            tiles = [(256, 32)]
+        for R_PAD, BM in tiles:
+            for dtype in DTYPES:
+                elem = 4 if dtype == "fp32" else 2
+                for config in tk.usable_configs(kernel, BM, R_PAD, elem):
+                    for arch in ARCHS:
+                        jobs.append((kernel, variant, modes, R_PAD, BM, dtype, config.kwargs["BN"],
+                                     config.num_warps, config.num_stages, arch))
+    return jobs
+
+
+def _signature(kernel: str, dtype: str, constexprs: dict):
+    """Types for every argument: pointers to the input dtype (A, B, out) or fp32 (our
+    buffers), 32-bit sizes and strides (the common runtime specialisation; offsets are
+    widened to int64 inside the kernels), constexprs as such."""
+    from .backends import triton_kernels as tk
+
+    fn = tk._shrink_kernel if kernel == "shrink" else tk._expand_kernel
+    io = f"*{dtype}"
+    io_ptrs = {"a_ptr", "b_ptr", "bias_ptr", "out_ptr"} if kernel == "shrink" else {"b_ptr", "bias_ptr", "out_ptr"}
+    if kernel == "shrink":
+        io_ptrs.discard("out_ptr")  # the shrink writes fp32 partials / mixed rows
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = io if name in io_ptrs else "*fp32"
+        else:
+            sig[name] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+    return fn, sig, attrs
+
+
+def compile_one(job):
+    """Compile one (kernel, variant, tile, dtype, config, arch); return a result row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .backends import triton_kernels as tk
+
+    kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch = job
+    constexprs = dict(modes, BM=BM, BN=BN, R_PAD=R_PAD, BR=min(R_PAD, 64),
+                      PRECISION=tk.FP32_PRECISION, UPCAST_DOT=False)
+    row = dict(kernel=kernel, variant=variant, R_PAD=R_PAD, BM=BM, BN=BN, warps=warps, stages=stages,
+               dtype=dtype, arch=arch, regs=None, spill=None, smem=None, error=None)
+    t0 = time.time()
+    try:
+        fn, sig, attrs = _signature(kernel, dtype, constexprs)
+        src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+        row["smem"] = compiled.metadata.shared
+        row["regs"], row["spill"] = _ptxas_usage(compiled.asm["ptx"], arch)
+    except Exception as exc:  # reported in the table, and makes the run fail
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def _ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes stores+loads) from ``ptxas -v``."""
+    sm = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(), "-v", f"-arch={sm}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spill
+
+
+def check(rows) -> list[str]:
+    problems = []
+    for r in rows:
+        name = f"{r['kernel']}.{r['variant']} R{r['R_PAD']} BM{r['BM']} BN{r['BN']} w{r['warps']} s{r['stages']} {r['dtype']} sm_{r['arch']}"
+        if r["error"]:
+            problems.append(f"{name}: compile failed: {r['error']}")
+        elif r["spill"]:
+            problems.append(f"{name}: spills {r['spill']} bytes")
+        elif r["smem"] > SMEM_LIMIT[r["arch"]]:
+            problems.append(f"{name}: shared memory {r['smem']} > {SMEM_LIMIT[r['arch']]}")
+    return problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m salt_kernels.aot", description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    p.add_argument("--quick", action="store_true", help="only the largest rank tile (R_PAD=256)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "salt_kernels.aot", *(argv if argv is not None else sys.argv[1:])],
+                               env=env)
+    import triton
+
+    jobs = _jobs(args.quick)
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(compile_one, jobs, chunksize=4))
+    print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} compiles in {time.time() - t0:.0f} s "
+          f"(ptxas: {_ptxas()})")
+    hdr = f"{'kernel':8s} {'variant':13s} {'R_PAD':>5s} {'BM':>3s} {'BN':>3s} {'warps':>5s} {'stages':>6s} {'dtype':5s} {'arch':6s} {'regs':>4s} {'spill':>5s} {'smem':>7s}"
+    print(hdr)
+    for r in rows:
+        if r["error"]:
+            tail = f"ERROR {r['error']}"
+        else:
+            tail = f"{r['regs']:4d} {r['spill']:5d} {r['smem']:7d}"
+        print(f"{r['kernel']:8s} {r['variant']:13s} {r['R_PAD']:5d} {r['BM']:3d} {r['BN']:3d} {r['warps']:5d} "
+              f"{r['stages']:6d} {r['dtype']:5s} sm_{r['arch']:<3d} {tail}")
+    ok_rows = [r for r in rows if not r["error"]]
+    for arch in ARCHS:
+        sel = [r for r in ok_rows if r["arch"] == arch]
+        if sel:
+            print(f"sm_{arch}: {len(sel)} compiled, max registers {max(r['regs'] for r in sel)}, "
+                  f"max shared memory {max(r['smem'] for r in sel)} B (limit {SMEM_LIMIT[arch]}), "
+                  f"spilling {sum(1 for r in sel if r['spill'])}")
+    problems = check(rows)
+    for msg in problems:
+        print("FAIL", msg)
+    print("AOT: OK" if not problems else f"AOT: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
