@@ -30,63 +30,69 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per b
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 
-# (kernel, variant name, mode constexprs) -- exactly the combinations salt_forward /
-# salt_backward launch (see triton_kernels.py).
-_SHRINK_OFF = dict(NEED_ACC=True, MIX=False, STORE_ACC=False, STORE_MIX=False, DC=False, COLSUM=False)
-_EXPAND_OFF = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
+# (kernel, variant, mode constexprs, (R_PAD, BM) tiles) -- exactly the combinations
+# salt_forward / salt_backward launch (see triton_kernels.py). Tiles: the register and
+# shared-memory worst case the host can produce for that variant (block_m caps BM at 32
+# for R_PAD = 256; the prologue variants only run at R_PAD <= 64); --full adds the rest.
+WORST = {"shrink": [(256, 32), (128, 64)], "mix": [(256, 32), (128, 64)],
+         "expand.prologue": [(64, 64)], "expand.plain": [(256, 32)]}
+OTHER = {"shrink": [(16, 16), (64, 64)], "mix": [(128, 16)],
+         "expand.prologue": [(16, 16), (32, 32)], "expand.plain": [(128, 64)]}
+_SHRINK = dict(NEED_ACC=True, COLSUM=False)
+_MIX = dict(STORE_Z=False, DC=False, STORE_MIX=True)
+_EXPAND = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
 VARIANTS = [
-    ("shrink", "fwd.split", {**_SHRINK_OFF, "STORE_ACC": True, "STORE_MIX": True}),
-    ("shrink", "fwd.mix", {**_SHRINK_OFF, "MIX": True, "STORE_ACC": True, "STORE_MIX": True}),
-    ("shrink", "bwd.split", {**_SHRINK_OFF, "STORE_MIX": True, "COLSUM": True}),
-    ("shrink", "bwd.mix", {**_SHRINK_OFF, "MIX": True, "STORE_MIX": True, "DC": True, "COLSUM": True}),
-    ("shrink", "bwd.db", {**_SHRINK_OFF, "NEED_ACC": False, "MIX": True, "COLSUM": True}),
-    ("expand", "fwd.prologue", {**_EXPAND_OFF, "PROLOGUE_MIX": True, "STORE_Z": True, "HAS_BIAS": True}),
-    ("expand", "fwd.plain", {**_EXPAND_OFF, "HAS_BIAS": True}),
-    ("expand", "bwd.prologue", {**_EXPAND_OFF, "PROLOGUE_MIX": True, "DC": True}),
-    ("expand", "bwd.plain", dict(_EXPAND_OFF)),
+    ("shrink", "fwd", "shrink", dict(_SHRINK)),
+    ("shrink", "bwd", "shrink", {**_SHRINK, "COLSUM": True}),
+    ("shrink", "bwd.db_only", "shrink", {**_SHRINK, "NEED_ACC": False, "COLSUM": True}),
+    ("mix", "fwd", "mix", {**_MIX, "STORE_Z": True}),
+    ("mix", "bwd", "mix", {**_MIX, "DC": True}),
+    ("mix", "bwd.dc_only", "mix", {**_MIX, "DC": True, "STORE_MIX": False}),
+    ("expand", "fwd.prologue", "expand.prologue", {**_EXPAND, "PROLOGUE_MIX": True, "STORE_Z": True, "HAS_BIAS": True}),
+    ("expand", "bwd.prologue", "expand.prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True}),
+    ("expand", "bwd.dc_only", "expand.prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True, "COMPUTE_OUT": False}),
+    ("expand", "fwd.plain", "expand.plain", {**_EXPAND, "HAS_BIAS": True}),
+    ("expand", "bwd.plain", "expand.plain", dict(_EXPAND)),
 ]
-# (R_PAD, BM) pairs the host produces (rank_tiles / block_m): decode-sized tiles for the
-# split variants, the largest row tile per rank for all (the register/smem worst case).
-SPLIT_TILES = [(16, 16), (64, 16), (256, 16)]
-ALL_TILES = [(16, 64), (64, 64), (128, 64), (256, 32)]
 
 
-def _jobs(quick: bool):
+def _jobs(full: bool):
     from .backends import triton_kernels as tk
 
     jobs = []
-    for kernel, variant, modes in VARIANTS:
-        split_like = variant.endswith(("split", "prologue"))
-        tiles = ALL_TILES + (SPLIT_TILES if split_like else [])
-        if quick:
-            tiles = [(256, 32)]
+    for kernel, variant, tile_kind, modes in VARIANTS:
+        tiles = WORST[tile_kind] + (OTHER[tile_kind] if full else [])
         for R_PAD, BM in tiles:
             for dtype in DTYPES:
                 elem = 4 if dtype == "fp32" else 2
-                for config in tk.usable_configs(kernel, BM, R_PAD, elem):
+                if kernel == "mix":  # not autotuned: one fixed launch config
+                    configs = [(None, tk.MIX_WARPS, 1)]
+                else:
+                    configs = [(c.kwargs["BN"], c.num_warps, c.num_stages)
+                               for c in tk.usable_configs(kernel, BM, R_PAD, elem)]
+                for BN, warps, stages in configs:
                     for arch in ARCHS:
-                        jobs.append((kernel, variant, modes, R_PAD, BM, dtype, config.kwargs["BN"],
-                                     config.num_warps, config.num_stages, arch))
+                        jobs.append((kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch))
     return jobs
 
 
+_IO_PTRS = {"shrink": {"a_ptr", "b_ptr"}, "mix": set(), "expand": {"b_ptr", "bias_ptr", "out_ptr"}}
+
+
 def _signature(kernel: str, dtype: str, constexprs: dict):
-    """Types for every argument: pointers to the input dtype (A, B, out) or fp32 (our
-    buffers), 32-bit sizes and strides (the common runtime specialisation; offsets are
-    widened to int64 inside the kernels), constexprs as such."""
+    """Types for every argument: pointers to the input dtype (x/G, U/V, bias, y/dx) or to
+    fp32 (our partial and r-wide buffers), 32-bit sizes and strides (the common runtime
+    specialisation; offsets are widened to int64 inside the kernels), constexprs as such.
+    Pointers carry the 16-byte alignment hint torch allocations get at runtime."""
     from .backends import triton_kernels as tk
 
-    fn = tk._shrink_kernel if kernel == "shrink" else tk._expand_kernel
-    io = f"*{dtype}"
-    io_ptrs = {"a_ptr", "b_ptr", "bias_ptr", "out_ptr"} if kernel == "shrink" else {"b_ptr", "bias_ptr", "out_ptr"}
-    if kernel == "shrink":
-        io_ptrs.discard("out_ptr")  # the shrink writes fp32 partials / mixed rows
+    fn = {"shrink": tk._shrink_kernel, "mix": tk._mix_kernel, "expand": tk._expand_kernel}[kernel]
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = io if name in io_ptrs else "*fp32"
+            sig[name] = f"*{dtype}" if name in _IO_PTRS[kernel] else "*fp32"
         else:
             sig[name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
@@ -95,6 +101,9 @@ def _signature(kernel: str, dtype: str, constexprs: dict):
 
 def compile_one(job):
     """Compile one (kernel, variant, tile, dtype, config, arch); return a result row."""
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -102,18 +111,28 @@ def compile_one(job):
     from .backends import triton_kernels as tk
 
     kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch = job
-    constexprs = dict(modes, BM=BM, BN=BN, R_PAD=R_PAD, BR=min(R_PAD, 64),
-                      PRECISION=tk.FP32_PRECISION, UPCAST_DOT=False)
-    row = dict(kernel=kernel, variant=variant, R_PAD=R_PAD, BM=BM, BN=BN, warps=warps, stages=stages,
+    constexprs = dict(modes, BM=BM, R_PAD=R_PAD, PRECISION=tk.FP32_PRECISION)
+    if kernel != "shrink":
+        constexprs["BR"] = min(R_PAD, 64)
+    if kernel != "mix":
+        constexprs.update(BN=BN, UPCAST_DOT=False)
+    row = dict(kernel=kernel, variant=variant, R_PAD=R_PAD, BM=BM, BN=BN or 0, warps=warps, stages=stages,
                dtype=dtype, arch=arch, regs=None, spill=None, smem=None, error=None)
     t0 = time.time()
     try:
         fn, sig, attrs = _signature(kernel, dtype, constexprs)
         src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
+        # Triton runs the wheel's ptxas with -v itself; keep its log instead of a second run.
+        triton.knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": warps, "num_stages": stages})
         row["smem"] = compiled.metadata.shared
-        row["regs"], row["spill"] = _ptxas_usage(compiled.asm["ptx"], arch)
+        text = log.getvalue()
+        if "Used" not in text:  # cache hit (no ptxas run): ask ptxas directly
+            text = _ptxas_log(compiled.asm["ptx"], arch)
+        row["regs"], row["spill"] = _parse_ptxas(text)
     except Exception as exc:  # reported in the table, and makes the run fail
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
     row["seconds"] = time.time() - t0
@@ -126,16 +145,19 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes stores+loads) from ``ptxas -v``."""
+def _ptxas_log(ptx: str, arch: int) -> str:
     sm = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([_ptxas(), "-v", f"-arch={sm}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    text = out.stdout + out.stderr
+        out = subprocess.run([_ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm}", src,
+                              "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+    return out.stdout + out.stderr
+
+
+def _parse_ptxas(text: str) -> tuple[int, int]:
+    """(registers, spill bytes: stores + loads) from a ``ptxas -v`` log."""
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
     return regs, spill
@@ -157,7 +179,7 @@ def check(rows) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m salt_kernels.aot", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
-    p.add_argument("--quick", action="store_true", help="only the largest rank tile (R_PAD=256)")
+    p.add_argument("--full", action="store_true", help="also the smaller (R_PAD, BM) tiles, not only the worst case")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -165,10 +187,11 @@ def main(argv=None) -> int:
                                env=env)
     import triton
 
-    jobs = _jobs(args.quick)
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="salt_aot_"))  # fresh: ptxas runs
+    jobs = _jobs(args.full)
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(compile_one, jobs, chunksize=4))
+        rows = list(pool.map(compile_one, jobs, chunksize=1))
     print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} compiles in {time.time() - t0:.0f} s "
           f"(ptxas: {_ptxas()})")
     hdr = f"{'kernel':8s} {'variant':13s} {'R_PAD':>5s} {'BM':>3s} {'BN':>3s} {'warps':>5s} {'stages':>6s} {'dtype':5s} {'arch':6s} {'regs':>4s} {'spill':>5s} {'smem':>7s}"

@@ -295,15 +295,12 @@ def _expand_kernel(
 SHRINK_CONFIGS = [
     triton.Config({"BN": 64}, num_warps=4, num_stages=3),
     triton.Config({"BN": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 64}, num_warps=8, num_stages=4),
     triton.Config({"BN": 32}, num_warps=4, num_stages=3),  # fallback: fits fp32 at R_PAD = 256
 ]
 EXPAND_CONFIGS = [
     triton.Config({"BN": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 128}, num_warps=8, num_stages=3),
     triton.Config({"BN": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BN": 32}, num_warps=4, num_stages=2),  # fallback for the largest tiles
+    triton.Config({"BN": 64}, num_warps=4, num_stages=3),  # fallback for the largest tiles
 ]
 # Shared memory we allow a config to plan for (sm_80 has 163 KB per block; leave room
 # for layout conversions). aot.py checks the real numbers.
