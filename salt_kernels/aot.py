@@ -30,14 +30,12 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per b
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 
-# (kernel, variant, mode constexprs, (R_PAD, BM) tiles) -- exactly the combinations
-# salt_forward / salt_backward launch (see triton_kernels.py). Tiles: the register and
-# shared-memory worst case the host can produce for that variant (block_m caps BM at 32
-# for R_PAD = 256; the prologue variants only run at R_PAD <= 64); --full adds the rest.
-WORST = {"shrink": [(256, 32), (128, 64)], "mix": [(256, 32), (128, 64)],
-         "expand.prologue": [(64, 64)], "expand.plain": [(256, 32)]}
-OTHER = {"shrink": [(16, 16), (64, 64)], "mix": [(128, 16)],
-         "expand.prologue": [(16, 16), (32, 32)], "expand.plain": [(128, 64)]}
+# (kernel, variant, rank kind, mode constexprs) -- exactly the combinations salt_forward /
+# salt_backward launch (see triton_kernels.py), each compiled at the padded ranks below
+# with the largest row tile block_m gives (the register / shared-memory worst case);
+# --full adds smaller ranks and BM = 16 (decode).
+RANKS = {"shrink": (128, 256), "mix": (128, 256), "expand.prologue": (64,), "expand.plain": (128, 256)}
+FULL_RANKS = {"shrink": (16, 64), "mix": (), "expand.prologue": (16, 32), "expand.plain": ()}
 _SHRINK = dict(NEED_ACC=True, COLSUM=False)
 _MIX = dict(STORE_Z=False, DC=False, STORE_MIX=True)
 _EXPAND = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
@@ -60,17 +58,21 @@ def _jobs(full: bool):
     from .backends import triton_kernels as tk
 
     jobs = []
-    for kernel, variant, tile_kind, modes in VARIANTS:
-        tiles = WORST[tile_kind] + (OTHER[tile_kind] if full else [])
-        for R_PAD, BM in tiles:
+    for kernel, variant, rank_kind, modes in VARIANTS:
+        ranks = RANKS[rank_kind] + (FULL_RANKS[rank_kind] if full else ())
+        if variant == "bwd.db_only":  # no r-wide work at all
+            ranks = ranks[:1]
+        for R_PAD in ranks:
             for dtype in DTYPES:
                 elem = 4 if dtype == "fp32" else 2
-                if kernel == "mix":  # not autotuned: one fixed launch config
-                    configs = [(None, tk.MIX_WARPS, 1)]
+                if kernel == "mix":  # not autotuned: one fixed tile and launch config
+                    tiles = [(tk.MIX_BM, None, tk.MIX_WARPS, 1)]
+                    modes = dict(modes, BR=tk.MIX_BR)
                 else:
-                    configs = [(c.kwargs["BN"], c.num_warps, c.num_stages)
-                               for c in tk.usable_configs(kernel, BM, R_PAD, elem)]
-                for BN, warps, stages in configs:
+                    bms = [tk.block_m(1 << 20, R_PAD, elem)] + ([16] if full else [])
+                    tiles = [(BM, c.kwargs["BN"], c.num_warps, c.num_stages) for BM in bms
+                             for c in tk.usable_configs(kernel, BM, R_PAD, elem)]
+                for BM, BN, warps, stages in tiles:
                     for arch in ARCHS:
                         jobs.append((kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch))
     return jobs
@@ -111,11 +113,15 @@ def compile_one(job):
     from .backends import triton_kernels as tk
 
     kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch = job
-    constexprs = dict(modes, BM=BM, R_PAD=R_PAD, PRECISION=tk.FP32_PRECISION)
+    mix_precision = "ieee" if dtype == "fp32" else "tf32"  # as triton_kernels._mix_precision
+    constexprs = dict(modes, BM=BM, R_PAD=R_PAD,
+                      PRECISION=mix_precision if kernel == "mix" else tk.FP32_PRECISION)
     if kernel != "shrink":
-        constexprs["BR"] = min(R_PAD, 64)
+        constexprs.setdefault("BR", min(R_PAD, 64))
     if kernel != "mix":
         constexprs.update(BN=BN, UPCAST_DOT=False)
+    if kernel == "expand":
+        constexprs["MIX_PRECISION"] = mix_precision
     row = dict(kernel=kernel, variant=variant, R_PAD=R_PAD, BM=BM, BN=BN or 0, warps=warps, stages=stages,
                dtype=dtype, arch=arch, regs=None, spill=None, smem=None, error=None)
     t0 = time.time()

@@ -68,7 +68,7 @@ def test_large_odd_features(dtype, plan):
 def test_single_row_decode(dtype):
     """M = 1 with a long K: the size heuristic splits the shrink over K by itself."""
     t = make_salt_inputs((1,), 1500, 300, 24, 8, dtype, device=DEVICE)
-    BM, split, _ = tk._plan(1, 1500, 32, torch.device(DEVICE))
+    BM, split, _ = tk._plan(1, 1500, 32, t["x"].element_size(), torch.device(DEVICE))
     assert split > 1 and BM == 16
     assert_matches_ground_truth(fn, t, dtype)
 
@@ -183,7 +183,7 @@ def test_configs_pruned_never_empty():
         for R_PAD in (16, 32, 64, 128, 256):
             for M in (1, 16, 33, 64, 10_000):
                 for elem in (2, 4):
-                    BM = tk.block_m(M, R_PAD)
+                    BM = tk.block_m(M, R_PAD, elem)
                     assert tk.usable_configs(kernel, BM, R_PAD, elem)
 
 

@@ -4,38 +4,41 @@
     backward  dT = G U (shrink)  dZ = dT C (mix)   dx = dZ V^T (expand)
               dC = dT^T Z, db = sum_rows G (deterministic partial sums)
 
-Two kernels serve both directions, because the backward is the forward's shape with
-(x, V, C^T, U) replaced by (G, U, C, V):
+The same kernels serve both directions, because the backward is the forward's shape
+with (x, V, C^T, U) replaced by (G, U, C, V):
 
-* ``_shrink_kernel``: A (M x N) @ B (N x r) with the r-wide accumulator kept in fp32
-  on chip, N split across programs when M alone gives too few programs.
-* ``_expand_kernel``: (mixed r-wide rows) @ B^T (r x N) + bias, one output tile each.
+* ``_shrink_kernel``: A (M x N) @ B (N x r), the r-wide accumulator in fp32 registers,
+  written as fp32 partials; at small M split over N across programs.
+* ``_mix_kernel`` (r > 64 only): sums the partials in fixed order and multiplies by the
+  r x r core; in the backward also the per-row-block partials of dC = dT^T Z.
+* ``_expand_kernel``: (mixed r-wide rows) @ B^T (r x N), bias as epilogue; for r <= 64
+  the mix (and Z / dC partials) run in its prologue instead of a separate kernel.
 
-The mix (r x r) rides along with one of them, chosen by problem size (see
-:func:`_plan`):
+What is fused is chosen by problem size (see :func:`_plan` and the ops below):
 
-* large M ("mix in the shrink epilogue"): cdiv(M, BM) programs already fill the GPU,
-  so the shrink runs unsplit, holds all of Z for its rows on chip, multiplies by the
-  core once and writes T (M x r fp32). The expand is then a plain GEMM + bias.
-* small M, e.g. decode M = 1..64 ("mix in the expand prologue"): cdiv(M, BM) is 1..4
-  programs, far too few to stream V (K x r) at bandwidth, so the shrink is split over
-  K into deterministic fp32 partials; each expand program sums them in fixed order,
-  applies the core (cheap at this M) and writes its tile. Parallelism is then
-  split x cdiv(M, BM) for the shrink and cdiv(M, BM) x cdiv(D, BN) for the expand.
+* small M, e.g. decode M = 1..64: cdiv(M, BM) is 1..4 programs, far too few to stream
+  V (K x r) at bandwidth, so the shrink is split over K into S deterministic fp32
+  partials (parallelism S x cdiv(M, BM)); the expand has cdiv(M, BM) x cdiv(D, BN)
+  programs. At large M, cdiv(M, BM) fills the GPU and S = 1 (no partial traffic).
+* r <= 64: the mix costs BM x 64 x 64 per expand tile, small next to its BM x BN x 64
+  expand, so it rides in the expand prologue (two launches, no mixed-rows round trip).
+* r > 64: the mix gets its own small kernel, because Triton cannot slice a register
+  tile: fused, the whole BM x 256 fp32 tile is one dot operand, which spilled
+  (measured with aot.py). It costs one launch and M x r x 4 bytes written and read.
 
-Why no single fully fused kernel (shrink + mix + loop over all of D in one program):
-it launches only cdiv(M, BM) programs, which starves the GPU at small M (as DESIGN.md
-section 3 notes), and at large M each program must keep T (BM x r fp32) live across
-the whole D loop, which does not fit in registers for r = 256 without shrinking BM
-until U is re-read M / BM times. The pair costs an extra M x r x 4 bytes written and
-read (Z is written anyway for the backward), i.e. r*8 / (2*(K + D)) of the x/y traffic:
-1.6% at K = D = 4096, r = 64 in bf16.
+Why no single fully fused kernel (shrink + mix + loop over all of D per program): it
+launches only cdiv(M, BM) programs, which starves the GPU at small M (DESIGN.md section
+3), and at any M it must hold the BM x r fp32 rows live across the whole D loop as a dot
+operand, the register problem above. The split design's extra traffic is the r-wide
+fp32 rows, r*4*(2 + S) / (e*(K + D)) of the x/y traffic: ~3% at K = D = 4096, r = 64,
+bf16, S = 1.
 
 Numerics: every accumulator is fp32. Half-precision inputs feed the tensor cores
 directly (the mixed rows are rounded to the input dtype just before the expand dot,
 as cuBLAS would for a bf16 T); fp32 inputs use ``input_precision="tf32x3"`` (three
 TF32 MMAs, ~fp32 accuracy: the fp32 tolerance in tests/salt_testing.py is 2e-5,
-which plain TF32's ~1e-3 would miss). The r x r mix always runs in fp32 (tf32x3).
+which plain TF32's ~1e-3 would miss). The r x r mix and dC run on fp32 operands: exact
+fp32 ("ieee") for fp32 inputs, one TF32 pass for fp16/bf16 (see ``_mix_precision``).
 fp64 inputs (gradcheck) are computed with plain torch ops inside the op.
 
 Under ``TRITON_INTERPRET=1`` (tests without a GPU) the same kernels run on CPU
@@ -67,8 +70,6 @@ AUTOTUNE = os.environ.get("SALT_KERNELS_AUTOTUNE", "1") not in ("", "0") and not
 # fp32 dot precision: see the module docstring.
 FP32_PRECISION = "tf32x3"
 MAX_RANK = 256
-# Register budget for fp32 tiles held live across a loop: elements per thread.
-_LIVE_FP32_PER_THREAD = 128
 # Split-N tuning (small M): aim for this many programs per SM, each reading >= _SPLIT_MIN_N
 # columns of A (a floor that keeps per-program work worth its launch and partial store).
 _PROGRAMS_PER_SM = 2
@@ -225,7 +226,7 @@ def _expand_kernel(
     BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
     PROLOGUE_MIX: tl.constexpr, STORE_Z: tl.constexpr, DC: tl.constexpr,
     COMPUTE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Program (m, n): out[m-block, n-block] = mixed @ B[n-block]^T (+ bias epilogue).
 
@@ -259,13 +260,13 @@ def _expand_kernel(
             if DC:
                 z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-                dc = tl.dot(tl.trans(rows), z, input_precision=PRECISION)
+                dc = tl.dot(tl.trans(rows), z, input_precision=MIX_PRECISION)
                 tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_r[:, None] * R + offs_r[None, :],
                          dc, mask=mask_r[:, None] & mask_r[None, :])
         if COMPUTE_OUT:
             cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_r[None, :] * stride_cj,
                          mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-            mixed = tl.dot(rows, cm, input_precision=PRECISION)
+            mixed = tl.dot(rows, cm, input_precision=MIX_PRECISION)
             bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
@@ -292,38 +293,33 @@ def _expand_kernel(
 # each list is the default used when autotuning is off.
 # ---------------------------------------------------------------------------------------
 
-SHRINK_CONFIGS = [
-    triton.Config({"BN": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 32}, num_warps=4, num_stages=3),  # fallback: fits fp32 at R_PAD = 256
-]
-EXPAND_CONFIGS = [
-    triton.Config({"BN": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BN": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BN": 64}, num_warps=4, num_stages=3),  # fallback for the largest tiles
-]
-# Shared memory we allow a config to plan for (sm_80 has 163 KB per block; leave room
-# for layout conversions). aot.py checks the real numbers.
-_SMEM_BUDGET = 144 * 1024
+def _cfg(BN, warps, stages=3):
+    return triton.Config({"BN": BN}, num_warps=warps, num_stages=stages)
 
 
-def _fits(kernel_name: str, c, BM: int, R_PAD: int, elem: int) -> bool:
-    """Whether config ``c`` keeps its live fp32 tiles in registers and its pipelined
-    operand tiles in shared memory (estimates; aot.py measures)."""
-    BN, threads, stages = c.kwargs["BN"], 32 * c.num_warps, c.num_stages
-    if kernel_name == "shrink":
-        live = BM * R_PAD  # the fp32 accumulator; operand tiles are staged in shared memory
-        smem = stages * (BM * BN + BN * R_PAD) * elem
-    else:
-        live = BM * R_PAD + BM * BN + BM * 64  # summed rows + output tile + one mixed chunk
-        smem = stages * 64 * BN * elem + BM * R_PAD * 4
-    return live <= _LIVE_FP32_PER_THREAD * threads and smem <= _SMEM_BUDGET
+# (kernel, element size, R_PAD range) -> configs, best-first (the first is the default).
+# Chosen so that every one compiles without spills for sm_80 and sm_90 (aot.py checks):
+# wide ranks get a narrower streamed tile (BN) or more warps, because Triton keeps a
+# whole BN x R_PAD dot operand in registers on sm_80.
+_CONFIG_TABLE = {
+    ("shrink", 2, 64): [_cfg(64, 4), _cfg(128, 8), _cfg(32, 4)],
+    ("shrink", 2, 128): [_cfg(32, 4), _cfg(32, 8)],
+    ("shrink", 2, 256): [_cfg(32, 8), _cfg(16, 4)],
+    ("shrink", 4, 64): [_cfg(32, 4), _cfg(32, 8)],
+    ("shrink", 4, 256): [_cfg(16, 8)],
+    ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
+    ("expand", 4, 256): [_cfg(64, 4), _cfg(64, 8)],
+}
+SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
+EXPAND_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "expand" for c in cs]
 
 
 def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int) -> list:
-    configs = SHRINK_CONFIGS if kernel_name == "shrink" else EXPAND_CONFIGS
-    kept = [c for c in configs if _fits(kernel_name, c, BM, R_PAD, elem)]
-    return kept or configs[-1:]
+    """The autotune candidates for one launch shape, best-first."""
+    for (k, e, r_max), configs in _CONFIG_TABLE.items():
+        if k == kernel_name and e == elem and R_PAD <= r_max:
+            return configs
+    raise ValueError(f"no config for {kernel_name}, R_PAD={R_PAD}, element size {elem}")
 
 
 def _pruner(kernel_name):
@@ -373,10 +369,11 @@ def rank_tiles(r: int) -> tuple[int, int]:
     return R_PAD, min(R_PAD, 64)
 
 
-def block_m(M: int, R_PAD: int) -> int:
+def block_m(M: int, R_PAD: int, elem: int) -> int:
     """Rows per program: the smallest tile covering small M (decode wastes less of the
-    dot), else 64; 32 at R_PAD = 256 so a BM x R_PAD fp32 accumulator stays in registers."""
-    cap = 64 if R_PAD <= 128 else 32
+    dot), else 64; 32 for R_PAD = 256 or fp32 inputs (tf32x3 keeps three copies of each
+    operand), so the BM x R_PAD fp32 accumulator and operands stay in registers."""
+    cap = 64 if R_PAD <= 128 and elem == 2 else 32
     return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
 
 
@@ -386,10 +383,10 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: any small number; the split path is exercised by FORCE_SPLIT
 
 
-def _plan(M: int, N: int, R_PAD: int, device: torch.device) -> tuple[int, int, int]:
+def _plan(M: int, N: int, R_PAD: int, elem: int, device: torch.device) -> tuple[int, int, int]:
     """(BM, split, n_per_split) for a shrink over N columns. split > 1 only when the row
     blocks alone give fewer than _PROGRAMS_PER_SM programs per SM."""
-    BM = block_m(M, R_PAD)
+    BM = block_m(M, R_PAD, elem)
     m_blocks = triton.cdiv(M, BM)
     if FORCE_SPLIT is not None:
         split = FORCE_SPLIT
@@ -426,6 +423,14 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_PRECISION if not INTERPRET else "ieee"
 
 
+def _mix_precision(dtype: torch.dtype) -> str:
+    """The r x r mix and dC run on fp32 operands: tf32x3 for fp32 inputs (fp32 accuracy);
+    one TF32 pass for fp16/bf16 (~5e-4 relative, far inside their tolerances, and a
+    third of tf32x3's operand registers). ("ieee" lowers to FMA code that ptxas spilled
+    heavily, measured with aot.py.)"""
+    return "ieee" if INTERPRET else FP32_PRECISION if dtype == torch.float32 else "tf32"
+
+
 # ---------------------------------------------------------------------------------------
 # Ops (contract: salt_kernels/backends/autograd.py)
 # ---------------------------------------------------------------------------------------
@@ -449,14 +454,17 @@ def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
     return dx, dC, db
 
 
-MIX_WARPS = 4
+# The mix kernel is not autotuned: its work is tiny; 32 x 32 slices keep its fp32 dot
+# operands (three copies under tf32x3) in registers.
+MIX_BM, MIX_BR, MIX_WARPS = 32, 32, 4
 
 
-def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, BM, R_PAD, BR, precision):
-    """Launch _mix_kernel (r > 64): mixed = (sum of split partials) @ Cm, plus Z / dC partials."""
-    wrap_triton(_mix_kernel)[(triton.cdiv(M, BM), R_PAD // BR)](
+def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, precision):
+    """Launch _mix_kernel (r > 64): mixed = (sum of split partials) @ Cm, plus Z and the
+    dC partials (dc_part has cdiv(M, MIX_BM) row blocks)."""
+    wrap_triton(_mix_kernel)[(triton.cdiv(M, MIX_BM), R_PAD // MIX_BR)](
         parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
-        dc_part, mixed, M, r, BM=BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc,
+        dc_part, mixed, M, r, BM=MIX_BM, R_PAD=R_PAD, BR=MIX_BR, STORE_Z=store_z, DC=dc,
         STORE_MIX=store_mix, PRECISION=precision, num_warps=MIX_WARPS)
 
 
@@ -473,9 +481,9 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
     if M == 0:
         return y, Z
     R_PAD, BR = rank_tiles(r)
-    BM, split, n_per_split = _plan(M, K, R_PAD, dev)
+    BM, split, n_per_split = _plan(M, K, R_PAD, x.element_size(), dev)
     m_blocks = triton.cdiv(M, BM)
-    precision, upcast = _precision(x.dtype), _upcast_dot(x.dtype)
+    precision, upcast, mix_precision = _precision(x.dtype), _upcast_dot(x.dtype), _mix_precision(x.dtype)
     Cm = C.t()  # T = Z @ C^T
     # Unsplit, the shrink writes Z itself; split, its partials are summed (fixed order) later.
     parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
@@ -489,13 +497,14 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
     else:
         rows = torch.empty((M, r), dtype=torch.float32, device=dev)
         _mix_rows(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False, store_mix=True,
-                  BM=BM, R_PAD=R_PAD, BR=BR, precision=precision)
+                  R_PAD=R_PAD, precision=mix_precision)
     _launch(expand_kernel, "expand", x.element_size(), lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
             rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
             U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
             y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D),
             BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
-            COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST_DOT=upcast)
+            COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
+            MIX_PRECISION=mix_precision, UPCAST_DOT=upcast)
     return y, Z
 
 
@@ -517,14 +526,15 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
     if not (need_dT or need_db):
         return dx, C.new_empty(0), G.new_empty(0)
     R_PAD, BR = rank_tiles(r)
-    BM, split, n_per_split = _plan(M, D, R_PAD, dev)
+    BM, split, n_per_split = _plan(M, D, R_PAD, G.element_size(), dev)
     if not need_dT:  # db only: one pass over G, no U
         split, n_per_split = 1, D
     m_blocks = triton.cdiv(M, BM)
-    precision, upcast = _precision(G.dtype), _upcast_dot(G.dtype)
+    precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
     f32 = dict(dtype=torch.float32, device=dev)
     db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
-    dc_part = torch.empty((m_blocks, r, r), **f32) if need_dC else Z
+    dc_blocks = m_blocks if R_PAD == BR else triton.cdiv(M, MIX_BM)  # written by expand / mix
+    dc_part = torch.empty((dc_blocks, r, r), **f32) if need_dC else Z
     parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
     _launch(shrink_kernel, "shrink", G.element_size(), lambda meta: (m_blocks, split),
             G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
@@ -536,7 +546,7 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
         if not prologue:  # dZ = dT @ C: the core is applied on the right as is
             rows = torch.empty((M, r), **f32) if need_dx else parts
             _mix_rows(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC, store_mix=need_dx,
-                      BM=BM, R_PAD=R_PAD, BR=BR, precision=precision)
+                      R_PAD=R_PAD, precision=mix_precision)
         if need_dx or (prologue and need_dC):
             grid = (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1))
             _launch(expand_kernel, "expand", G.element_size(), grid,
@@ -545,7 +555,8 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
                     dx if need_dx else Z, dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
                     M, K, r, _bucket(M), _bucket(K),
                     BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
-                    COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision, UPCAST_DOT=upcast)
+                    COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
+                    MIX_PRECISION=mix_precision, UPCAST_DOT=upcast)
     # Fixed-order reductions of the per-row-block partials (torch's sum over a fixed-size
     # buffer uses no atomics: bitwise reproducible run to run).
     dC = dc_part.sum(0).to(C.dtype) if need_dC else C.new_empty(0)
