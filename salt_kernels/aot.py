@@ -34,8 +34,9 @@ DTYPES = ("fp32", "bf16")
 # salt_backward launch (see triton_kernels.py), each compiled at the padded ranks below
 # with the largest row tile block_m gives (the register / shared-memory worst case);
 # --full adds smaller ranks and BM = 16 (decode).
-RANKS = {"shrink": (128, 256), "mix": (128, 256), "expand.prologue": (64,), "expand.plain": (128, 256)}
-FULL_RANKS = {"shrink": (16, 64), "mix": (), "expand.prologue": (16, 32), "expand.plain": ()}
+# (The mix kernel's code does not depend on R_PAD beyond 32: one rank covers it.)
+RANKS = {"shrink": (64, 128, 256), "mix": (128,), "expand.prologue": (64,), "expand.plain": (128, 256)}
+FULL_RANKS = {"shrink": (16,), "mix": (16,), "expand.prologue": (16, 32), "expand.plain": (16, 64)}
 _SHRINK = dict(NEED_ACC=True, COLSUM=False)
 _MIX = dict(STORE_Z=False, DC=False, STORE_MIX=True)
 _EXPAND = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
@@ -65,9 +66,11 @@ def _jobs(full: bool):
         for R_PAD in ranks:
             for dtype in DTYPES:
                 elem = 4 if dtype == "fp32" else 2
+                if rank_kind == "expand.prologue" and not tk._mix_in_prologue(R_PAD, min(R_PAD, 64), elem):
+                    continue  # fp32 never mixes in the prologue
                 if kernel == "mix":  # not autotuned: one fixed tile and launch config
                     tiles = [(tk.MIX_BM, None, tk.MIX_WARPS, 1)]
-                    modes = dict(modes, BR=tk.MIX_BR)
+                    modes = dict(modes, BR=min(tk.MIX_BR, R_PAD))
                 else:
                     bms = [tk.block_m(1 << 20, R_PAD, elem)] + ([16] if full else [])
                     tiles = [(BM, c.kwargs["BN"], c.num_warps, c.num_stages) for BM in bms

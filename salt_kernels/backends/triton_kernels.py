@@ -307,6 +307,8 @@ _CONFIG_TABLE = {
     ("shrink", 2, 256): [_cfg(32, 8), _cfg(16, 4)],
     ("shrink", 4, 64): [_cfg(32, 4), _cfg(32, 8)],
     ("shrink", 4, 256): [_cfg(16, 8)],
+    ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
+    ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
     ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
     ("expand", 4, 256): [_cfg(64, 4), _cfg(64, 8)],
 }
@@ -401,6 +403,13 @@ def _plan(M: int, N: int, R_PAD: int, elem: int, device: torch.device) -> tuple[
     return BM, split, n_per_split
 
 
+def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
+    """Mix in the expand prologue for r <= 64 with fp16/bf16 inputs. With fp32 inputs the
+    prologue's tf32x3 mix (three copies of each fp32 operand) spilled at every tile we
+    tried (aot.py), so fp32 always takes the mix kernel."""
+    return R_PAD == BR and elem == 2
+
+
 def _uses_kernels(t: torch.Tensor) -> bool:
     """CUDA tensors launch the kernels (also while torch.compile traces them: wrap_triton
     records the launches). CPU tensors launch them only eagerly under the interpreter:
@@ -460,11 +469,12 @@ MIX_BM, MIX_BR, MIX_WARPS = 32, 32, 4
 
 
 def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, precision):
-    """Launch _mix_kernel (r > 64): mixed = (sum of split partials) @ Cm, plus Z and the
-    dC partials (dc_part has cdiv(M, MIX_BM) row blocks)."""
-    wrap_triton(_mix_kernel)[(triton.cdiv(M, MIX_BM), R_PAD // MIX_BR)](
+    """Launch _mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC
+    partials (dc_part has cdiv(M, MIX_BM) row blocks)."""
+    BR = min(MIX_BR, R_PAD)
+    wrap_triton(_mix_kernel)[(triton.cdiv(M, MIX_BM), R_PAD // BR)](
         parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
-        dc_part, mixed, M, r, BM=MIX_BM, R_PAD=R_PAD, BR=MIX_BR, STORE_Z=store_z, DC=dc,
+        dc_part, mixed, M, r, BM=MIX_BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc,
         STORE_MIX=store_mix, PRECISION=precision, num_warps=MIX_WARPS)
 
 
@@ -491,7 +501,7 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
             x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
             M, K, r, n_per_split, _bucket(M), _bucket(K),
             BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision, UPCAST_DOT=upcast)
-    prologue = R_PAD == BR
+    prologue = _mix_in_prologue(R_PAD, BR, x.element_size())
     if prologue:
         rows = parts
     else:
@@ -533,7 +543,7 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
     precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
     f32 = dict(dtype=torch.float32, device=dev)
     db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
-    dc_blocks = m_blocks if R_PAD == BR else triton.cdiv(M, MIX_BM)  # written by expand / mix
+    dc_blocks = m_blocks if _mix_in_prologue(R_PAD, BR, G.element_size()) else triton.cdiv(M, MIX_BM)
     dc_part = torch.empty((dc_blocks, r, r), **f32) if need_dC else Z
     parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
     _launch(shrink_kernel, "shrink", G.element_size(), lambda meta: (m_blocks, split),
@@ -541,7 +551,7 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
             M, D, r, n_per_split, _bucket(M), _bucket(D),
             BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision, UPCAST_DOT=upcast)
     if need_dT:
-        prologue = R_PAD == BR
+        prologue = _mix_in_prologue(R_PAD, BR, G.element_size())
         rows = parts
         if not prologue:  # dZ = dT @ C: the core is applied on the right as is
             rows = torch.empty((M, r), **f32) if need_dx else parts
