@@ -205,3 +205,19 @@ def test_aot_compiles_every_kernel():
                          text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "AOT: OK" in out.stdout and "sm_80:" in out.stdout and "sm_90:" in out.stdout
+
+
+@pytest.mark.parametrize("value,autotuned", [("1", True), ("0", False)])
+def test_autotune_switch(value, autotuned):
+    """SALT_KERNELS_AUTOTUNE=0 launches the fixed default config (no autotuner). Checked in
+    a compiled-mode process (the interpreter never autotunes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SALT_KERNELS_AUTOTUNE"] = value
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    code = ("import triton; from salt_kernels.backends import triton_kernels as tk; "
+            "print(tk.AUTOTUNE, isinstance(tk.shrink_kernel, triton.runtime.Autotuner), "
+            "isinstance(tk.expand_kernel, triton.runtime.Autotuner))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(autotuned)] * 3
