@@ -46,9 +46,9 @@ tensors. The interpreter's ``tl.dot`` is wrong on bfloat16 operands (triton issu
 11584), so there only, bf16 dot operands are upcast to fp32 first (``UPCAST_DOT``);
 bf16 x bf16 products are exact in fp32, so the math is unchanged.
 
-Autotuning: a few configs per kernel, keyed on power-of-two buckets of M and N and on
-the padded rank. ``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first,
-default config.
+Autotuning: two or three configs per (kernel, dtype size, rank range) in
+``_CONFIG_TABLE``, keyed on power-of-two buckets of M and N and on the padded rank.
+``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first config of the entry.
 """
 
 from __future__ import annotations
