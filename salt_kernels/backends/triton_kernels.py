@@ -388,6 +388,7 @@ def _num_sms(device: torch.device) -> int:
 def _plan(M: int, N: int, R_PAD: int, elem: int, device: torch.device) -> tuple[int, int, int]:
     """(BM, split, n_per_split) for a shrink over N columns. split > 1 only when the row
     blocks alone give fewer than _PROGRAMS_PER_SM programs per SM."""
+    M, N = int(M), int(N)  # under torch.compile: specialise on the sizes the plan depends on
     BM = block_m(M, R_PAD, elem)
     m_blocks = triton.cdiv(M, BM)
     if FORCE_SPLIT is not None:
@@ -485,6 +486,8 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
         return _forward_torch(x, U, V, C, bias)
     M, K = x.shape
     D, r = U.shape
+    if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
+        return _forward_torch(x, U, V, C, bias)
     dev = x.device
     y = torch.empty((M, D), dtype=x.dtype, device=dev)
     Z = torch.empty((M, r), dtype=C.dtype, device=dev)
@@ -526,6 +529,8 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
         return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
     M, D = G.shape
     K, r = V.shape
+    if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
+        return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
     dev = G.device
     dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
     if M == 0:
