@@ -53,6 +53,7 @@ Autotuning: two or three configs per (kernel, dtype size, rank range) in
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -331,11 +332,13 @@ def _pruner(kernel_name):
     return prune
 
 
+# Keyed on size buckets (which also fix BM), the padded rank and the mode flags (so the
+# forward and backward variants tune separately); triton adds the tensor dtypes.
 _KEY = ["M_BUCKET", "N_BUCKET", "R_PAD"]
 if AUTOTUNE:
-    shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=_KEY,
+    shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=_KEY + ["NEED_ACC", "COLSUM"],
                                     prune_configs_by={"early_config_prune": _pruner("shrink")})(_shrink_kernel)
-    expand_kernel = triton.autotune(EXPAND_CONFIGS, key=_KEY,
+    expand_kernel = triton.autotune(EXPAND_CONFIGS, key=_KEY + ["PROLOGUE_MIX", "DC", "COMPUTE_OUT", "HAS_BIAS"],
                                     prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
 else:
     shrink_kernel = _shrink_kernel
@@ -379,9 +382,14 @@ def block_m(M: int, R_PAD: int, elem: int) -> int:
     return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: any small number; the split path is exercised by FORCE_SPLIT
 
 
