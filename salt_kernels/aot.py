@@ -196,11 +196,13 @@ def main(argv=None) -> int:
                                env=env)
     import triton
 
-    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="salt_aot_"))  # fresh: ptxas runs
     jobs = _jobs(args.full)
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(compile_one, jobs, chunksize=1))
+    # A fresh, private cache so that ptxas really runs (its -v log is what we read).
+    with tempfile.TemporaryDirectory(prefix="salt_aot_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            rows = list(pool.map(compile_one, jobs, chunksize=1))
     print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} compiles in {time.time() - t0:.0f} s "
           f"(ptxas: {_ptxas()})")
     hdr = f"{'kernel':8s} {'variant':13s} {'R_PAD':>5s} {'BM':>3s} {'BN':>3s} {'warps':>5s} {'stages':>6s} {'dtype':5s} {'arch':6s} {'regs':>4s} {'spill':>5s} {'smem':>7s}"
