@@ -221,3 +221,15 @@ def test_autotune_switch(value, autotuned):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [str(autotuned)] * 3
+
+
+def test_rank_axis_guard_copies_only_overflowing_basis():
+    """U/V views whose rank-axis stride could overflow int32 rank offsets are copied (they
+    are small); ordinary views are passed through as they are."""
+    U = torch.randn(5, 3)
+    assert tk._int32_rank_axis(U) is U
+    Ut = U.t().contiguous().t()  # rank-axis stride 5: fine
+    assert tk._int32_rank_axis(Ut) is Ut
+    # a rank-axis stride of 2^30 (meta tensor: no 4 GB allocation) gets copied
+    wide = torch.empty((2, 3), device="meta").as_strided((2, 3), (1, 2**30))
+    assert tk._int32_rank_axis(wide).stride() == (3, 1)

@@ -419,6 +419,16 @@ def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
     return R_PAD == BR and elem == 2
 
 
+def _int32_rank_axis(B: torch.Tensor) -> torch.Tensor:
+    """Offsets that scale with M, K or D are int64 inside the kernels; the rank-axis
+    offsets (index < 256 times the stride) stay int32 to save registers. A U or V whose
+    rank-axis stride would overflow that (stride >= 2^31 / r, only for exotic views) is
+    copied: it is small (D x r or K x r). x and G are never copied."""
+    if B.shape[1] * max(B.stride(1), 1) >= 2**31:
+        return B.contiguous()
+    return B
+
+
 def _uses_kernels(t: torch.Tensor) -> bool:
     """CUDA tensors launch the kernels (also while torch.compile traces them: wrap_triton
     records the launches). CPU tensors launch them only eagerly under the interpreter:
@@ -496,6 +506,7 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
     D, r = U.shape
     if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
         return _forward_torch(x, U, V, C, bias)
+    U, V = _int32_rank_axis(U), _int32_rank_axis(V)
     dev = x.device
     y = torch.empty((M, D), dtype=x.dtype, device=dev)
     Z = torch.empty((M, r), dtype=C.dtype, device=dev)
@@ -539,6 +550,7 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
     K, r = V.shape
     if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
         return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
+    U, V = _int32_rank_axis(U), _int32_rank_axis(V)
     dev = G.device
     dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
     if M == 0:
