@@ -1,0 +1,606 @@
+"""The ``triton`` backend: fused Triton kernels for the SALT forward and backward.
+
+    forward   Z = x V (shrink)   T = Z C^T (mix)   y = T U^T + b (expand)
+    backward  dT = G U (shrink)  dZ = dT C (mix)   dx = dZ V^T (expand)
+              dC = dT^T Z, db = sum_rows G (deterministic partial sums)
+
+The same kernels serve both directions, because the backward is the forward's shape
+with (x, V, C^T, U) replaced by (G, U, C, V):
+
+* ``_shrink_kernel``: A (M x N) @ B (N x r), the r-wide accumulator in fp32 registers,
+  written as fp32 partials; at small M split over N across programs.
+* ``_mix_kernel`` (r > 64 only): sums the partials in fixed order and multiplies by the
+  r x r core; in the backward also the per-row-block partials of dC = dT^T Z.
+* ``_expand_kernel``: (mixed r-wide rows) @ B^T (r x N), bias as epilogue; for r <= 64
+  the mix (and Z / dC partials) run in its prologue instead of a separate kernel.
+
+What is fused is chosen by problem size (see :func:`_plan` and the ops below):
+
+* small M, e.g. decode M = 1..64: cdiv(M, BM) is 1..4 programs, far too few to stream
+  V (K x r) at bandwidth, so the shrink is split over K into S deterministic fp32
+  partials (parallelism S x cdiv(M, BM)); the expand has cdiv(M, BM) x cdiv(D, BN)
+  programs. At large M, cdiv(M, BM) fills the GPU and S = 1 (no partial traffic).
+* r <= 64: the mix costs BM x 64 x 64 per expand tile, small next to its BM x BN x 64
+  expand, so it rides in the expand prologue (two launches, no mixed-rows round trip).
+* r > 64: the mix gets its own small kernel, because Triton cannot slice a register
+  tile: fused, the whole BM x 256 fp32 tile is one dot operand, which spilled
+  (measured with aot.py). It costs one launch and M x r x 4 bytes written and read.
+
+Why no single fully fused kernel (shrink + mix + loop over all of D per program): it
+launches only cdiv(M, BM) programs, which starves the GPU at small M (DESIGN.md section
+3), and at any M it must hold the BM x r fp32 rows live across the whole D loop as a dot
+operand, the register problem above. The split design's extra traffic is the r-wide
+fp32 rows, r*4*(2 + S) / (e*(K + D)) of the x/y traffic: ~3% at K = D = 4096, r = 64,
+bf16, S = 1.
+
+Numerics: every accumulator is fp32. Half-precision inputs feed the tensor cores
+directly (the mixed rows are rounded to the input dtype just before the expand dot,
+as cuBLAS would for a bf16 T); fp32 inputs use ``input_precision="tf32x3"`` (three
+TF32 MMAs, ~fp32 accuracy: the fp32 tolerance in tests/salt_testing.py is 2e-5,
+which plain TF32's ~1e-3 would miss). The r x r mix and dC run on fp32 operands: exact
+fp32 ("ieee") for fp32 inputs, one TF32 pass for fp16/bf16 (see ``_mix_precision``).
+fp64 inputs (gradcheck) are computed with plain torch ops inside the op.
+
+Under ``TRITON_INTERPRET=1`` (tests without a GPU) the same kernels run on CPU
+tensors. The interpreter's ``tl.dot`` is wrong on bfloat16 operands (triton issue
+11584), so there only, bf16 dot operands are upcast to fp32 first (``UPCAST_DOT``);
+bf16 x bf16 products are exact in fp32, so the math is unchanged.
+
+Autotuning: two or three configs per (kernel, dtype size, rank range) in
+``_CONFIG_TABLE``, keyed on power-of-two buckets of M and N and on the padded rank.
+``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first config of the entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+from .autograd import register_salt_autograd, run_salt_op
+
+# Read once, like triton itself: the variable must be set before triton is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE = os.environ.get("SALT_KERNELS_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
+
+# fp32 dot precision: see the module docstring.
+FP32_PRECISION = "tf32x3"
+MAX_RANK = 256
+# Split-N tuning (small M): aim for this many programs per SM, each reading >= _SPLIT_MIN_N
+# columns of A (a floor that keeps per-program work worth its launch and partial store).
+_PROGRAMS_PER_SM = 2
+_SPLIT_MIN_N = 256
+# Tests set this to force the split / unsplit path on small shapes (None: by size).
+FORCE_SPLIT: int | None = None
+
+
+def availability(device: torch.device, backend: str) -> str | None:
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b. UPCAST_DOT: interpreter only, bf16 tl.dot is broken there (issue 11584)."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R,
+                BM: tl.constexpr, BR: tl.constexpr):
+    """Rows offs_m, columns offs_r of sum_s partials[s] (fp32 (SPLIT, M, R) contiguous),
+    summed in split order: deterministic."""
+    rows = tl.zeros((BM, BR), dtype=tl.float32)
+    ptrs = p_ptr + offs_m[:, None] * R + offs_r[None, :]
+    for _ in range(SPLIT):
+        rows += tl.load(ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        ptrs += split_stride  # 64-bit pointer arithmetic: no int32 overflow
+    return rows
+
+
+@triton.jit
+def _shrink_kernel(
+    a_ptr, stride_am, stride_an,  # A (M, N): x (forward) or G (backward), any strides
+    b_ptr, stride_bn, stride_br,  # B (N, R): V (forward) or U (backward)
+    out_ptr,  # fp32 (SPLIT, M, R) contiguous: this split's partial of A @ B
+    colsum_ptr,  # COLSUM: fp32 (cdiv(M, BM), N) column sums of A per row block (db)
+    M, N, R, n_per_split,
+    M_BUCKET, N_BUCKET,  # autotune key only
+    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_ACC: tl.constexpr, COLSUM: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Program (m, s): rows [m*BM, (m+1)*BM) of A[:, n-range s] @ B[n-range s, :], with
+    the r-wide accumulator in fp32 registers for the whole N loop.
+
+    HBM traffic (element size e, S splits, P = cdiv(M, BM)):
+      read  A: M*N*e (each element once)   B: P*N*R*e (once per row block; L2 absorbs
+            the repeats when P is large, and P is small exactly when S > 1)
+      write S*M*R*4 (partials; S = 1 at large M)   COLSUM: P*N*4
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    n_start = pid_s.to(tl.int64) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+
+    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < n_end
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if COLSUM:  # each (row block, column) belongs to exactly one program: no atomics
+            tl.store(colsum_ptr + pid_m.to(tl.int64) * N + offs_n,
+                     tl.sum(a.to(tl.float32), axis=0), mask=mask_n)
+        if NEED_ACC:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc = _dot(a, b, acc, PRECISION, UPCAST_DOT)
+    if NEED_ACC:
+        part_ptr = out_ptr + pid_s.to(tl.int64) * M * R
+        tl.store(part_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+                 mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _mix_kernel(
+    p_ptr, split_stride, SPLIT,  # fp32 partials (SPLIT, M, R) of Z (forward) or dT (backward)
+    cm_ptr, stride_ci, stride_cj,  # core as applied on the right: C^T (forward) or C (backward)
+    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
+    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R) per-row-block partials of dC = dT^T Z
+    out_ptr,  # STORE_MIX: fp32 (M, R) = rows @ Cm
+    M, R,
+    BM: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
+    STORE_Z: tl.constexpr, DC: tl.constexpr, STORE_MIX: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (m, j): BR columns j of the r-wide rows times the core, for r > 64.
+
+    A separate kernel because Triton cannot slice a register tile: fusing an r = 256 mix
+    into the shrink or expand needs the whole BM x 256 fp32 tile as one dot operand,
+    which spilled (measured with aot.py). Here each operand is a BM x BR slice loaded
+    from the (L2-resident) partials.
+
+    HBM traffic: read SPLIT*M*R*4 (times R_PAD/BR programs along j, L2 hits) + R*R*4,
+    write M*R*4 (+ M*R*4 for Z when STORE_Z) (+ P*R*R*4 for DC).
+    """
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_j = pid_j * BR + tl.arange(0, BR)
+    mask_j = offs_j < R
+    mixed = tl.zeros((BM, BR), dtype=tl.float32)
+    if DC:
+        z_j = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr,
+                      mask=mask_m[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+    for i0 in range(0, R, BR):
+        offs_i = i0 + tl.arange(0, BR)
+        mask_i = offs_i < R
+        rows_i = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_i, mask_i, R, BM, BR)
+        if STORE_MIX:
+            cm = tl.load(cm_ptr + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj,
+                         mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+            mixed = tl.dot(rows_i, cm, mixed, input_precision=PRECISION)
+        if DC:
+            dc = tl.dot(tl.trans(rows_i), z_j, input_precision=PRECISION)
+            tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_i[:, None] * R + offs_j[None, :], dc,
+                     mask=mask_i[:, None] & mask_j[None, :])
+    if STORE_Z:
+        rows_j = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_j, mask_j, R, BM, BR)
+        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr, rows_j,
+                 mask=mask_m[:, None] & mask_j[None, :])
+    if STORE_MIX:
+        tl.store(out_ptr + offs_m[:, None] * R + offs_j[None, :], mixed,
+                 mask=mask_m[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    p_ptr, split_stride, SPLIT,  # PROLOGUE_MIX: fp32 partials (SPLIT, M, R); else mixed rows (M, R) fp32
+    cm_ptr, stride_ci, stride_cj,  # core as applied on the right (PROLOGUE_MIX only)
+    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
+    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R)
+    b_ptr, stride_bn, stride_br,  # B (N, R): U (forward) or V (backward); out = mixed @ B^T
+    bias_ptr, stride_bias,
+    out_ptr, stride_om, stride_on,
+    M, N, R,
+    M_BUCKET, N_BUCKET,  # autotune key only
+    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
+    PROLOGUE_MIX: tl.constexpr, STORE_Z: tl.constexpr, DC: tl.constexpr,
+    COMPUTE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Program (m, n): out[m-block, n-block] = mixed @ B[n-block]^T (+ bias epilogue).
+
+    PROLOGUE_MIX (r <= 64, R_PAD == BR): the program sums the shrink's split partials and
+    applies the core itself (BM x 64 x 64, small next to its BM x BN x 64 expand), so no
+    mix kernel and no mixed-rows round trip; column-block 0 also writes Z / dC partials.
+
+    HBM traffic (element size e, P = cdiv(M, BM), Q = cdiv(N, BN)):
+      read  B: P*N*R*e (L2 absorbs repeats)   rows: Q*SPLIT*M*R*4 (L2 hits after the first)
+      write out: M*N*e, exactly once (bias fused: y is never re-read)
+            STORE_Z: M*R*4   DC: P*R*R*4 (+ read Z M*R*4)
+    At r << N the r-wide reads are a few percent of out: the kernel streams out at bandwidth.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if PROLOGUE_MIX:
+        tl.static_assert(R_PAD == BR)
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        rows = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R, BM, R_PAD)
+        if pid_n == 0:  # one program per row block writes the row-block-wide results
+            if STORE_Z:
+                tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
+                         rows, mask=mask_m[:, None] & mask_r[None, :])
+            if DC:
+                z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                dc = tl.dot(tl.trans(rows), z, input_precision=MIX_PRECISION)
+                tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_r[:, None] * R + offs_r[None, :],
+                         dc, mask=mask_r[:, None] & mask_r[None, :])
+        if COMPUTE_OUT:
+            cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_r[None, :] * stride_cj,
+                         mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+            mixed = tl.dot(rows, cm, input_precision=MIX_PRECISION)
+            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
+    else:
+        for j0 in range(0, R, BR):
+            offs_j = j0 + tl.arange(0, BR)
+            mask_j = offs_j < R
+            mixed = tl.load(p_ptr + offs_m[:, None] * R + offs_j[None, :],
+                            mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+            bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            # rounded to the input dtype for the tensor cores, as cuBLAS would for a bf16 T
+            acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
+
+    if COMPUTE_OUT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+# ---------------------------------------------------------------------------------------
+# Autotune configs. BM is chosen on the host (partial buffers are sized by it); the
+# configs choose the streamed tile (BN), warps and pipeline depth. The first config of
+# each list is the default used when autotuning is off.
+# ---------------------------------------------------------------------------------------
+
+def _cfg(BN, warps, stages=3):
+    return triton.Config({"BN": BN}, num_warps=warps, num_stages=stages)
+
+
+# (kernel, element size, R_PAD range) -> configs, best-first (the first is the default).
+# Chosen so that every one compiles without spills for sm_80 and sm_90 (aot.py checks):
+# wide ranks get a narrower streamed tile (BN) or more warps, because Triton keeps a
+# whole BN x R_PAD dot operand in registers on sm_80.
+_CONFIG_TABLE = {
+    ("shrink", 2, 64): [_cfg(64, 4), _cfg(128, 8), _cfg(32, 4)],
+    ("shrink", 2, 128): [_cfg(32, 4), _cfg(32, 8)],
+    ("shrink", 2, 256): [_cfg(32, 8), _cfg(16, 4)],
+    ("shrink", 4, 64): [_cfg(32, 4), _cfg(32, 8)],
+    ("shrink", 4, 256): [_cfg(16, 8)],
+    ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
+    ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
+    ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
+    ("expand", 4, 256): [_cfg(64, 4), _cfg(64, 8)],
+}
+SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
+EXPAND_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "expand" for c in cs]
+
+
+def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int) -> list:
+    """The autotune candidates for one launch shape, best-first."""
+    for (k, e, r_max), configs in _CONFIG_TABLE.items():
+        if k == kernel_name and e == elem and R_PAD <= r_max:
+            return configs
+    raise ValueError(f"no config for {kernel_name}, R_PAD={R_PAD}, element size {elem}")
+
+
+def _pruner(kernel_name):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return usable_configs(kernel_name, args["BM"], args["R_PAD"], args["b_ptr"].element_size())
+    return prune
+
+
+# Keyed on size buckets (which also fix BM), the padded rank and the mode flags (so the
+# forward and backward variants tune separately); triton adds the tensor dtypes.
+_KEY = ["M_BUCKET", "N_BUCKET", "R_PAD"]
+if AUTOTUNE:
+    shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=_KEY + ["NEED_ACC", "COLSUM"],
+                                    prune_configs_by={"early_config_prune": _pruner("shrink")})(_shrink_kernel)
+    expand_kernel = triton.autotune(EXPAND_CONFIGS, key=_KEY + ["PROLOGUE_MIX", "DC", "COMPUTE_OUT", "HAS_BIAS"],
+                                    prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
+else:
+    shrink_kernel = _shrink_kernel
+    expand_kernel = _expand_kernel
+
+
+def _launch(kernel, kernel_name, elem, grid, *args, **kwargs):
+    """Launch through wrap_triton (traceable by torch.compile). Autotuning off: the first
+    usable config (the lists are ordered best-first)."""
+    if AUTOTUNE:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        c = usable_configs(kernel_name, kwargs["BM"], kwargs["R_PAD"], elem)[0]
+        meta = dict(c.kwargs)
+        wrap_triton(kernel)[grid(meta)](*args, **meta, **kwargs, num_warps=c.num_warps,
+                                       num_stages=c.num_stages)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch planning
+# ---------------------------------------------------------------------------------------
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket for autotune keys (caps at 2^16 so large sizes share one tune)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def rank_tiles(r: int) -> tuple[int, int]:
+    """(R_PAD, BR): r padded to a power of two >= 16 (tl.dot's minimum), and the chunk of it
+    processed at once in the mix and expand (64 keeps one R_PAD x BR core slice small)."""
+    R_PAD = max(16, triton.next_power_of_2(r))
+    return R_PAD, min(R_PAD, 64)
+
+
+def block_m(M: int, R_PAD: int, elem: int) -> int:
+    """Rows per program: the smallest tile covering small M (decode wastes less of the
+    dot), else 64; 32 for R_PAD = 256 or fp32 inputs (tf32x3 keeps three copies of each
+    operand), so the BM x R_PAD fp32 accumulator and operands stay in registers."""
+    cap = 64 if R_PAD <= 128 and elem == 2 else 32
+    return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: any small number; the split path is exercised by FORCE_SPLIT
+
+
+def _plan(M: int, N: int, R_PAD: int, elem: int, device: torch.device) -> tuple[int, int, int]:
+    """(BM, split, n_per_split) for a shrink over N columns. split > 1 only when the row
+    blocks alone give fewer than _PROGRAMS_PER_SM programs per SM."""
+    M, N = int(M), int(N)  # under torch.compile: specialise on the sizes the plan depends on
+    BM = block_m(M, R_PAD, elem)
+    m_blocks = triton.cdiv(M, BM)
+    if FORCE_SPLIT is not None:
+        split = FORCE_SPLIT
+    else:
+        want = _PROGRAMS_PER_SM * _num_sms(device)
+        split = 1 if m_blocks >= want else min(triton.cdiv(want, m_blocks), triton.cdiv(N, _SPLIT_MIN_N))
+    split = max(1, min(split, N))
+    n_per_split = triton.cdiv(N, split)
+    if split > 1 and FORCE_SPLIT is None:
+        n_per_split = triton.cdiv(n_per_split, 64) * 64  # whole tiles per split
+    split = triton.cdiv(N, n_per_split)
+    return BM, split, n_per_split
+
+
+def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
+    """Mix in the expand prologue for r <= 64 with fp16/bf16 inputs. With fp32 inputs the
+    prologue's tf32x3 mix (three copies of each fp32 operand) spilled at every tile we
+    tried (aot.py), so fp32 always takes the mix kernel."""
+    return R_PAD == BR and elem == 2
+
+
+def _int32_rank_axis(B: torch.Tensor) -> torch.Tensor:
+    """Offsets that scale with M, K or D are int64 inside the kernels; the rank-axis
+    offsets (index < 256 times the stride) stay int32 to save registers. A U or V whose
+    rank-axis stride would overflow that (stride >= 2^31 / r, only for exotic views) is
+    copied: it is small (D x r or K x r). x and G are never copied."""
+    if B.shape[1] * max(B.stride(1), 1) >= 2**31:
+        return B.contiguous()
+    return B
+
+
+def _uses_kernels(t: torch.Tensor) -> bool:
+    """CUDA tensors launch the kernels (also while torch.compile traces them: wrap_triton
+    records the launches). CPU tensors launch them only eagerly under the interpreter:
+    interpreted kernels cannot be traced, so fake tensors and torch.compile on CPU take
+    the plain torch path, which is what lets a SALTLinear compile with fullgraph=True on
+    CPU. fp64 (gradcheck) always takes the torch path: tl.dot has no fp64 tensor cores."""
+    if t.dtype == torch.float64:
+        return False
+    if t.device.type == "cuda":
+        return True
+    return (INTERPRET and t.device.type == "cpu" and not is_fake(t)
+            and not torch.compiler.is_compiling())
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return FP32_PRECISION if not INTERPRET else "ieee"
+
+
+def _mix_precision(dtype: torch.dtype) -> str:
+    """The r x r mix and dC run on fp32 operands: tf32x3 for fp32 inputs (fp32 accuracy);
+    one TF32 pass for fp16/bf16 (~5e-4 relative, far inside their tolerances, and a
+    third of tf32x3's operand registers). ("ieee" lowers to FMA code that ptxas spilled
+    heavily, measured with aot.py.)"""
+    return "ieee" if INTERPRET else FP32_PRECISION if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------
+# Ops (contract: salt_kernels/backends/autograd.py)
+# ---------------------------------------------------------------------------------------
+
+
+def _forward_torch(x, U, V, C, bias):
+    """fp64 inputs and CPU tensors outside the interpreter (what torch.compile traces on CPU)."""
+    acc = C.dtype
+    Z = x.to(acc) @ V.to(acc)
+    T = Z @ C.t()
+    y = T @ U.to(acc).t() if bias is None else torch.addmm(bias.to(acc), T, U.to(acc).t())
+    return y.to(x.dtype), Z
+
+
+def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
+    acc = C.dtype
+    dT = G.to(acc) @ U.to(acc)
+    dx = ((dT @ C) @ V.to(acc).t()).to(G.dtype) if need_dx else G.new_empty(0)
+    dC = dT.t() @ Z.to(acc) if need_dC else C.new_empty(0)
+    db = G.to(acc).sum(0).to(G.dtype) if need_db else G.new_empty(0)
+    return dx, dC, db
+
+
+# The mix kernel is not autotuned: its work is tiny; 32 x 32 slices keep its fp32 dot
+# operands (three copies under tf32x3) in registers.
+MIX_BM, MIX_BR, MIX_WARPS = 32, 32, 4
+
+
+def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, precision):
+    """Launch _mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC
+    partials (dc_part has cdiv(M, MIX_BM) row blocks)."""
+    BR = min(MIX_BR, R_PAD)
+    wrap_triton(_mix_kernel)[(triton.cdiv(M, MIX_BM), R_PAD // BR)](
+        parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
+        dc_part, mixed, M, r, BM=MIX_BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc,
+        STORE_MIX=store_mix, PRECISION=precision, num_warps=MIX_WARPS)
+
+
+@triton_op("salt_triton::forward", mutates_args=())
+def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _uses_kernels(x):
+        return _forward_torch(x, U, V, C, bias)
+    M, K = x.shape
+    D, r = U.shape
+    if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
+        return _forward_torch(x, U, V, C, bias)
+    U, V = _int32_rank_axis(U), _int32_rank_axis(V)
+    dev = x.device
+    y = torch.empty((M, D), dtype=x.dtype, device=dev)
+    Z = torch.empty((M, r), dtype=C.dtype, device=dev)
+    if M == 0:
+        return y, Z
+    R_PAD, BR = rank_tiles(r)
+    BM, split, n_per_split = _plan(M, K, R_PAD, x.element_size(), dev)
+    m_blocks = triton.cdiv(M, BM)
+    precision, upcast, mix_precision = _precision(x.dtype), _upcast_dot(x.dtype), _mix_precision(x.dtype)
+    Cm = C.t()  # T = Z @ C^T
+    # Unsplit, the shrink writes Z itself; split, its partials are summed (fixed order) later.
+    parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
+    _launch(shrink_kernel, "shrink", x.element_size(), lambda meta: (m_blocks, split),
+            x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
+            M, K, r, n_per_split, _bucket(M), _bucket(K),
+            BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision, UPCAST_DOT=upcast)
+    prologue = _mix_in_prologue(R_PAD, BR, x.element_size())
+    if prologue:
+        rows = parts
+    else:
+        rows = torch.empty((M, r), dtype=torch.float32, device=dev)
+        _mix_rows(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False, store_mix=True,
+                  R_PAD=R_PAD, precision=mix_precision)
+    _launch(expand_kernel, "expand", x.element_size(), lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
+            rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
+            U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
+            y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D),
+            BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
+            COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
+            MIX_PRECISION=mix_precision, UPCAST_DOT=upcast)
+    return y, Z
+
+
+@triton_op("salt_triton::backward", mutates_args=())
+def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
+                  need_dx: bool, need_dC: bool, need_db: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _uses_kernels(G):
+        return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
+    M, D = G.shape
+    K, r = V.shape
+    if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
+        return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
+    U, V = _int32_rank_axis(U), _int32_rank_axis(V)
+    dev = G.device
+    dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
+    if M == 0:
+        dC = torch.zeros((r, r), dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
+        db = torch.zeros((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
+        return dx, dC, db
+    need_dT = need_dx or need_dC
+    if not (need_dT or need_db):
+        return dx, C.new_empty(0), G.new_empty(0)
+    R_PAD, BR = rank_tiles(r)
+    BM, split, n_per_split = _plan(M, D, R_PAD, G.element_size(), dev)
+    if not need_dT:  # db only: one pass over G, no U
+        split, n_per_split = 1, D
+    m_blocks = triton.cdiv(M, BM)
+    precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
+    f32 = dict(dtype=torch.float32, device=dev)
+    db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
+    dc_blocks = m_blocks if _mix_in_prologue(R_PAD, BR, G.element_size()) else triton.cdiv(M, MIX_BM)
+    dc_part = torch.empty((dc_blocks, r, r), **f32) if need_dC else Z
+    parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
+    _launch(shrink_kernel, "shrink", G.element_size(), lambda meta: (m_blocks, split),
+            G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
+            M, D, r, n_per_split, _bucket(M), _bucket(D),
+            BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision, UPCAST_DOT=upcast)
+    if need_dT:
+        prologue = _mix_in_prologue(R_PAD, BR, G.element_size())
+        rows = parts
+        if not prologue:  # dZ = dT @ C: the core is applied on the right as is
+            rows = torch.empty((M, r), **f32) if need_dx else parts
+            _mix_rows(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC, store_mix=need_dx,
+                      R_PAD=R_PAD, precision=mix_precision)
+        if need_dx or (prologue and need_dC):
+            grid = (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1))
+            _launch(expand_kernel, "expand", G.element_size(), grid,
+                    rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
+                    V, V.stride(0), V.stride(1), Z, 0,
+                    dx if need_dx else Z, dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+                    M, K, r, _bucket(M), _bucket(K),
+                    BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
+                    COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
+                    MIX_PRECISION=mix_precision, UPCAST_DOT=upcast)
+    # Fixed-order reductions of the per-row-block partials (torch's sum over a fixed-size
+    # buffer uses no atomics: bitwise reproducible run to run).
+    dC = dc_part.sum(0).to(C.dtype) if need_dC else C.new_empty(0)
+    db = db_part.sum(0).to(G.dtype) if need_db else G.new_empty(0)
+    return dx, dC, db
+
+
+register_salt_autograd(salt_forward, salt_backward)
+
+
+def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
+    return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)
