@@ -84,9 +84,22 @@ def _extension_kwargs() -> dict:
         def run(self):
             try:
                 super().run()
+                return
             except Exception as exc:  # compiler missing, toolkit mismatch, ...
-                print(f"WARNING: salt_kernels: building the C++/CUDA extension failed ({exc}); "
-                      "installing without it (backends 'cpu' and 'cuda' unavailable).", file=sys.stderr)
+                failure = exc
+            if cuda_home is not None:
+                print(f"WARNING: salt_kernels: building the CUDA part failed ({failure}); "
+                      "retrying with the CPU part only.", file=sys.stderr)
+                self.compiler = None  # build_ext.run makes a fresh one from this
+                self.extensions = [cpp_extension.CppExtension(
+                    "salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+                try:
+                    super().run()
+                    return
+                except Exception as exc:
+                    failure = exc
+            print(f"WARNING: salt_kernels: building the C++ extension failed ({failure}); installing "
+                  "without it (backends 'cpu' and 'cuda' unavailable).", file=sys.stderr)
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtOptional.with_options(use_ninja=True)}}
 

@@ -220,7 +220,8 @@ def test_device_code_compiles_without_spills(tmp_path):
     log = out.stdout + out.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", log)
     assert {arch for _, arch in kernels} == {"sm_80", "sm_90"}
-    assert len(kernels) >= 2 * 4 * 6, kernels  # 4 dtypes x (gemm variants + reductions), 2 archs
+    per_arch = {a: sorted(n for n, arch in kernels if arch == a) for a in ("sm_80", "sm_90")}
+    assert per_arch["sm_80"] == per_arch["sm_90"] and len(per_arch["sm_80"]) >= 12, per_arch
     props = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(props) == len(kernels)
     for (name, arch), (stack, st, ld) in zip(kernels, props):

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "salt_device.cuh"
 
@@ -38,11 +39,19 @@ void check_inputs(const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) 
               "salt_kernels: C must be float32 or float64");
 }
 
+// C's dtype is the accumulation dtype: fp64 for fp64 inputs, fp32 otherwise (autograd.py).
+void check_acc(const Tensor& t, const Tensor& C) {
+  const auto want = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(C.scalar_type() == want, "salt_kernels (CUDA): C must be ", want, " for ", t.scalar_type(),
+              " inputs, got ", C.scalar_type());
+}
+
 std::tuple<Tensor, Tensor> salt_forward_cuda(const Tensor& x, const Tensor& U, const Tensor& V, const Tensor& C,
                                              const std::optional<Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "salt_kernels: x must be 2-D (M, K)");
   const int64_t M = x.size(0), K = x.size(1), D = U.size(0), r = U.size(1);
   check_inputs(U, V, C, K);
+  check_acc(x, C);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const auto acc = C.scalar_type();
@@ -66,7 +75,7 @@ std::tuple<Tensor, Tensor> salt_forward_cuda(const Tensor& x, const Tensor& U, c
       check(salt_cuda::launch_gemm_nt<Acc, Acc, T, Acc>(Z.const_data_ptr<Acc>(), r, 1, UC.const_data_ptr<Acc>(),
             r, 1, has_bias ? dptr<scalar_t>(*bias) : nullptr, mptr<scalar_t>(y), D, M, D, r, 1, 0, stream));
     };
-    if (acc == at::kDouble) run(double(0)); else run(float(0));
+    run(std::conditional_t<std::is_same_v<scalar_t, double>, double, float>(0));
   });
   return {y, Z};
 }
@@ -77,6 +86,7 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cuda(const Tensor& G, const Ten
   TORCH_CHECK(G.dim() == 2 && Z.dim() == 2, "salt_kernels: G and Z must be 2-D");
   const int64_t M = G.size(0), D = G.size(1), K = V.size(0), r = U.size(1);
   check_inputs(U, V, C, K);
+  check_acc(G, C);
   TORCH_CHECK(U.size(0) == D && Z.size(0) == M && Z.size(1) == r, "salt_kernels: G (M, D), Z (M, r) expected");
   const c10::cuda::CUDAGuard guard(G.device());
   auto stream = at::cuda::getCurrentCUDAStream().stream();
@@ -124,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cuda(const Tensor& G, const Ten
               r, 1, nullptr, mptr<scalar_t>(dx), K, M, K, r, 1, 0, stream));
       }
     };
-    if (acc == at::kDouble) run(double(0)); else run(float(0));
+    run(std::conditional_t<std::is_same_v<scalar_t, double>, double, float>(0));
   });
   return {dx, dC, db};
 }
