@@ -56,6 +56,7 @@ std::tuple<Tensor, Tensor> salt_forward_cuda(const Tensor& x, const Tensor& U, c
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const auto acc = C.scalar_type();
   const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor bias_c = has_bias ? bias->contiguous() : Tensor();  // (D,): the kernel reads it densely
   Tensor Z = at::empty({M, r}, x.options().dtype(acc));
   Tensor y = at::empty({M, D}, x.options());
   Tensor UC = at::empty({D, r}, x.options().dtype(acc));
@@ -73,7 +74,7 @@ std::tuple<Tensor, Tensor> salt_forward_cuda(const Tensor& x, const Tensor& U, c
             1, 0, stream));
       // expand with bias: y = Z UC^T + b
       check(salt_cuda::launch_gemm_nt<Acc, Acc, T, Acc>(Z.const_data_ptr<Acc>(), r, 1, UC.const_data_ptr<Acc>(),
-            r, 1, has_bias ? dptr<scalar_t>(*bias) : nullptr, mptr<scalar_t>(y), D, M, D, r, 1, 0, stream));
+            r, 1, has_bias ? dptr<scalar_t>(bias_c) : nullptr, mptr<scalar_t>(y), D, M, D, r, 1, 0, stream));
     };
     run(std::conditional_t<std::is_same_v<scalar_t, double>, double, float>(0));
   });

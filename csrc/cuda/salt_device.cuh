@@ -56,8 +56,9 @@ gemm_nt_kernel(const TA* __restrict__ A, const TB* __restrict__ B, const TOut* _
   __shared__ Acc a_tile[kTileK][kTileM + 1];
   __shared__ Acc b_tile[kTileK][kTileN + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  // M tiles on grid x (up to 2^31 - 1 blocks: M is the large, batch-sized dimension).
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * p.k_chunk;
   const int64_t k_end = k_begin + p.k_chunk < p.K ? k_begin + p.k_chunk : p.K;
 
@@ -146,7 +147,7 @@ cudaError_t launch_gemm_nt(const TA* A, int64_t a_sm, int64_t a_sk, const TB* B,
   if (M == 0 || N == 0) return cudaSuccess;
   if (k_chunks < 1) k_chunks = 1;
   GemmNTArgs p{M, N, K, a_sm, a_sk, b_sn, b_sk, out_ld, cdiv(K > 0 ? K : 1, k_chunks), out_z_stride};
-  dim3 grid(static_cast<unsigned>(cdiv(N, kTileN)), static_cast<unsigned>(cdiv(M, kTileM)),
+  dim3 grid(static_cast<unsigned>(cdiv(M, kTileM)), static_cast<unsigned>(cdiv(N, kTileN)),
             static_cast<unsigned>(k_chunks));
   gemm_nt_kernel<TA, TB, TOut, Acc><<<grid, kThreads, 0, stream>>>(A, B, bias, out, p);
   return cudaGetLastError();
