@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
@@ -25,8 +26,28 @@
 #include <sys/mman.h>
 #endif
 
+// MKL (torch's BLAS on x86) runs with dynamic threading off (torch sets that), so a
+// GEMM issued from inside our parallel region would open a nested OpenMP team whose
+// spin-waiting costs several times the GEMM on a busy machine. Each of our threads asks
+// MKL for one thread. Weak: absent (other BLAS, e.g. OpenBLAS, is serial there) -> no-op.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // C API (the lower-case name is Fortran)
+
 namespace salt_kernels {
 namespace {
+
+// Makes BLAS calls on this thread single-threaded for the guard's lifetime.
+class SerialBlasGuard {
+ public:
+  SerialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBlasGuard(const SerialBlasGuard&) = delete;
+  SerialBlasGuard& operator=(const SerialBlasGuard&) = delete;
+
+ private:
+  int previous_;
+};
 
 using at::Tensor;
 
@@ -44,8 +65,18 @@ int64_t block_rows(int64_t M) {
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 constexpr size_t kHugePageMinBytes = size_t{32} << 20;
 
+// SALT_KERNELS_NO_HUGEPAGES=1 turns this off (e.g. to measure what it buys).
+bool hugepages_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("SALT_KERNELS_NO_HUGEPAGES");
+    return v == nullptr || v[0] == '\0' || v[0] == '0';
+  }();
+  return enabled;
+}
+
 Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #ifdef __linux__
+  if (!hugepages_enabled()) return at::empty(sizes, options);
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
@@ -68,6 +99,21 @@ void check_common(const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) 
   TORCH_CHECK(C.size(0) == r && C.size(1) == r, "salt_kernels: C must be (r, r)");
   TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
               "salt_kernels: C must be float32 or float64 (the accumulation dtype)");
+}
+
+// Runs body(worker_state, b) for every row block b in [0, nblocks). Threads take blocks
+// from a shared counter rather than a fixed half each: on a shared machine a descheduled
+// thread then delays the call by one block, not by half the work. Which thread computes
+// a block never changes its result (each block writes only its own rows / partial).
+template <typename MakeState, typename Body>
+void for_each_block(int64_t nblocks, const MakeState& make_state, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), nblocks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SerialBlasGuard serial_blas;
+    auto state = make_state();
+    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1)) body(state, b);
+  });
 }
 
 // out[j] = sum_b partials[b][j], always summed in block order (deterministic).
@@ -106,24 +152,23 @@ std::tuple<Tensor, Tensor> salt_forward_cpu(const Tensor& x, const Tensor& U, co
 
   const bool widen = x.scalar_type() != acc;  // fp16/bf16: compute each block in fp32
   const int64_t bm = block_rows(M), nblocks = (M + bm - 1) / bm;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor y_acc_buf = widen ? at::empty({bm, D}, acc_opts) : Tensor();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
-      Tensor x_blk = x.narrow(0, m0, rows);
-      if (widen) x_blk = x_blk.to(acc);
-      Tensor Z_blk = Z.narrow(0, m0, rows);
-      at::mm_out(Z_blk, x_blk, V_acc);  // shrink
-      Tensor y_blk = y.narrow(0, m0, rows);
-      Tensor out = widen ? y_acc_buf.narrow(0, 0, rows) : y_blk;
-      if (has_bias) {
-        at::addmm_out(out, bias_acc, Z_blk, UC_t);  // mix + expand + bias
-      } else {
-        at::mm_out(out, Z_blk, UC_t);
-      }
-      if (widen) y_blk.copy_(out);
-    }
-  });
+  for_each_block(
+      nblocks, [&] { return widen ? at::empty({bm, D}, acc_opts) : Tensor(); },
+      [&](Tensor& y_acc_buf, int64_t b) {
+        const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
+        Tensor x_blk = x.narrow(0, m0, rows);
+        if (widen) x_blk = x_blk.to(acc);
+        Tensor Z_blk = Z.narrow(0, m0, rows);
+        at::mm_out(Z_blk, x_blk, V_acc);  // shrink
+        Tensor y_blk = y.narrow(0, m0, rows);
+        Tensor out = widen ? y_acc_buf.narrow(0, 0, rows) : y_blk;
+        if (has_bias) {
+          at::addmm_out(out, bias_acc, Z_blk, UC_t);  // mix + expand + bias
+        } else {
+          at::mm_out(out, Z_blk, UC_t);
+        }
+        if (widen) y_blk.copy_(out);
+      });
   return {y, Z};
 }
 
@@ -152,32 +197,37 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tens
   Tensor dC_partials = need_dC ? at::empty({nblocks, r * r}, acc_opts) : Tensor();
   Tensor db_partials = need_db ? at::empty({nblocks, D}, acc_opts) : Tensor();
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor dT_buf = need_dT ? at::empty({bm, r}, acc_opts) : Tensor();
-    Tensor dx_acc_buf = (need_dx && widen) ? at::empty({bm, K}, acc_opts) : Tensor();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
-      Tensor G_blk = G.narrow(0, m0, rows);
-      if (widen) G_blk = G_blk.to(acc);
-      if (need_db) {
-        Tensor part = db_partials.select(0, b);
-        at::sum_out(part, G_blk, {0});
-      }
-      if (!need_dT) continue;
-      Tensor dT = dT_buf.narrow(0, 0, rows);
-      at::mm_out(dT, G_blk, U_acc);  // dT = G U
-      if (need_dC) {
-        Tensor part = dC_partials.select(0, b).view({r, r});
-        at::mm_out(part, dT.t(), Z.narrow(0, m0, rows));  // dC += dT^T Z
-      }
-      if (need_dx) {
-        Tensor dx_blk = dx.narrow(0, m0, rows);
-        Tensor out = widen ? dx_acc_buf.narrow(0, 0, rows) : dx_blk;
-        at::mm_out(out, dT, VCt_t);
-        if (widen) dx_blk.copy_(out);
-      }
-    }
-  });
+  struct Buffers {
+    Tensor dT, dx_acc;
+  };
+  for_each_block(
+      nblocks,
+      [&] {
+        return Buffers{need_dT ? at::empty({bm, r}, acc_opts) : Tensor(),
+                       (need_dx && widen) ? at::empty({bm, K}, acc_opts) : Tensor()};
+      },
+      [&](Buffers& buf, int64_t b) {
+        const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
+        Tensor G_blk = G.narrow(0, m0, rows);
+        if (widen) G_blk = G_blk.to(acc);
+        if (need_db) {
+          Tensor part = db_partials.select(0, b);
+          at::sum_out(part, G_blk, {0});
+        }
+        if (!need_dT) return;
+        Tensor dT = buf.dT.narrow(0, 0, rows);
+        at::mm_out(dT, G_blk, U_acc);  // dT = G U
+        if (need_dC) {
+          Tensor part = dC_partials.select(0, b).view({r, r});
+          at::mm_out(part, dT.t(), Z.narrow(0, m0, rows));  // this block's dT^T Z
+        }
+        if (need_dx) {
+          Tensor dx_blk = dx.narrow(0, m0, rows);
+          Tensor out = widen ? buf.dx_acc.narrow(0, 0, rows) : dx_blk;
+          at::mm_out(out, dT, VCt_t);
+          if (widen) dx_blk.copy_(out);
+        }
+      });
 
   if (need_dC) {
     Tensor flat = dC.view({r * r});
