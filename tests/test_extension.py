@@ -91,7 +91,7 @@ def _grads(dtype, threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t = make_salt_inputs((1000,), 48, 40, 8, 3, dtype, seed=3)  # several row blocks
+        t = make_salt_inputs((2500,), 48, 40, 8, 3, dtype, seed=3)  # several row blocks and dC slices
         y = salt_kernels.salt_linear(**t, backend="cpu")
         names = ["x", "sigma", "X", "Y", "bias"]
         return [y.detach()] + list(torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y)))

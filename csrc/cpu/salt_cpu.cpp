@@ -1,23 +1,25 @@
 // CPU kernels of salt_kernels::salt_forward / salt_backward (schemas in ../salt_ops.cpp).
 //
-// The M rows are cut into fixed-size row blocks processed in parallel (at::parallel_for);
-// each block runs single-threaded BLAS calls on data that stays in cache, so
-//  * the r x r mix is folded into the small basis matrices once per call
-//    (y = Z (U C)^T + b, dx = dT (V C^T)^T), instead of an extra M x r pass;
-//  * bias is fused into the expand GEMM (addmm), db and dC are reduced from the same
-//    block of G that feeds dT = G U, while it is still in cache;
-//  * fp16/bf16 rows are widened to fp32 one block at a time: no M x K or M x D fp32
-//    temporaries, only the outputs themselves;
-//  * reductions over M (dC, db) go through per-block partials summed in a fixed order,
-//    and the block size depends on M only, so results are bitwise reproducible whatever
-//    the thread count.
+//  * The r x r mix is folded into the small basis matrices once per call
+//    (y = Z (U C)^T + b, dx = dT (V C^T)^T): no M x r pass for it.
+//  * Bias is fused into the expand GEMM (addmm): y is written once.
+//  * The GEMMs are BLAS calls on whole matrices (BLAS threads them). Only where the
+//    input must be converted (fp16/bf16 -> fp32, or a G without a unit stride, e.g. the
+//    stride-0 G of y.sum()) do we walk the rows in blocks, so the fp32 copies stay
+//    block-sized: no M x K or M x D temporaries besides the outputs.
+//  * Reductions over M are deterministic whatever the thread count: db is a plain
+//    column sum in row order, dC = dT^T Z is summed per row block by single-threaded
+//    BLAS, the block partials added in order; block sizes depend on the shapes only.
+//  * Outputs of 32 MiB and more are backed by transparent huge pages (see empty_output).
+//
+// (We do not issue BLAS from inside our own parallel region: torch runs MKL with dynamic
+// threading off, and nested calls then serialise on OpenMP locks.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
@@ -26,16 +28,16 @@
 #include <sys/mman.h>
 #endif
 
-// MKL (torch's BLAS on x86) runs with dynamic threading off (torch sets that), so a
-// GEMM issued from inside our parallel region would open a nested OpenMP team whose
-// spin-waiting costs several times the GEMM on a busy machine. Each of our threads asks
-// MKL for one thread. Weak: absent (other BLAS, e.g. OpenBLAS, is serial there) -> no-op.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // C API (the lower-case name is Fortran)
+// MKL's C API (torch's BLAS on x86), weak so that builds against other BLAS still load.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace salt_kernels {
 namespace {
 
-// Makes BLAS calls on this thread single-threaded for the guard's lifetime.
+using at::Tensor;
+
+// Makes BLAS single-threaded on this thread for the guard's lifetime: a BLAS reduction
+// split across threads would sum in a thread-count-dependent order.
 class SerialBlasGuard {
  public:
   SerialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
@@ -49,12 +51,15 @@ class SerialBlasGuard {
   int previous_;
 };
 
-using at::Tensor;
+// Rows per block when converting: about 1 Mi elements of fp32 scratch (4 MiB).
+int64_t block_rows(int64_t M, int64_t width) {
+  return std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(width, 1), 64, std::max<int64_t>(M, 1));
+}
 
-// Rows per block. Depends on M only (never on the thread count) so that the partial
-// sums, and hence dC and db, are identical on any machine configuration.
-int64_t block_rows(int64_t M) {
-  return std::clamp<int64_t>((M + 7) / 8, 16, 128);
+// A matrix BLAS can read in place (one unit stride); others are copied by ATen's mm.
+bool blas_readable(const Tensor& t) {
+  return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1)) ||
+         (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(t.size(0), 1));
 }
 
 // Outputs of 32 MiB and more: glibc serves these with a fresh mmap on every call (32 MiB
@@ -62,10 +67,10 @@ int64_t block_rows(int64_t M) {
 // GEMM writes it, which costs as much as the GEMM itself (DESIGN.md section 6). Backing
 // them with transparent huge pages (MADV_HUGEPAGE) cuts the page faults 512-fold.
 // Smaller outputs come from the ordinary allocator, which recycles warm memory.
+// SALT_KERNELS_NO_HUGEPAGES=1 turns this off (e.g. to measure what it buys).
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 constexpr size_t kHugePageMinBytes = size_t{32} << 20;
 
-// SALT_KERNELS_NO_HUGEPAGES=1 turns this off (e.g. to measure what it buys).
 bool hugepages_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("SALT_KERNELS_NO_HUGEPAGES");
@@ -76,16 +81,17 @@ bool hugepages_enabled() {
 
 Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #ifdef __linux__
-  if (!hugepages_enabled()) return at::empty(sizes, options);
-  int64_t numel = 1;
-  for (auto s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
-  if (bytes >= kHugePageMinBytes) {
-    const size_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-    void* data = std::aligned_alloc(kHugePageBytes, padded);
-    if (data != nullptr) {
-      madvise(data, padded, MADV_HUGEPAGE);  // a hint: failure only costs speed
-      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+  if (hugepages_enabled()) {
+    int64_t numel = 1;
+    for (auto s : sizes) numel *= s;
+    const size_t bytes = static_cast<size_t>(numel) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
+    if (bytes >= kHugePageMinBytes) {
+      const size_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+      void* data = std::aligned_alloc(kHugePageBytes, padded);
+      if (data != nullptr) {
+        madvise(data, padded, MADV_HUGEPAGE);  // a hint: failure only costs speed
+        return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+      }
     }
   }
 #endif
@@ -101,32 +107,21 @@ void check_common(const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) 
               "salt_kernels: C must be float32 or float64 (the accumulation dtype)");
 }
 
-// Runs body(worker_state, b) for every row block b in [0, nblocks). Threads take blocks
-// from a shared counter rather than a fixed half each: on a shared machine a descheduled
-// thread then delays the call by one block, not by half the work. Which thread computes
-// a block never changes its result (each block writes only its own rows / partial).
-template <typename MakeState, typename Body>
-void for_each_block(int64_t nblocks, const MakeState& make_state, const Body& body) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), nblocks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    SerialBlasGuard serial_blas;
-    auto state = make_state();
-    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1)) body(state, b);
-  });
-}
-
-// out[j] = sum_b partials[b][j], always summed in block order (deterministic).
-void sum_partials_in_order(const Tensor& partials, Tensor& out) {
-  const int64_t nb = partials.size(0), n = partials.size(1);
-  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "salt_sum_partials", [&] {
-    const scalar_t* p = partials.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 2048, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) o[j] = p[j];
-      for (int64_t b = 1; b < nb; ++b) {
-        const scalar_t* row = p + b * n;
-        for (int64_t j = j0; j < j1; ++j) o[j] += row[j];
+// col_sums[j] += sum_i G[i, j], rows in order (deterministic); any strides, G in the
+// accumulation dtype. Parallel over columns only.
+void add_column_sums(const Tensor& G, Tensor& col_sums) {
+  const int64_t rows = G.size(0), n = G.size(1), s0 = G.stride(0), s1 = G.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "salt_column_sums", [&] {
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    scalar_t* o = col_sums.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1024, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const scalar_t* row = g + i * s0;
+        if (s1 == 1) {
+          for (int64_t j = j0; j < j1; ++j) o[j] += row[j];
+        } else {
+          for (int64_t j = j0; j < j1; ++j) o[j] += row[j * s1];
+        }
       }
     });
   });
@@ -150,25 +145,24 @@ std::tuple<Tensor, Tensor> salt_forward_cpu(const Tensor& x, const Tensor& U, co
   Tensor y = empty_output({M, D}, x.options());
   if (M == 0) return {y, Z};
 
-  const bool widen = x.scalar_type() != acc;  // fp16/bf16: compute each block in fp32
-  const int64_t bm = block_rows(M), nblocks = (M + bm - 1) / bm;
-  for_each_block(
-      nblocks, [&] { return widen ? at::empty({bm, D}, acc_opts) : Tensor(); },
-      [&](Tensor& y_acc_buf, int64_t b) {
-        const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
-        Tensor x_blk = x.narrow(0, m0, rows);
-        if (widen) x_blk = x_blk.to(acc);
-        Tensor Z_blk = Z.narrow(0, m0, rows);
-        at::mm_out(Z_blk, x_blk, V_acc);  // shrink
-        Tensor y_blk = y.narrow(0, m0, rows);
-        Tensor out = widen ? y_acc_buf.narrow(0, 0, rows) : y_blk;
-        if (has_bias) {
-          at::addmm_out(out, bias_acc, Z_blk, UC_t);  // mix + expand + bias
-        } else {
-          at::mm_out(out, Z_blk, UC_t);
-        }
-        if (widen) y_blk.copy_(out);
-      });
+  const bool widen = x.scalar_type() != acc;  // fp16/bf16: compute in fp32, block by block
+  const int64_t bm = widen ? block_rows(M, std::max(K, D)) : M;
+  Tensor y_acc_buf = widen ? at::empty({std::min(bm, M), D}, acc_opts) : Tensor();
+  for (int64_t m0 = 0; m0 < M; m0 += bm) {
+    const int64_t rows = std::min(bm, M - m0);
+    Tensor x_blk = x.narrow(0, m0, rows);
+    if (widen) x_blk = x_blk.to(acc);
+    Tensor Z_blk = Z.narrow(0, m0, rows);
+    at::mm_out(Z_blk, x_blk, V_acc);  // shrink
+    Tensor y_blk = y.narrow(0, m0, rows);
+    Tensor out = widen ? y_acc_buf.narrow(0, 0, rows) : y_blk;
+    if (has_bias) {
+      at::addmm_out(out, bias_acc, Z_blk, UC_t);  // mix + expand + bias, one write of y
+    } else {
+      at::mm_out(out, Z_blk, UC_t);
+    }
+    if (widen) y_blk.copy_(out);
+  }
   return {y, Z};
 }
 
@@ -184,64 +178,47 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tens
 
   Tensor dx = need_dx ? empty_output({M, K}, G.options()) : at::empty({0}, G.options());
   Tensor dC = need_dC ? at::zeros({r, r}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor db = need_db ? at::zeros({D}, G.options()) : at::empty({0}, G.options());
-  if (M == 0 || !(need_dx || need_dC || need_db)) return {dx, dC, db};
-
+  Tensor db_acc = need_db ? at::zeros({D}, acc_opts) : Tensor();
   const bool need_dT = need_dx || need_dC;
-  const Tensor U_acc = U.to(acc);
-  // dx = dZ V^T = dT C V^T = dT (V C^T)^T: the mix folded into the small (K, r) matrix.
-  const Tensor VCt_t = need_dx ? at::mm(V.to(acc), C.t()).t() : Tensor();  // (r, K) view
-  const bool widen = G.scalar_type() != acc;
-
-  const int64_t bm = block_rows(M), nblocks = (M + bm - 1) / bm;
-  Tensor dC_partials = need_dC ? at::empty({nblocks, r * r}, acc_opts) : Tensor();
-  Tensor db_partials = need_db ? at::empty({nblocks, D}, acc_opts) : Tensor();
-
-  struct Buffers {
-    Tensor dT, dx_acc;
-  };
-  for_each_block(
-      nblocks,
-      [&] {
-        return Buffers{need_dT ? at::empty({bm, r}, acc_opts) : Tensor(),
-                       (need_dx && widen) ? at::empty({bm, K}, acc_opts) : Tensor()};
-      },
-      [&](Buffers& buf, int64_t b) {
-        const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
-        Tensor G_blk = G.narrow(0, m0, rows);
-        if (widen) G_blk = G_blk.to(acc);
-        if (need_db) {
-          Tensor part = db_partials.select(0, b);
-          at::sum_out(part, G_blk, {0});
-        }
-        if (!need_dT) return;
-        Tensor dT = buf.dT.narrow(0, 0, rows);
-        at::mm_out(dT, G_blk, U_acc);  // dT = G U
-        if (need_dC) {
-          Tensor part = dC_partials.select(0, b).view({r, r});
-          at::mm_out(part, dT.t(), Z.narrow(0, m0, rows));  // this block's dT^T Z
-        }
-        if (need_dx) {
-          Tensor dx_blk = dx.narrow(0, m0, rows);
-          Tensor out = widen ? buf.dx_acc.narrow(0, 0, rows) : dx_blk;
-          at::mm_out(out, dT, VCt_t);
-          if (widen) dx_blk.copy_(out);
-        }
-      });
-
-  if (need_dC) {
-    Tensor flat = dC.view({r * r});
-    sum_partials_in_order(dC_partials, flat);
-  }
-  if (need_db) {
-    if (widen) {
-      Tensor db_acc = at::empty({D}, acc_opts);
-      sum_partials_in_order(db_partials, db_acc);
-      db.copy_(db_acc);
-    } else {
-      sum_partials_in_order(db_partials, db);
+  if (M > 0 && (need_dT || need_db)) {
+    const Tensor U_acc = U.to(acc);
+    // dx = dZ V^T = dT C V^T = dT (V C^T)^T: the mix folded into the small (K, r) matrix.
+    const Tensor VCt_t = need_dx ? at::mm(V.to(acc), C.t()).t() : Tensor();  // (r, K) view
+    const bool widen = G.scalar_type() != acc;
+    // Blocks only where G must be copied (conversion, or no unit stride); dC is summed
+    // per block of at most 1024 rows either way, so its order depends on M alone.
+    const bool copy_G = widen || !blas_readable(G);
+    const int64_t bm = copy_G ? block_rows(M, std::max(K, D)) : M;
+    const int64_t dC_rows = 1024;
+    Tensor dT_full = need_dT ? at::empty({M, r}, acc_opts) : Tensor();
+    Tensor dx_acc_buf = (need_dx && widen) ? at::empty({std::min(bm, M), K}, acc_opts) : Tensor();
+    for (int64_t m0 = 0; m0 < M; m0 += bm) {
+      const int64_t rows = std::min(bm, M - m0);
+      Tensor G_blk = G.narrow(0, m0, rows);
+      if (copy_G) G_blk = G_blk.to(acc, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous).contiguous();
+      if (need_db) add_column_sums(G_blk, db_acc);
+      if (!need_dT) continue;
+      Tensor dT = dT_full.narrow(0, m0, rows);
+      at::mm_out(dT, G_blk, U_acc);  // dT = G U
+      if (need_dx) {
+        Tensor dx_blk = dx.narrow(0, m0, rows);
+        Tensor out = widen ? dx_acc_buf.narrow(0, 0, rows) : dx_blk;
+        at::mm_out(out, dT, VCt_t);  // dx = dT (V C^T)^T
+        if (widen) dx_blk.copy_(out);
+      }
+    }
+    if (need_dC) {
+      // dC = dT^T Z over fixed 1024-row slices, each by single-threaded BLAS, added in order.
+      const SerialBlasGuard serial_blas;
+      Tensor part = at::empty({r, r}, acc_opts);
+      for (int64_t m0 = 0; m0 < M; m0 += dC_rows) {
+        const int64_t rows = std::min(dC_rows, M - m0);
+        at::mm_out(part, dT_full.narrow(0, m0, rows).t(), Z.narrow(0, m0, rows));
+        dC.add_(part);
+      }
     }
   }
+  Tensor db = need_db ? db_acc.to(G.scalar_type()) : at::empty({0}, G.options());
   return {dx, dC, db};
 }
 
