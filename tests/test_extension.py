@@ -87,6 +87,24 @@ def test_gradcheck_float64_leading_dims_noncontiguous():
     assert torch.autograd.gradcheck(f, tuple(t[n] for n in names))
 
 
+def test_torch_compile_fullgraph_traces_the_ops():
+    """The fake kernels and registered autograd let torch.compile(fullgraph=True) trace
+    forward and backward through the extension ops."""
+    _require("cpu", "cpu")
+    ext = _ext_or_skip()
+    names = ["x", "U", "V", "sigma", "X", "Y", "bias"]
+    t = make_salt_inputs((20,), 16, 12, 4, 2, torch.float32)
+    compiled = torch.compile(lambda *a: ext.salt_linear_2d(*a, 0.5), fullgraph=True)
+    y = compiled(*(t[n] for n in names))
+    grads = torch.autograd.grad(y.sum(), [t[n] for n in ("x", "sigma", "X", "Y", "bias")])
+    y_ref = salt_kernels.salt_linear(**t, scaling=0.5, backend="reference")
+    grads_ref = torch.autograd.grad(y_ref.sum(), [t[n] for n in ("x", "sigma", "X", "Y", "bias")])
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)
+
+
 def _grads(dtype, threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
