@@ -104,4 +104,13 @@ def _extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtOptional.with_options(use_ninja=True)}}
 
 
-setup(**_extension_kwargs())
+def _extension_kwargs_or_none() -> dict:
+    try:
+        return _extension_kwargs()
+    except Exception as exc:  # e.g. a broken torch.utils.cpp_extension import
+        print(f"WARNING: salt_kernels: cannot configure the C++/CUDA extension ({exc}); "
+              "installing without it.", file=sys.stderr)
+        return {}
+
+
+setup(**_extension_kwargs_or_none())
