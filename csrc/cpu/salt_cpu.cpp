@@ -4,8 +4,8 @@
 //    (y = Z (U C)^T + b, dx = dT (V C^T)^T): no M x r pass for it.
 //  * Bias is fused into the expand GEMM (addmm): y is written once.
 //  * The GEMMs are BLAS calls on whole matrices (BLAS threads them). Only where the
-//    input must be converted (fp16/bf16 -> fp32, or a G without a unit stride, e.g. the
-//    stride-0 G of y.sum()) do we walk the rows in blocks, so the fp32 copies stay
+//    input must be converted (fp16/bf16 -> fp32, or an x or G without a unit stride,
+//    e.g. the stride-0 G of y.sum()) do we walk the rows in blocks, so the fp32 copies stay
 //    block-sized: no M x K or M x D temporaries besides the outputs.
 //  * Reductions over M are deterministic whatever the thread count: db is a plain
 //    column sum in row order, dC = dT^T Z is summed per row block by single-threaded
@@ -146,12 +146,14 @@ std::tuple<Tensor, Tensor> salt_forward_cpu(const Tensor& x, const Tensor& U, co
   if (M == 0) return {y, Z};
 
   const bool widen = x.scalar_type() != acc;  // fp16/bf16: compute in fp32, block by block
-  const int64_t bm = widen ? block_rows(M, std::max(K, D)) : M;
+  // x without a unit stride would be copied whole by mm: copy it a block at a time instead.
+  const bool copy_x = widen || !blas_readable(x);
+  const int64_t bm = copy_x ? block_rows(M, std::max(K, D)) : M;
   Tensor y_acc_buf = widen ? at::empty({std::min(bm, M), D}, acc_opts) : Tensor();
   for (int64_t m0 = 0; m0 < M; m0 += bm) {
     const int64_t rows = std::min(bm, M - m0);
     Tensor x_blk = x.narrow(0, m0, rows);
-    if (widen) x_blk = x_blk.to(acc);
+    if (copy_x) x_blk = x_blk.to(acc, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
     Tensor Z_blk = Z.narrow(0, m0, rows);
     at::mm_out(Z_blk, x_blk, V_acc);  // shrink
     Tensor y_blk = y.narrow(0, m0, rows);
@@ -195,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tens
     for (int64_t m0 = 0; m0 < M; m0 += bm) {
       const int64_t rows = std::min(bm, M - m0);
       Tensor G_blk = G.narrow(0, m0, rows);
-      if (copy_G) G_blk = G_blk.to(acc, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous).contiguous();
+      if (copy_G) G_blk = G_blk.to(acc, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
       if (need_db) add_column_sums(G_blk, db_acc);
       if (!need_dT) continue;
       Tensor dT = dT_full.narrow(0, m0, rows);
