@@ -1,6 +1,116 @@
-"""Build script. The compiled extension (csrc/) is added here; everything else is in
-pyproject.toml."""
+"""Build script: everything but the compiled extension is in pyproject.toml.
+
+The extension ``salt_kernels._C`` (csrc/) is built ahead of time against the torch
+already installed (hence ``pip install --no-build-isolation``):
+
+* the CPU kernels always;
+* the CUDA kernels too when torch was built with CUDA and a CUDA toolkit is found
+  (``CUDA_HOME``, else ``/usr/local/cuda``, else ``nvcc`` on PATH). Architectures:
+  ``TORCH_CUDA_ARCH_LIST`` if set, else "8.0;9.0" (no GPU is needed to build).
+
+``SALT_KERNELS_NO_EXTENSION=1`` skips the extension; so does a build failure (with a
+warning), since the package works without it (the ``reference`` / ``triton`` backends).
+``SALT_KERNELS_NO_CUDA=1`` builds the CPU part only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home() -> str | None:
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and (Path(cand) / "bin" / "nvcc").exists():
+            return cand
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parents[1]) if nvcc else None
+
+
+def _extension_kwargs() -> dict:
+    if _flag("SALT_KERNELS_NO_EXTENSION"):
+        print("salt_kernels: SALT_KERNELS_NO_EXTENSION set, not building the C++/CUDA extension")
+        return {}
+    try:
+        import torch
+    except ImportError:
+        print("salt_kernels: torch not importable at build time, not building the extension "
+              "(install torch first and use pip install --no-build-isolation)")
+        return {}
+
+    cuda_home = None if _flag("SALT_KERNELS_NO_CUDA") or torch.version.cuda is None else _find_cuda_home()
+    if cuda_home is not None:
+        # Must be set before importing cpp_extension, which reads it at import time.
+        os.environ["CUDA_HOME"] = cuda_home
+        # Without an explicit list a GPU-less build fails (it asks the absent GPU).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/salt_ops.cpp", "csrc/cpu/salt_cpu.cpp"]
+    cxx_flags = ["-O3"]
+    if cuda_home is not None:
+        include_dirs = [str(ROOT / "csrc")]
+        # The torch CUDA wheels ship cuBLAS/cuSPARSE headers here, not in the toolkit dir.
+        for site in map(Path, sys.path):
+            for sub in ("nvidia/cu13/include", "nvidia/cublas/include", "nvidia/cusparse/include"):
+                if (site / sub).is_dir():
+                    include_dirs.append(str(site / sub))
+        ext = cpp_extension.CUDAExtension(
+            "salt_kernels._C",
+            sources + ["csrc/cuda/salt_cuda.cu"],
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            py_limited_api=False,
+        )
+        print(f"salt_kernels: building the CPU and CUDA extension (CUDA_HOME={cuda_home}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+    else:
+        ext = cpp_extension.CppExtension("salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        print("salt_kernels: building the CPU extension only (torch without CUDA or no CUDA toolkit found)")
+
+    class BuildExtOptional(cpp_extension.BuildExtension):
+        """A failed extension build leaves a working pure-Python package, loudly."""
+
+        def run(self):
+            try:
+                super().run()
+                return
+            except Exception as exc:  # compiler missing, toolkit mismatch, ...
+                failure = exc
+            if cuda_home is not None:
+                print(f"WARNING: salt_kernels: building the CUDA part failed ({failure}); "
+                      "retrying with the CPU part only.", file=sys.stderr)
+                self.compiler = None  # build_ext.run makes a fresh one from this
+                self.extensions = [cpp_extension.CppExtension(
+                    "salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+                try:
+                    super().run()
+                    return
+                except Exception as exc:
+                    failure = exc
+            print(f"WARNING: salt_kernels: building the C++ extension failed ({failure}); installing "
+                  "without it (backends 'cpu' and 'cuda' unavailable).", file=sys.stderr)
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtOptional.with_options(use_ninja=True)}}
+
+
+def _extension_kwargs_or_none() -> dict:
+    try:
+        return _extension_kwargs()
+    except Exception as exc:  # e.g. a broken torch.utils.cpp_extension import
+        print(f"WARNING: salt_kernels: cannot configure the C++/CUDA extension ({exc}); "
+              "installing without it.", file=sys.stderr)
+        return {}
+
+
+setup(**_extension_kwargs_or_none())

@@ -1,0 +1,234 @@
+// CPU kernels of salt_kernels::salt_forward / salt_backward (schemas in ../salt_ops.cpp).
+//
+//  * The r x r mix is folded into the small basis matrices once per call
+//    (y = Z (U C)^T + b, dx = dT (V C^T)^T): no M x r pass for it.
+//  * Bias is fused into the expand GEMM (addmm): y is written once.
+//  * The GEMMs are BLAS calls on whole matrices (BLAS threads them). Only where the
+//    input must be converted (fp16/bf16 -> fp32, or an x or G without a unit stride,
+//    e.g. the stride-0 G of y.sum()) do we walk the rows in blocks, so the fp32 copies stay
+//    block-sized: no M x K or M x D temporaries besides the outputs.
+//  * Reductions over M are deterministic whatever the thread count: db is a plain
+//    column sum in row order, dC = dT^T Z is summed per row block by single-threaded
+//    BLAS, the block partials added in order; block sizes depend on the shapes only.
+//  * Outputs of 32 MiB and more are backed by transparent huge pages (see empty_output).
+//
+// (We do not issue BLAS from inside our own parallel region: torch runs MKL with dynamic
+// threading off, and nested calls then serialise on OpenMP locks.)
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+// MKL's C API (torch's BLAS on x86), weak so that builds against other BLAS still load.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace salt_kernels {
+namespace {
+
+using at::Tensor;
+
+// Makes BLAS single-threaded on this thread for the guard's lifetime: a BLAS reduction
+// split across threads would sum in a thread-count-dependent order.
+class SerialBlasGuard {
+ public:
+  SerialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBlasGuard(const SerialBlasGuard&) = delete;
+  SerialBlasGuard& operator=(const SerialBlasGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Rows per block when converting: about 1 Mi elements of fp32 scratch (4 MiB).
+int64_t block_rows(int64_t M, int64_t width) {
+  return std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(width, 1), 64, std::max<int64_t>(M, 1));
+}
+
+// A matrix BLAS can read in place (one unit stride); others are copied by ATen's mm.
+bool blas_readable(const Tensor& t) {
+  return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1)) ||
+         (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(t.size(0), 1));
+}
+
+// Outputs of 32 MiB and more: glibc serves these with a fresh mmap on every call (32 MiB
+// is its largest mmap threshold), so each 4 KiB page is faulted and zeroed while the
+// GEMM writes it, which costs as much as the GEMM itself (DESIGN.md section 6). Backing
+// them with transparent huge pages (MADV_HUGEPAGE) cuts the page faults 512-fold.
+// Smaller outputs come from the ordinary allocator, which recycles warm memory.
+// SALT_KERNELS_NO_HUGEPAGES=1 turns this off (e.g. to measure what it buys).
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+constexpr size_t kHugePageMinBytes = size_t{32} << 20;
+
+bool hugepages_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("SALT_KERNELS_NO_HUGEPAGES");
+    return v == nullptr || v[0] == '\0' || v[0] == '0';
+  }();
+  return enabled;
+}
+
+Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  if (hugepages_enabled()) {
+    int64_t numel = 1;
+    for (auto s : sizes) numel *= s;
+    const size_t bytes = static_cast<size_t>(numel) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
+    if (bytes >= kHugePageMinBytes) {
+      const size_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+      void* data = std::aligned_alloc(kHugePageBytes, padded);
+      if (data != nullptr) {
+        madvise(data, padded, MADV_HUGEPAGE);  // a hint: failure only costs speed
+        return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+      }
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+void check_common(const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) {
+  TORCH_CHECK(U.dim() == 2 && V.dim() == 2 && C.dim() == 2, "salt_kernels: U, V, C must be 2-D");
+  const int64_t r = U.size(1);
+  TORCH_CHECK(V.size(0) == K && V.size(1) == r, "salt_kernels: V must be (K, r)");
+  TORCH_CHECK(C.size(0) == r && C.size(1) == r, "salt_kernels: C must be (r, r)");
+  TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble,
+              "salt_kernels: C must be float32 or float64 (the accumulation dtype)");
+}
+
+// col_sums[j] += sum_i G[i, j], rows in order (deterministic); any strides, G in the
+// accumulation dtype. Parallel over columns only.
+void add_column_sums(const Tensor& G, Tensor& col_sums) {
+  const int64_t rows = G.size(0), n = G.size(1), s0 = G.stride(0), s1 = G.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "salt_column_sums", [&] {
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    scalar_t* o = col_sums.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1024, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const scalar_t* row = g + i * s0;
+        if (s1 == 1) {
+          for (int64_t j = j0; j < j1; ++j) o[j] += row[j];
+        } else {
+          for (int64_t j = j0; j < j1; ++j) o[j] += row[j * s1];
+        }
+      }
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> salt_forward_cpu(const Tensor& x, const Tensor& U, const Tensor& V,
+                                            const Tensor& C, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "salt_kernels: x must be 2-D (M, K)");
+  const int64_t M = x.size(0), K = x.size(1), D = U.size(0), r = U.size(1);
+  check_common(U, V, C, K);
+  const auto acc = C.scalar_type();
+  const auto acc_opts = x.options().dtype(acc);
+
+  // The mix folded into the expand weights: y = Z C^T U^T + b = Z (U C)^T + b.
+  const Tensor V_acc = V.to(acc);
+  const Tensor UC_t = at::mm(U.to(acc), C).t();  // (r, D), transposed view: BLAS reads it as is
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor bias_acc = has_bias ? bias->to(acc) : Tensor();
+
+  Tensor Z = at::empty({M, r}, acc_opts);
+  Tensor y = empty_output({M, D}, x.options());
+  if (M == 0) return {y, Z};
+
+  const bool widen = x.scalar_type() != acc;  // fp16/bf16: compute in fp32, block by block
+  // x without a unit stride would be copied whole by mm: copy it a block at a time instead.
+  const bool copy_x = widen || !blas_readable(x);
+  const int64_t bm = copy_x ? block_rows(M, std::max(K, D)) : M;
+  Tensor y_acc_buf = widen ? at::empty({std::min(bm, M), D}, acc_opts) : Tensor();
+  for (int64_t m0 = 0; m0 < M; m0 += bm) {
+    const int64_t rows = std::min(bm, M - m0);
+    Tensor x_blk = x.narrow(0, m0, rows);
+    if (copy_x) x_blk = x_blk.to(acc, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+    Tensor Z_blk = Z.narrow(0, m0, rows);
+    at::mm_out(Z_blk, x_blk, V_acc);  // shrink
+    Tensor y_blk = y.narrow(0, m0, rows);
+    Tensor out = widen ? y_acc_buf.narrow(0, 0, rows) : y_blk;
+    if (has_bias) {
+      at::addmm_out(out, bias_acc, Z_blk, UC_t);  // mix + expand + bias, one write of y
+    } else {
+      at::mm_out(out, Z_blk, UC_t);
+    }
+    if (widen) y_blk.copy_(out);
+  }
+  return {y, Z};
+}
+
+std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tensor& Z, const Tensor& U,
+                                                     const Tensor& V, const Tensor& C, bool need_dx,
+                                                     bool need_dC, bool need_db) {
+  TORCH_CHECK(G.dim() == 2 && Z.dim() == 2, "salt_kernels: G and Z must be 2-D");
+  const int64_t M = G.size(0), D = G.size(1), K = V.size(0), r = U.size(1);
+  check_common(U, V, C, K);
+  TORCH_CHECK(U.size(0) == D && Z.size(0) == M && Z.size(1) == r, "salt_kernels: G (M, D), Z (M, r) expected");
+  const auto acc = C.scalar_type();
+  const auto acc_opts = G.options().dtype(acc);
+
+  Tensor dx = need_dx ? empty_output({M, K}, G.options()) : at::empty({0}, G.options());
+  Tensor dC = need_dC ? at::zeros({r, r}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor db_acc = need_db ? at::zeros({D}, acc_opts) : Tensor();
+  const bool need_dT = need_dx || need_dC;
+  if (M > 0 && (need_dT || need_db)) {
+    const Tensor U_acc = U.to(acc);
+    // dx = dZ V^T = dT C V^T = dT (V C^T)^T: the mix folded into the small (K, r) matrix.
+    const Tensor VCt_t = need_dx ? at::mm(V.to(acc), C.t()).t() : Tensor();  // (r, K) view
+    const bool widen = G.scalar_type() != acc;
+    // Blocks only where G must be copied (conversion, or no unit stride); dC is summed
+    // per block of at most 1024 rows either way, so its order depends on M alone.
+    const bool copy_G = widen || !blas_readable(G);
+    const int64_t bm = copy_G ? block_rows(M, std::max(K, D)) : M;
+    const int64_t dC_rows = 1024;
+    Tensor dT_full = need_dT ? at::empty({M, r}, acc_opts) : Tensor();
+    Tensor dx_acc_buf = (need_dx && widen) ? at::empty({std::min(bm, M), K}, acc_opts) : Tensor();
+    for (int64_t m0 = 0; m0 < M; m0 += bm) {
+      const int64_t rows = std::min(bm, M - m0);
+      Tensor G_blk = G.narrow(0, m0, rows);
+      if (copy_G) G_blk = G_blk.to(acc, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+      if (need_db) add_column_sums(G_blk, db_acc);
+      if (!need_dT) continue;
+      Tensor dT = dT_full.narrow(0, m0, rows);
+      at::mm_out(dT, G_blk, U_acc);  // dT = G U
+      if (need_dx) {
+        Tensor dx_blk = dx.narrow(0, m0, rows);
+        Tensor out = widen ? dx_acc_buf.narrow(0, 0, rows) : dx_blk;
+        at::mm_out(out, dT, VCt_t);  // dx = dT (V C^T)^T
+        if (widen) dx_blk.copy_(out);
+      }
+    }
+    if (need_dC) {
+      // dC = dT^T Z over fixed 1024-row slices, each by single-threaded BLAS, added in order.
+      const SerialBlasGuard serial_blas;
+      Tensor part = at::empty({r, r}, acc_opts);
+      for (int64_t m0 = 0; m0 < M; m0 += dC_rows) {
+        const int64_t rows = std::min(dC_rows, M - m0);
+        at::mm_out(part, dT_full.narrow(0, m0, rows).t(), Z.narrow(0, m0, rows));
+        dC.add_(part);
+      }
+    }
+  }
+  Tensor db = need_db ? db_acc.to(G.scalar_type()) : at::empty({0}, G.options());
+  return {dx, dC, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(salt_kernels, CPU, m) {
+  m.impl("salt_forward", &salt_forward_cpu);
+  m.impl("salt_backward", &salt_backward_cpu);
+}
+
+}  // namespace salt_kernels

@@ -1,0 +1,69 @@
+"""The ``cpu`` and ``cuda`` backends: the compiled torch extension ``salt_kernels._C``.
+
+The ops are defined once in C++ (``csrc/salt_ops.cpp``: ``salt_kernels::salt_forward``
+and ``salt_kernels::salt_backward``, contract in :mod:`.autograd`), with a CPU kernel
+(``csrc/cpu/salt_cpu.cpp``) and, when built with CUDA, a CUDA kernel
+(``csrc/cuda/salt_cuda.cu``). This module adds what torch needs around them: fake
+kernels (for ``torch.compile`` and meta tensors) and autograd.
+
+Importing it raises ImportError when the extension was not built or fails to load;
+:mod:`salt_kernels.dispatch` turns that into a fallback with one warning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .autograd import register_salt_autograd, run_salt_op
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # not built (SALT_KERNELS_NO_EXTENSION, failed build) or ABI mismatch
+    raise ImportError(
+        f"the compiled extension salt_kernels._C is not available ({exc}); reinstall with "
+        "`pip install --no-build-isolation -e .` (a C++ compiler is required; CUDA kernels "
+        "also need a CUDA toolkit and a CUDA build of torch)"
+    ) from exc
+
+FORWARD_OP = "salt_kernels::salt_forward"
+BACKWARD_OP = "salt_kernels::salt_backward"
+salt_forward = torch.ops.salt_kernels.salt_forward.default
+salt_backward = torch.ops.salt_kernels.salt_backward.default
+
+
+@torch.library.register_fake(FORWARD_OP)
+def _salt_forward_fake(x, U, V, C, bias):
+    M = x.shape[0]
+    return x.new_empty(M, U.shape[0]), x.new_empty(M, V.shape[1], dtype=C.dtype)
+
+
+@torch.library.register_fake(BACKWARD_OP)
+def _salt_backward_fake(G, Z, U, V, C, need_dx, need_dC, need_db):
+    M, r = G.shape[0], C.shape[0]
+    return (G.new_empty(M, V.shape[0]) if need_dx else G.new_empty(0),
+            C.new_empty(r, r) if need_dC else C.new_empty(0),
+            G.new_empty(G.shape[1]) if need_db else G.new_empty(0))
+
+
+register_salt_autograd(salt_forward, salt_backward)
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension was built with kernels for ``device_type`` ("cpu"/"cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in (FORWARD_OP, BACKWARD_OP))
+
+
+def availability(device: torch.device, backend: str) -> str | None:
+    if device.type != backend:
+        return f"the '{backend}' backend runs on {backend} tensors, got a {device.type} tensor"
+    if not has_kernel(backend):
+        return (f"salt_kernels._C was built without {backend.upper()} kernels (rebuild with a CUDA "
+                "build of torch and a CUDA toolkit: CUDA_HOME or /usr/local/cuda)")
+    if backend == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
+    return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)

@@ -1,0 +1,288 @@
+"""The C++/CUDA extension (backends "cpu" and "cuda", salt_kernels/backends/extension.py).
+
+Numerics of salt_linear on these backends (every shape, dtype and gradient vs float64)
+are in test_salt_linear.py; here: the ops themselves (opcheck), gradcheck, bitwise
+determinism, the large-output path, fallback when the extension is missing, and the
+CUDA part (device code compiled by plain nvcc, kernels registered, numerics on a GPU).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import salt_kernels
+from salt_kernels.dispatch import resolve_backend, unavailable_reason
+from salt_testing import TOLERANCES, assert_matches_ground_truth, make_salt_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+
+
+def _ext_or_skip():
+    try:
+        from salt_kernels.backends import extension
+    except ImportError as exc:
+        pytest.skip(f"extension not built: {exc}")
+    return extension
+
+
+def _require(backend, device):
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(f"backend '{backend}' unavailable on {device}: {reason}")
+
+
+def _op_inputs(M, K, D, r, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    U = (torch.randn(D, r, generator=g) * D ** -0.5).to(device, dtype)
+    V = (torch.randn(K, r, generator=g) * K ** -0.5).to(device, dtype)
+    C = torch.randn(r, r, generator=g).to(device, acc)
+    b = torch.randn(D, generator=g).to(device, dtype) if bias else None
+    return x, U, V, C, b
+
+
+# --------------------------------------------------------------------------- CPU backend
+
+def test_auto_picks_cpu_backend_when_built():
+    _require("cpu", "cpu")
+    assert salt_kernels.available_backends("cpu")[0] == "cpu"
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck(device, dtype, bias):
+    _require(device, device)
+    ext = _ext_or_skip()
+    x, U, V, C, b = _op_inputs(37, 19, 23, 6, dtype, device, bias)
+    torch.library.opcheck(ext.salt_forward, (x.requires_grad_(), U, V, C.requires_grad_(), b))
+    y, Z = ext.salt_forward(x.detach(), U, V, C.detach(), b)
+    G = torch.randn_like(y)
+    for flags in [(True, True, True), (False, True, False), (True, False, bias)]:
+        torch.library.opcheck(ext.salt_backward, (G, Z, U, V, C.detach(), *flags))
+    # stride-0 upstream gradient, as y.sum() produces
+    torch.library.opcheck(ext.salt_backward, (torch.ones(1, 1, dtype=dtype, device=device).expand_as(y),
+                                              Z, U, V, C.detach(), True, True, True))
+
+
+def test_gradcheck_float64_leading_dims_noncontiguous():
+    _require("cpu", "cpu")
+    t = make_salt_inputs((2, 3), 9, 7, 4, 2, torch.float64, grad_basis=True)
+    t["x"] = t["x"].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    names = ["x", "U", "V", "sigma", "X", "Y", "bias"]
+
+    def f(*args):
+        return salt_kernels.salt_linear(*args, scaling=0.5, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, tuple(t[n] for n in names))
+
+
+def test_torch_compile_fullgraph_traces_the_ops():
+    """The fake kernels and registered autograd let torch.compile(fullgraph=True) trace
+    forward and backward through the extension ops."""
+    _require("cpu", "cpu")
+    ext = _ext_or_skip()
+    names = ["x", "U", "V", "sigma", "X", "Y", "bias"]
+    t = make_salt_inputs((20,), 16, 12, 4, 2, torch.float32)
+    compiled = torch.compile(lambda *a: ext.salt_linear_2d(*a, 0.5), fullgraph=True)
+    y = compiled(*(t[n] for n in names))
+    grads = torch.autograd.grad(y.sum(), [t[n] for n in ("x", "sigma", "X", "Y", "bias")])
+    y_ref = salt_kernels.salt_linear(**t, scaling=0.5, backend="reference")
+    grads_ref = torch.autograd.grad(y_ref.sum(), [t[n] for n in ("x", "sigma", "X", "Y", "bias")])
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)
+
+
+def _grads(dtype, threads):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = make_salt_inputs((2500,), 48, 40, 8, 3, dtype, seed=3)  # several row blocks and dC slices
+        y = salt_kernels.salt_linear(**t, backend="cpu")
+        names = ["x", "sigma", "X", "Y", "bias"]
+        return [y.detach()] + list(torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y)))
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_bitwise_deterministic(dtype):
+    """Same inputs -> bitwise-identical forward and gradients, run to run and whatever the
+    thread count (the reductions over M use fixed row blocks summed in order)."""
+    _require("cpu", "cpu")
+    first = _grads(dtype, torch.get_num_threads())
+    for threads in (torch.get_num_threads(), 1):
+        again = _grads(dtype, threads)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_outputs(dtype):
+    """Outputs of 32 MiB and more are allocated on huge pages: check values and that they
+    behave as ordinary tensors (y: 2048 x 4096 fp32 = 32 MiB; dx likewise)."""
+    _require("cpu", "cpu")
+    M, r = 2048, 4
+    K = D = 4096 if dtype == torch.float32 else 8192  # 32 MiB for y and dx
+    t = make_salt_inputs((M,), K, D, r, 2, dtype)
+    y = salt_kernels.salt_linear(**t, backend="cpu")
+    G = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dx, dsigma, db = torch.autograd.grad(y, [t["x"], t["sigma"], t["bias"]], G)
+    # float64 ground truth through the chain (the dense formula would be too slow here)
+    d = {k: v.detach().double() for k, v in t.items()}
+    C = torch.diag(d["sigma"]) + d["X"] @ d["Y"]
+    Z = d["x"] @ d["V"]
+    y64 = Z @ C.t() @ d["U"].t() + d["bias"]
+    dT = G.double() @ d["U"]
+    tol = TOLERANCES[dtype]
+    for got, want in [(y, y64), (dx, dT @ C @ d["V"].t()), (dsigma, (dT * Z).sum(0)), (db, G.double().sum(0))]:
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err <= tol, err
+    y2 = y.detach().clone()
+    y2.mul_(2)  # huge-page storage is an ordinary, writable tensor
+    assert torch.equal(y2, y.detach() * 2)
+    assert y.detach().numpy().shape == (M, D) and dx.dtype == dtype
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    """With salt_kernels._C unloadable, the package imports, available_backends tells the
+    truth, auto falls back with exactly one warning and backend='cpu' raises saying why."""
+    code = textwrap.dedent("""
+        import sys, warnings, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "salt_kernels._C":
+                    raise ImportError("simulated: extension not built")
+        sys.meta_path.insert(0, Block())
+        import torch, salt_kernels
+        from salt_kernels import BackendUnavailableError
+        assert salt_kernels.available_backends("cpu")[0] == "reference", salt_kernels.available_backends("cpu")
+        assert "cpu" not in salt_kernels.available_backends("cpu")
+        x, U, V, s = torch.randn(3, 5), torch.randn(4, 2), torch.randn(5, 2), torch.rand(2)
+        X, Y = torch.randn(2, 1), torch.randn(1, 2)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                salt_kernels.salt_linear(x, U, V, s, X, Y)
+        msgs = [str(m.message) for m in w]
+        assert len(msgs) == 1 and "salt_kernels._C" in msgs[0], msgs
+        try:
+            salt_kernels.salt_linear(x, U, V, s, X, Y, backend="cpu")
+        except BackendUnavailableError as e:
+            assert "not available" in str(e)
+        else:
+            raise AssertionError("backend='cpu' should raise")
+        print("OK")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+# -------------------------------------------------------------------------- CUDA backend
+
+def _nvcc():
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+# Instantiates every kernel the binding (csrc/cuda/salt_cuda.cu) launches, per dtype.
+_INSTANTIATE_CU = """
+#include "salt_device.cuh"
+template <typename T, typename A>
+void instantiate() {
+  using namespace salt_cuda;
+  cudaStream_t s = nullptr;
+  launch_gemm_nt<T, A, A, A>(nullptr, 0, 0, nullptr, 0, 0, nullptr, nullptr, 0, 1, 1, 1, 1, 0, s);
+  launch_gemm_nt<T, T, A, A>(nullptr, 0, 0, nullptr, 0, 0, nullptr, nullptr, 0, 1, 1, 1, 1, 0, s);
+  launch_gemm_nt<A, A, T, A>(nullptr, 0, 0, nullptr, 0, 0, nullptr, nullptr, 0, 1, 1, 1, 1, 0, s);
+  launch_gemm_nt<A, A, A, A>(nullptr, 0, 0, nullptr, 0, 0, nullptr, nullptr, 0, 1, 1, 1, 1, 0, s);
+  launch_column_sum_partials<T, A>(nullptr, 1, 1, 0, 0, 1, nullptr, s);
+  launch_sum_partials<A, T>(nullptr, 1, 1, nullptr, s);
+  launch_sum_partials<A, A>(nullptr, 1, 1, nullptr, s);
+}
+template void instantiate<float, float>();
+template void instantiate<double, double>();
+template void instantiate<__half, float>();
+template void instantiate<__nv_bfloat16, float>();
+"""
+
+
+def test_device_code_compiles_without_spills(tmp_path):
+    """Plain nvcc (no torch) compiles the device header for sm_80 and sm_90; every kernel
+    has no spills, no local memory (stack frame) and shared memory under 48 KiB."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    src = tmp_path / "instantiate.cu"
+    src.write_text(_INSTANTIATE_CU)
+    cmd = [nvcc, "-c", str(src), "-o", str(tmp_path / "instantiate.o"), "-I", str(ROOT / "csrc" / "cuda"),
+           "-std=c++17", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "--resource-usage"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    log = out.stdout + out.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", log)
+    assert {arch for _, arch in kernels} == {"sm_80", "sm_90"}
+    per_arch = {a: sorted(n for n, arch in kernels if arch == a) for a in ("sm_80", "sm_90")}
+    assert per_arch["sm_80"] == per_arch["sm_90"] and len(per_arch["sm_80"]) >= 12, per_arch
+    props = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(props) == len(kernels)
+    for (name, arch), (stack, st, ld) in zip(kernels, props):
+        assert (int(stack), int(st), int(ld)) == (0, 0, 0), f"{name} on {arch}: stack {stack}, spills {st}/{ld}"
+    for smem in re.findall(r"(\d+) bytes smem", log):
+        assert int(smem) <= 48 * 1024
+
+
+def test_cuda_kernels_registered():
+    """A CUDA build of torch plus a CUDA toolkit at build time -> the ops have CUDA kernels
+    (this needs no GPU: it checks the extension compiled and linked its CUDA part)."""
+    if torch.version.cuda is None:
+        pytest.skip("this torch build has no CUDA; the extension can only build its CPU part")
+    if _nvcc() is None:
+        pytest.skip("no CUDA toolkit (nvcc) found, so the CUDA part was not built")
+    ext = _ext_or_skip()
+    for op in (ext.FORWARD_OP, ext.BACKWARD_OP):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+    if not HAS_GPU:
+        assert "no CUDA device" in unavailable_reason("cuda", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [((7,), 33, 29, 5, 3), ((3, 100), 200, 300, 70, 9), ((1,), 19, 130, 12, 0)], ids=str)
+def test_cuda_matches_float64(dtype, shape):
+    _require("cuda", "cuda")
+    lead, K, D, r, rl = shape
+    t = make_salt_inputs(lead, K, D, r, rl, dtype, device="cuda")
+    assert_matches_ground_truth(lambda **kw: salt_kernels.salt_linear(**kw, backend="cuda"), t, dtype, scaling=0.7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_cuda_backward_bitwise_deterministic():
+    _require("cuda", "cuda")
+    runs = []
+    for _ in range(2):
+        t = make_salt_inputs((3000,), 64, 48, 16, 4, torch.float32, device="cuda", seed=5)
+        y = salt_kernels.salt_linear(**t, backend="cuda")
+        names = ["x", "sigma", "X", "Y", "bias"]
+        runs.append(torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
