@@ -65,38 +65,53 @@ def available_backends(device="cpu") -> list[str]:
     return [b for b in order if unavailable_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device) -> str:
-    """The concrete backend that ``backend`` ("auto" or a name) runs on ``device``."""
-    return _resolve(backend, torch.device(device).type)
+def resolve_backend(backend: str, device, rank: int = 1) -> str:
+    """The concrete backend that ``backend`` ("auto" or a name) runs on ``device`` for
+    a layer of rank ``rank``."""
+    return _resolve(backend, torch.device(device).type, rank)
 
 
-# Resolution depends only on (backend, device type) and on what is installed, so it is
-# cached and, for torch.compile, treated as a constant: Dynamo then never traces the
-# imports and warnings below, and `fullgraph=True` holds.
+def _max_rank(name: str) -> int | None:
+    """The largest rank backend ``name`` supports (``MAX_RANK`` in its module), or None."""
+    return getattr(_module(name)[0], "MAX_RANK", None)
+
+
+# Resolution depends only on (backend, device type, rank) and on what is installed, so
+# it is cached and, for torch.compile, treated as a constant: Dynamo then never traces
+# the imports and warnings below, and `fullgraph=True` holds.
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    key = (backend, device_type)
+def _resolve(backend: str, device_type: str, rank: int) -> str:
+    key = (backend, device_type, rank)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _resolve_uncached(backend, torch.device(device_type))
+        _RESOLVED[key] = _resolve_uncached(backend, torch.device(device_type), rank)
         name = _RESOLVED[key]
         _IMPLS[name] = _module(name)[0].salt_linear_2d
     return _RESOLVED[key]
 
 
-_RESOLVED: dict[tuple[str, str], str] = {}
+_RESOLVED: dict[tuple[str, str, int], str] = {}
 _IMPLS: dict = {}  # backend name -> salt_linear_2d of its module
 
 
-def _resolve_uncached(backend: str, device: torch.device) -> str:
+def _resolve_uncached(backend: str, device: torch.device, rank: int) -> str:
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend='{backend}' is not available: {reason}")
+        limit = _max_rank(backend)
+        if limit is not None and rank > limit:
+            raise ValueError(
+                f"U: backend='{backend}' supports rank <= {limit}, got rank {rank}; "
+                f"use backend='auto' to run larger ranks on another backend"
+            )
         return backend
     order = _AUTO_ORDER.get(device.type, ("reference",))
     for name in order:
         reason = unavailable_reason(name, device)
         if reason is None:
+            limit = _max_rank(name)
+            if limit is not None and rank > limit:
+                continue  # by design, not a missing piece: no warning
             return name
         if reason not in _warned:
             _warned.add(reason)
@@ -140,7 +155,7 @@ def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backen
 
 
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend):
-    name = _resolve(backend, x.device.type)
+    name = _resolve(backend, x.device.type, U.shape[1])
     lead = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = _IMPLS[name](x2d, U, V, sigma, X, Y, bias, scaling)

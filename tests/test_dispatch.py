@@ -69,3 +69,27 @@ def test_autocast_cpu_bfloat16_like_linear():
     assert y.dtype == y_lin.dtype == torch.bfloat16
     rel = ((y.float() - lin(x)).abs().max() / lin(x).abs().max()).item()
     assert rel < 3e-2
+
+
+def test_rank_above_a_backends_limit():
+    """Triton kernels support rank <= 256: asked for explicitly, a larger rank is a clear
+    error; under "auto" the next backend in the order takes it."""
+    from salt_kernels.dispatch import unavailable_reason
+
+    if unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(f"triton unavailable here: {unavailable_reason('triton', 'cpu')}")
+    t = make_salt_inputs((2,), 300, 290, 260, 2)
+    with pytest.raises(ValueError, match=r"U: backend='triton' supports rank <= 256, got rank 260"):
+        salt_kernels.salt_linear(**t, backend="triton")
+
+
+def test_auto_skips_backends_whose_rank_limit_is_exceeded(monkeypatch):
+    monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ("triton", "reference"))
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device: None)
+    monkeypatch.setattr(dispatch, "_max_rank", lambda name: 256 if name == "triton" else None)
+    dispatch.clear_backend_cache()
+    try:
+        assert dispatch.resolve_backend("auto", "cpu", rank=256) == "triton"
+        assert dispatch.resolve_backend("auto", "cpu", rank=257) == "reference"
+    finally:
+        dispatch.clear_backend_cache()
