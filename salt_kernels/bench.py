@@ -101,6 +101,8 @@ PRESETS: dict[str, list[Shape]] = {
     # r' sweep as in the SALT paper's ablation (r' <= r), on SAM ViT-L attention.
     "lora-rank": [Shape("lora-rank", "SAM ViT-L attn qkv", 4096, 1024, 3072, r, rl)
                   for r, rl in [(64, 8), (64, 32), (64, 64), (256, 8), (256, 64), (256, 256)]],
+    # Token sweep at one layer: where the kernel targets are set (M <= 512 and M = 8192).
+    "tokens": [Shape("tokens", "LLaMA-7B q_proj", M, 4096, 4096, 64, 8) for M in (1, 16, 64, 512, 8192)],
     # Small enough for a 2-core CPU in well under 2 minutes (the --quick default there).
     "quick": [Shape("quick", "ViT-B/16 attn qkv", 197 * 4, 768, 2304, 64, 8),
               Shape("quick", "ViT-B/16 MLP fc1", 197 * 4, 768, 3072, _rank10(768, 3072), 8),
@@ -109,7 +111,7 @@ PRESETS: dict[str, list[Shape]] = {
     # Seconds, for tests of the CLI itself.
     "smoke": [Shape("smoke", "tiny", 64, 96, 128, 16, 4), Shape("smoke", "tiny decode", 2, 96, 128, 16, 0)],
 }
-FULL_PRESETS = ["vit-b16", "sam-vit-l", "llama7b", "decode", "lora-rank"]
+FULL_PRESETS = ["vit-b16", "sam-vit-l", "llama7b", "decode", "tokens", "lora-rank"]
 
 # --------------------------------------------------------------------------- verification
 
