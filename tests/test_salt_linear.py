@@ -24,6 +24,7 @@ SHAPES = [
     ((3, 5, 2), 40, 72, 1, 1), # r = 1, three leading dims
     ((), 23, 31, 6, 2),        # 1-D x
     ((0,), 21, 13, 4, 2),      # empty batch
+    ((5, 9), 20, 18, 6, 3),    # M > K and M > D (the cpu backend folds the mix into U, V)
 ]
 
 

@@ -1,7 +1,9 @@
 // CPU kernels of salt_kernels::salt_forward / salt_backward (schemas in ../salt_ops.cpp).
 //
-//  * The r x r mix is folded into the small basis matrices once per call
-//    (y = Z (U C)^T + b, dx = dT (V C^T)^T): no M x r pass for it.
+//  * The r x r mix costs 2 r^2 per row applied to the M x r intermediate, or 2 r^2 per
+//    row of the basis when folded into it once per call (y = Z (U C)^T + b,
+//    dx = dT (V C^T)^T). We fold only when M exceeds the basis rows (D, resp. K):
+//    at decode sizes folding would cost more than the whole layer.
 //  * Bias is fused into the expand GEMM (addmm): y is written once.
 //  * The GEMMs are BLAS calls on whole matrices (BLAS threads them). Only where the
 //    input must be converted (fp16/bf16 -> fp32, or an x or G without a unit stride,
@@ -135,9 +137,12 @@ std::tuple<Tensor, Tensor> salt_forward_cpu(const Tensor& x, const Tensor& U, co
   const auto acc = C.scalar_type();
   const auto acc_opts = x.options().dtype(acc);
 
-  // The mix folded into the expand weights: y = Z C^T U^T + b = Z (U C)^T + b.
+  // Mix folded into the expand weights when M > D: y = Z C^T U^T + b = Z (U C)^T + b.
+  // Otherwise T = Z C^T per block, then y = T U^T + b.
   const Tensor V_acc = V.to(acc);
-  const Tensor UC_t = at::mm(U.to(acc), C).t();  // (r, D), transposed view: BLAS reads it as is
+  const bool fold_mix = M > D;
+  const Tensor expand_t = fold_mix ? at::mm(U.to(acc), C).t() : U.to(acc).t();  // (r, D) views
+  const Tensor C_t = C.t();
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor bias_acc = has_bias ? bias->to(acc) : Tensor();
 
@@ -158,10 +163,11 @@ std::tuple<Tensor, Tensor> salt_forward_cpu(const Tensor& x, const Tensor& U, co
     at::mm_out(Z_blk, x_blk, V_acc);  // shrink
     Tensor y_blk = y.narrow(0, m0, rows);
     Tensor out = widen ? y_acc_buf.narrow(0, 0, rows) : y_blk;
+    const Tensor T_blk = fold_mix ? Z_blk : at::mm(Z_blk, C_t);  // mix (unless folded)
     if (has_bias) {
-      at::addmm_out(out, bias_acc, Z_blk, UC_t);  // mix + expand + bias, one write of y
+      at::addmm_out(out, bias_acc, T_blk, expand_t);  // expand + bias, one write of y
     } else {
-      at::mm_out(out, Z_blk, UC_t);
+      at::mm_out(out, T_blk, expand_t);
     }
     if (widen) y_blk.copy_(out);
   }
@@ -184,8 +190,10 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tens
   const bool need_dT = need_dx || need_dC;
   if (M > 0 && (need_dT || need_db)) {
     const Tensor U_acc = U.to(acc);
-    // dx = dZ V^T = dT C V^T = dT (V C^T)^T: the mix folded into the small (K, r) matrix.
-    const Tensor VCt_t = need_dx ? at::mm(V.to(acc), C.t()).t() : Tensor();  // (r, K) view
+    // dx = dZ V^T = dT C V^T = dT (V C^T)^T: the mix folded into the (K, r) matrix when
+    // M > K (see the header), else applied to each block: dZ = dT C.
+    const bool fold_mix = M > K;
+    const Tensor shrink_t = !need_dx ? Tensor() : fold_mix ? at::mm(V.to(acc), C.t()).t() : V.to(acc).t();
     const bool widen = G.scalar_type() != acc;
     // Blocks only where G must be copied (conversion, or no unit stride); dC is summed
     // per block of at most 1024 rows either way, so its order depends on M alone.
@@ -205,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tens
       if (need_dx) {
         Tensor dx_blk = dx.narrow(0, m0, rows);
         Tensor out = widen ? dx_acc_buf.narrow(0, 0, rows) : dx_blk;
-        at::mm_out(out, dT, VCt_t);  // dx = dT (V C^T)^T
+        at::mm_out(out, fold_mix ? dT : at::mm(dT, C), shrink_t);  // dx = dZ V^T
         if (widen) dx_blk.copy_(out);
       }
     }
