@@ -30,54 +30,57 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per b
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 
-# (kernel, variant, rank kind, mode constexprs) -- exactly the combinations salt_forward /
-# salt_backward launch (see triton_kernels.py), each compiled at the padded ranks below
-# with the largest row tile block_m gives (the register / shared-memory worst case);
-# --full adds smaller ranks and BM = 16 (decode).
-# (The mix kernel's code does not depend on R_PAD beyond 32: one rank covers it.)
-RANKS = {"shrink": (64, 128, 256), "mix": (128,), "expand.prologue": (64,), "expand.plain": (128, 256)}
-FULL_RANKS = {"shrink": (16,), "mix": (16,), "expand.prologue": (16, 32), "expand.plain": (16, 64)}
+# (kernel, variant, mix placement, mode constexprs) -- exactly the combinations
+# salt_forward / salt_backward launch (see triton_kernels.py). Placement: "prologue"
+# variants run only where the host puts the mix in the expand prologue, "separate" ones
+# (the mix kernel and the plain expand) only where it does not, "any" always.
 _SHRINK = dict(NEED_ACC=True, COLSUM=False)
 _MIX = dict(STORE_Z=False, DC=False, STORE_MIX=True)
 _EXPAND = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
 VARIANTS = [
-    ("shrink", "fwd", "shrink", dict(_SHRINK)),
-    ("shrink", "bwd", "shrink", {**_SHRINK, "COLSUM": True}),
-    ("shrink", "bwd.db_only", "shrink", {**_SHRINK, "NEED_ACC": False, "COLSUM": True}),
-    ("mix", "fwd", "mix", {**_MIX, "STORE_Z": True}),
-    ("mix", "bwd", "mix", {**_MIX, "DC": True}),
-    ("mix", "bwd.dc_only", "mix", {**_MIX, "DC": True, "STORE_MIX": False}),
-    ("expand", "fwd.prologue", "expand.prologue", {**_EXPAND, "PROLOGUE_MIX": True, "STORE_Z": True, "HAS_BIAS": True}),
-    ("expand", "bwd.prologue", "expand.prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True}),
-    ("expand", "bwd.dc_only", "expand.prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True, "COMPUTE_OUT": False}),
-    ("expand", "fwd.plain", "expand.plain", {**_EXPAND, "HAS_BIAS": True}),
-    ("expand", "bwd.plain", "expand.plain", dict(_EXPAND)),
+    ("shrink", "fwd", "any", dict(_SHRINK)),
+    ("shrink", "bwd", "any", {**_SHRINK, "COLSUM": True}),
+    ("shrink", "bwd.db_only", "any", {**_SHRINK, "NEED_ACC": False, "COLSUM": True}),
+    ("mix", "fwd", "separate", {**_MIX, "STORE_Z": True}),
+    ("mix", "bwd", "separate", {**_MIX, "DC": True}),
+    ("mix", "bwd.dc_only", "separate", {**_MIX, "DC": True, "STORE_MIX": False}),
+    ("expand", "fwd.prologue", "prologue", {**_EXPAND, "PROLOGUE_MIX": True, "STORE_Z": True, "HAS_BIAS": True}),
+    ("expand", "bwd.prologue", "prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True}),
+    ("expand", "bwd.dc_only", "prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True, "COMPUTE_OUT": False}),
+    ("expand", "fwd.plain", "separate", {**_EXPAND, "HAS_BIAS": True}),
+    ("expand", "bwd.plain", "separate", dict(_EXPAND)),
 ]
+# Every padded rank the host can pick (rank_tiles: powers of two from 16 to MAX_RANK),
+# and token counts covering every row tile block_m can return (decode to large M).
+R_PADS = (16, 32, 64, 128, 256)
+_TOKEN_COUNTS = (1, 16, 32, 64, 1 << 20)
 
 
-def _jobs(full: bool):
+def _jobs():
+    """Every (kernel variant, padded rank, row tile, dtype, autotune config, arch) the
+    launcher can produce."""
     from .backends import triton_kernels as tk
 
     jobs = []
-    for kernel, variant, rank_kind, modes in VARIANTS:
-        ranks = RANKS[rank_kind] + (FULL_RANKS[rank_kind] if full else ())
-        if variant == "bwd.db_only":  # no r-wide work at all
-            ranks = ranks[:1]
-        for R_PAD in ranks:
-            for dtype in DTYPES:
-                elem = 4 if dtype == "fp32" else 2
-                if rank_kind == "expand.prologue" and not tk._mix_in_prologue(R_PAD, min(R_PAD, 64), elem):
-                    continue  # fp32 never mixes in the prologue
+    for kernel, variant, placement, modes in VARIANTS:
+        for dtype in DTYPES:
+            elem = 4 if dtype == "fp32" else 2
+            ranks = R_PADS[:1] if variant == "bwd.db_only" else R_PADS  # no r-wide work at all
+            for R_PAD in ranks:
+                prologue = tk._mix_in_prologue(R_PAD, tk.rank_tiles(R_PAD)[1], elem)
+                if placement != "any" and prologue != (placement == "prologue"):
+                    continue  # the host never launches this variant at this rank and dtype
                 if kernel == "mix":  # not autotuned: one fixed tile and launch config
-                    tiles = [(tk.MIX_BM, None, tk.MIX_WARPS, 1)]
-                    modes = dict(modes, BR=min(tk.MIX_BR, R_PAD))
+                    tiles = [(tk.MIX_BM, None, tk.mix_warps(R_PAD), 1)]
+                    job_modes = dict(modes, BR=min(tk.MIX_BR, R_PAD))
                 else:
-                    bms = [tk.block_m(1 << 20, R_PAD, elem)] + ([16] if full else [])
+                    job_modes = modes
+                    bms = sorted({tk.block_m(M, R_PAD, elem) for M in _TOKEN_COUNTS})
                     tiles = [(BM, c.kwargs["BN"], c.num_warps, c.num_stages) for BM in bms
                              for c in tk.usable_configs(kernel, BM, R_PAD, elem)]
                 for BM, BN, warps, stages in tiles:
                     for arch in ARCHS:
-                        jobs.append((kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch))
+                        jobs.append((kernel, variant, job_modes, R_PAD, BM, dtype, BN, warps, stages, arch))
     return jobs
 
 
@@ -188,7 +191,6 @@ def check(rows) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m salt_kernels.aot", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
-    p.add_argument("--full", action="store_true", help="also the smaller (R_PAD, BM) tiles, not only the worst case")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
                                env=env)
     import triton
 
-    jobs = _jobs(args.full)
+    jobs = _jobs()
     t0 = time.time()
     # A fresh, private cache so that ptxas really runs (its -v log is what we read).
     with tempfile.TemporaryDirectory(prefix="salt_aot_") as cache:

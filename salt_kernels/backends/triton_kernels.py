@@ -302,10 +302,14 @@ def _cfg(BN, warps, stages=3):
 # Chosen so that every one compiles without spills for sm_80 and sm_90 (aot.py checks):
 # wide ranks get a narrower streamed tile (BN) or more warps, because Triton keeps a
 # whole BN x R_PAD dot operand in registers on sm_80.
+# Lists are searched in order, so narrow rank buckets come first. (At R_PAD <= 32 some
+# configs that are fine at R_PAD = 64 spilled a few bytes, so small ranks get their own.)
 _CONFIG_TABLE = {
+    ("shrink", 2, 32): [_cfg(64, 4), _cfg(32, 4)],
     ("shrink", 2, 64): [_cfg(64, 4), _cfg(128, 8), _cfg(32, 4)],
     ("shrink", 2, 128): [_cfg(32, 4), _cfg(32, 8)],
     ("shrink", 2, 256): [_cfg(32, 8), _cfg(16, 4)],
+    ("shrink", 4, 32): [_cfg(16, 4), _cfg(16, 8)],
     ("shrink", 4, 64): [_cfg(32, 4), _cfg(32, 8)],
     ("shrink", 4, 256): [_cfg(16, 8)],
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
@@ -484,7 +488,13 @@ def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
 
 # The mix kernel is not autotuned: its work is tiny; 32 x 32 slices keep its fp32 dot
 # operands (three copies under tf32x3) in registers.
-MIX_BM, MIX_BR, MIX_WARPS = 32, 32, 4
+MIX_BM, MIX_BR = 32, 32
+
+
+def mix_warps(R_PAD: int) -> int:
+    """4 warps, but 8 at R_PAD = 16, where 4 spilled with fp32 on sm_90 (and 8 spills at
+    R_PAD >= 32): both found with aot.py."""
+    return 8 if R_PAD <= 16 else 4
 
 
 def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, precision):
@@ -494,7 +504,7 @@ def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_m
     wrap_triton(_mix_kernel)[(triton.cdiv(M, MIX_BM), R_PAD // BR)](
         parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
         dc_part, mixed, M, r, BM=MIX_BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc,
-        STORE_MIX=store_mix, PRECISION=precision, num_warps=MIX_WARPS)
+        STORE_MIX=store_mix, PRECISION=precision, num_warps=mix_warps(R_PAD))
 
 
 @triton_op("salt_triton::forward", mutates_args=())
