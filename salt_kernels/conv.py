@@ -131,10 +131,7 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
             bias=conv.bias is not None, scaling=scaling, device=W.device, dtype=W.dtype,
             sigma_mode=sigma_mode, residual=residual,
         )
-        layer._init_from_weight(W, svd)
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
+        layer._init_from_pretrained(W, conv.bias, svd)
         return layer
 
     @torch.no_grad()

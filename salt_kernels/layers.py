@@ -149,10 +149,12 @@ class SALTAdapterMixin:
         self.Y.zero_()
 
     @torch.no_grad()
-    def _init_from_weight(self, weight: torch.Tensor, svd: str) -> None:
-        """Set U, sigma0, V from the rank-r SVD of ``weight`` (flattened to (D, K)) and,
-        with ``residual``, the residual against the factors as stored (after the cast to
-        the layer's dtype), so that it absorbs their rounding too."""
+    def _init_from_pretrained(self, weight: torch.Tensor, bias, svd: str) -> None:
+        """Set U, sigma0, V from the rank-r SVD of ``weight`` (flattened to (D, K)), copy
+        ``bias`` (or None) and, with ``residual``, the residual against the factors as
+        stored (after the cast to the layer's dtype), so that it absorbs their rounding too."""
+        if bias is not None:
+            self.bias.copy_(bias)
         W = weight.detach().reshape(self.out_features, self.in_features)
         U, S, V = truncated_svd(W, self.rank, svd)
         self.U.copy_(U)
@@ -286,10 +288,7 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
             device=W.device, dtype=W.dtype, backend=backend,
             sigma_mode=sigma_mode, residual=residual,
         )
-        layer._init_from_weight(W, svd)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
+        layer._init_from_pretrained(W, linear.bias, svd)
         return layer
 
     @torch.no_grad()
