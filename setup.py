@@ -57,7 +57,10 @@ def _extension_kwargs() -> dict:
     from torch.utils import cpp_extension
 
     sources = ["csrc/salt_ops.cpp", "csrc/cpu/salt_cpu.cpp"]
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template; without it the pragma is ignored and
+    # our parallel loops run on one thread. libgomp.so.1 resolves to the copy torch loaded.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if cuda_home is not None:
         include_dirs = [str(ROOT / "csrc")]
         # The torch CUDA wheels ship cuBLAS/cuSPARSE headers here, not in the toolkit dir.
@@ -70,12 +73,14 @@ def _extension_kwargs() -> dict:
             sources + ["csrc/cuda/salt_cuda.cu"],
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
             py_limited_api=False,
         )
         print(f"salt_kernels: building the CPU and CUDA extension (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
-        ext = cpp_extension.CppExtension("salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
         print("salt_kernels: building the CPU extension only (torch without CUDA or no CUDA toolkit found)")
 
     class BuildExtOptional(cpp_extension.BuildExtension):
@@ -92,7 +97,8 @@ def _extension_kwargs() -> dict:
                       "retrying with the CPU part only.", file=sys.stderr)
                 self.compiler = None  # build_ext.run makes a fresh one from this
                 self.extensions = [cpp_extension.CppExtension(
-                    "salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+                    "salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                    extra_link_args=link_flags)]
                 try:
                     super().run()
                     return

@@ -384,15 +384,24 @@ def time_step(step: Callable[[], None], device, min_time: float) -> float:
 def time_steps(steps: dict, device, min_time: float, *, min_rounds: int = 3, block: float = 0.02) -> dict:
     """Median seconds per call of each named step.
 
-    CUDA: :func:`time_step` for each (GPU timing, CPU load barely matters). CPU:
-    interleaved rounds -- every round runs each step ``n`` times back to back (``n``
-    calibrated to ~``block`` seconds) -- until at least ``min_rounds`` rounds and
-    ``min_time`` seconds per step; the median over rounds. Interleaving means a burst of
-    load from other processes hits all methods alike instead of one of them.
+    CUDA: :func:`time_step` for each (GPU timing, CPU load barely matters). CPU: the
+    median of :func:`sample_steps`.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return {name: time_step(step, device, min_time) for name, step in steps.items()}
+    samples = sample_steps(steps, min_time, min_rounds=min_rounds, block=block)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def sample_steps(steps: dict, min_time: float, *, min_rounds: int = 3, block: float = 0.02) -> dict:
+    """Seconds per call of each named CPU step, one sample per round.
+
+    Interleaved rounds -- every round runs each step ``n`` times back to back (``n``
+    calibrated to ~``block`` seconds) -- until at least ``min_rounds`` rounds and
+    ``min_time`` seconds per step. Interleaving means a burst of load from other
+    processes hits all methods alike instead of one of them.
+    """
     number = {}
     for name, step in steps.items():
         step()  # warm-up
@@ -409,7 +418,7 @@ def time_steps(steps: dict, device, min_time: float, *, min_rounds: int = 3, blo
             samples[name].append((time.perf_counter() - t0) / number[name])
         if rounds >= 1000 or (rounds >= min_rounds and time.perf_counter() - start >= min_time * len(steps)):
             break
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
 
 
 def _cuda_event_median(step, min_time):

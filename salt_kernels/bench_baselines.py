@@ -1,4 +1,4 @@
-"""The two layers ``salt-bench`` compares SALT against (DESIGN.md section 6).
+"""The layers SALT is benchmarked against (DESIGN.md section 6).
 
 * :func:`dense_linear` -- a plain ``nn.Linear`` of the same size (``F.linear``), trained
   in full: what the layer costs without any adapter.
@@ -20,7 +20,11 @@
   the backward runs the rebuild backwards too. (That code also returns a scalar
   regulariser on ``a``, ``b``, ``X``, ``Y``; it costs O(R + (D + K)·r') and is left out.)
 
-Neither baseline is written for speed: they model what people run today.
+* :func:`unfused_salt_chain` -- SALT written the obvious way in PyTorch, exactly as
+  issue #4 states its baseline (``benchmarks/bench_cpu_backend.py``). The ``reference``
+  backend is the same chain with the bias and the low-rank mix fused through ``addmm``.
+
+Neither dense nor official baseline is written for speed: they model what people run today.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ import torch.nn.functional as F
 def dense_linear(x, weight, bias):
     """``nn.Linear``'s computation: ``y = x Wᵀ + b``."""
     return F.linear(x, weight, bias)
+
+
+def unfused_salt_chain(x, U, V, sigma, X, Y, bias):
+    """``z = x V;  t = z * σ + (z Yᵀ) Xᵀ;  y = t Uᵀ + b`` with autograd, nothing fused."""
+    z = x @ V
+    t = z * sigma + (z @ Y.t()) @ X.t()
+    y = t @ U.t()
+    return y if bias is None else y + bias
 
 
 def official_salt_forward(x, U_full, S_full, Vh_full, scale, shift, scale_frozen, shift_frozen,

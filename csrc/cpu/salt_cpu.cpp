@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -109,23 +110,36 @@ void check_common(const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) 
               "salt_kernels: C must be float32 or float64 (the accumulation dtype)");
 }
 
-// col_sums[j] += sum_i G[i, j], rows in order (deterministic); any strides, G in the
-// accumulation dtype. Parallel over columns only.
+// col_sums[j] += sum_i G[i, j], G in the accumulation dtype, any strides. Deterministic
+// for any thread count: fixed row blocks (their size depends on the row count only), each
+// summed in row order by one thread into its own partial row, the partials then added in
+// block order. Whole rows per thread keep the reads streaming: G comes from DRAM here
+// (it is the backward's input), and splitting columns instead cost 2x.
 void add_column_sums(const Tensor& G, Tensor& col_sums) {
   const int64_t rows = G.size(0), n = G.size(1), s0 = G.stride(0), s1 = G.stride(1);
+  const int64_t block = std::max<int64_t>(256, (rows + 63) / 64);  // at most 64 partial rows
+  const int64_t blocks = (rows + block - 1) / block;
+  Tensor partials = at::zeros({blocks, n}, col_sums.options());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "salt_column_sums", [&] {
     const scalar_t* g = G.const_data_ptr<scalar_t>();
-    scalar_t* o = col_sums.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1024, [&](int64_t j0, int64_t j1) {
-      for (int64_t i = 0; i < rows; ++i) {
-        const scalar_t* row = g + i * s0;
-        if (s1 == 1) {
-          for (int64_t j = j0; j < j1; ++j) o[j] += row[j];
-        } else {
-          for (int64_t j = j0; j < j1; ++j) o[j] += row[j * s1];
+    scalar_t* p = partials.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t* __restrict__ out = p + b * n;
+        for (int64_t i = b * block; i < std::min(rows, (b + 1) * block); ++i) {
+          const scalar_t* __restrict__ row = g + i * s0;
+          if (s1 == 1) {
+            for (int64_t j = 0; j < n; ++j) out[j] += row[j];
+          } else {
+            for (int64_t j = 0; j < n; ++j) out[j] += row[j * s1];
+          }
         }
       }
     });
+    scalar_t* __restrict__ o = col_sums.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t j = 0; j < n; ++j) o[j] += p[b * n + j];
+    }
   });
 }
 
@@ -218,14 +232,23 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward_cpu(const Tensor& G, const Tens
       }
     }
     if (need_dC) {
-      // dC = dT^T Z over fixed 1024-row slices, each by single-threaded BLAS, added in order.
-      const SerialBlasGuard serial_blas;
-      Tensor part = at::empty({r, r}, acc_opts);
-      for (int64_t m0 = 0; m0 < M; m0 += dC_rows) {
-        const int64_t rows = std::min(dC_rows, M - m0);
-        at::mm_out(part, dT_full.narrow(0, m0, rows).t(), Z.narrow(0, m0, rows));
-        dC.add_(part);
-      }
+      // dC = dT^T Z over fixed row slices, each by single-threaded BLAS on whichever
+      // thread takes it, the partials added in slice order: the same sum for any thread count.
+      const int64_t slices = (M + dC_rows - 1) / dC_rows;
+      Tensor parts = at::empty({slices, r, r}, acc_opts);
+      // Worker threads start without the caller's dispatch state (autograd excluded, as
+      // it is inside this kernel): carry it over, or ATen ops there would see autograd.
+      const at::ThreadLocalState caller_state;
+      at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+        const at::ThreadLocalStateGuard caller_state_guard(caller_state);
+        const SerialBlasGuard serial_blas;
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t m0 = s * dC_rows, rows = std::min(dC_rows, M - m0);
+          Tensor part = parts.select(0, s);
+          at::mm_out(part, dT_full.narrow(0, m0, rows).t(), Z.narrow(0, m0, rows));
+        }
+      });
+      for (int64_t s = 0; s < slices; ++s) dC.add_(parts.select(0, s));
     }
   }
   Tensor db = need_db ? db_acc.to(G.scalar_type()) : at::empty({0}, G.options());
