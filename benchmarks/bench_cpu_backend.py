@@ -1,26 +1,26 @@
 """The ``cpu`` backend (C++ extension) against plain PyTorch, side by side in one process.
 
-    PYTHONPATH=. python benchmarks/bench_cpu_backend.py [--min-time 2] [--threads N]
+    PYTHONPATH=. python benchmarks/bench_cpu_backend.py [--min-time 2] [--threads N] [--dtype bfloat16]
 
-Issue #4's shapes, float32. Four ways to compute the same layer, interleaved (every
-round runs each of them, so a noisy neighbour slows all alike; ``salt_kernels.bench``'s
-sampler):
+Issue #4's shapes, float32 by default. Four ways to compute the same layer, interleaved
+(every round runs each of them, so a noisy neighbour slows all alike;
+``salt_kernels.bench``'s sampler):
 
 * ``chain``: the autograd chain exactly as the issue states its baseline,
   ``z = x@V; t = z*σ + (z@Yᵀ)@Xᵀ; y = t@Uᵀ + b`` (``bench_baselines.unfused_salt_chain``);
 * ``reference``: our ``reference`` backend, the same chain with bias and mix fused
   through ``addmm`` (a stronger baseline than the issue asks for);
 * ``cpu``: the extension;
-* ``GEMM floor``: only the layer's large GEMMs (2 forward, 2 more backward, MKL, into
+* ``GEMM floor``: only the layer's large GEMMs (2 forward, 2 more backward, into
   preallocated outputs). No implementation that uses these GEMMs can be faster; its
   ratio to the baselines bounds the speedup any such implementation can reach.
 
 Forward runs under ``no_grad``; forward+backward takes the gradients of x, σ, X, Y and b.
 Reported: min and median per call, speedups of ``cpu`` over both baselines, the bound
-(baseline / floor), achieved GFLOP/s as a fraction of a square float32 matmul timed in
-the same rounds, and the peak extra resident memory of one forward+backward, measured
-in a fresh subprocess per method (VmHWM after resetting it, minus VmRSS before: this
-sees every allocation, torch's allocator or not).
+(baseline / floor), achieved GFLOP/s as a fraction of a square matmul (in the dtype the
+``cpu`` kernel's GEMMs run in) timed in the same rounds, and the peak extra resident
+memory of one forward+backward, measured in a fresh subprocess per method (VmHWM after
+resetting it, minus VmRSS before: this sees every allocation, torch's allocator or not).
 """
 
 from __future__ import annotations
@@ -52,17 +52,19 @@ LAYERS = {
 }
 
 
-def make_inputs(M, K, D, r, rl, seed=0):
+def make_inputs(M, K, D, r, rl, seed=0, dtype=torch.float32):
+    """Layer inputs in ``dtype`` (x, σ, X, Y, b require grad; U, V frozen) and an
+    upstream gradient G."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).requires_grad_()
-    U = torch.randn(D, r, generator=g) * D ** -0.5
-    V = torch.randn(K, r, generator=g) * K ** -0.5
-    sigma = (torch.rand(r, generator=g) + 0.5).requires_grad_()
-    X = (torch.randn(r, rl, generator=g) * 0.5).requires_grad_()
-    Y = (torch.randn(rl, r, generator=g) * 0.5).requires_grad_()
-    b = (torch.randn(D, generator=g) * 0.1).requires_grad_()
-    G = torch.randn(M, D, generator=g)
-    return (x, U, V, sigma, X, Y, b), G
+
+    def randn(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_(grad)
+    x = randn(M, K, grad=True)
+    U, V = randn(D, r, scale=D ** -0.5), randn(K, r, scale=K ** -0.5)
+    sigma = (torch.rand(r, generator=g) + 0.5).to(dtype).requires_grad_()
+    X, Y = randn(r, rl, scale=0.5, grad=True), randn(rl, r, scale=0.5, grad=True)
+    b = randn(D, scale=0.1, grad=True)
+    return (x, U, V, sigma, X, Y, b), randn(M, D)
 
 
 def forward(layer, args):
@@ -77,12 +79,15 @@ def forward_backward(layer, args, G):
 
 class GemmFloor:
     """The layer's large GEMMs alone, into preallocated outputs: x V and Z Uᵀ (+ b, by
-    addmm) forward; G U and dT Vᵀ backward. The r x r work, db, allocation and autograd
-    are left out, so this is a lower bound on any implementation built on these GEMMs."""
+    addmm) forward; G U and dT Vᵀ backward; in the dtype the ``cpu`` kernel runs them in
+    (``extension.cpu_gemm_dtype``; inputs converted beforehand, untimed). The r x r work,
+    db, conversions, allocation and autograd are left out, so this is a lower bound on
+    any implementation built on these GEMMs."""
 
     def __init__(self, args, G):
-        x, self.U, self.V, _, _, _, self.b = (a.detach() for a in args)
-        self.x, self.G = x, G
+        dtype = extension.cpu_gemm_dtype(G.dtype)
+        x, self.U, self.V, _, _, _, self.b = (a.detach().to(dtype) for a in args)
+        self.x, self.G = x, G.to(dtype)
         M, r = x.shape[0], self.V.shape[1]
         self.Z, self.y = torch.empty(M, r), torch.empty(M, self.U.shape[0])
         self.dT, self.dx = torch.empty(M, r), torch.empty_like(x)
@@ -105,24 +110,26 @@ def flops(M, K, D, r):
 
 
 class SquareMatmul:
-    """A square float32 matmul into a preallocated output: the machine's attainable GEMM
-    rate, timed inside the same interleaved rounds as the layers (same conditions)."""
+    """A square matmul into a preallocated output, in the ``cpu`` kernel's GEMM dtype: the
+    machine's attainable GEMM rate, timed inside the same interleaved rounds as the
+    layers (same conditions)."""
 
-    def __init__(self, n=1536):
-        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    def __init__(self, dtype, n=1536):
+        self.dtype = dtype
+        self.a, self.b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        self.out = torch.empty(n, n, dtype=dtype)
         self.flop = 2 * n ** 3
 
     def __call__(self):
         torch.mm(self.a, self.b, out=self.out)
 
 
-def peak_memory_child(shape_idx: int, name: str) -> None:
+def peak_memory_child(name: str, dtype: torch.dtype, M: int, K: int, D: int, r: int, rl: int) -> None:
     """Runs in a fresh process: peak extra RSS (MiB) of one forward+backward."""
-    _, M, K, D, r, rl = SHAPES[shape_idx]
-    args, G = make_inputs(M, K, D, r, rl)
+    args, G = make_inputs(M, K, D, r, rl, dtype=dtype)
     layer = LAYERS[name]
     # Initialise libraries, thread pools and autograd first: measure the layer, not them.
-    small, G_small = make_inputs(64, K, 64, r, rl)
+    small, G_small = make_inputs(64, K, 64, r, rl, dtype=dtype)
     forward_backward(layer, small, G_small)
     del small, G_small
     gc.collect()
@@ -139,8 +146,9 @@ def peak_memory_child(shape_idx: int, name: str) -> None:
     print(json.dumps({"peak_extra_mib": status("VmHWM:") - before}))
 
 
-def peak_memory(shape_idx: int, name: str, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--child", str(shape_idx), name],
+def peak_memory(name: str, dtype_name: str, shape, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--dtype", dtype_name,
+                          "--child", name, *map(str, shape)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
 
@@ -150,20 +158,23 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of samples per method and mode")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # layer name, M, K, D, r, r'
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
     if a.child:
-        peak_memory_child(int(a.child[0]), a.child[1])
+        peak_memory_child(a.child[0], dtype, *map(int, a.child[1:]))
         return 0
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, interleaved rounds "
-          f"(ms per call: min / median)")
-    matmul = SquareMatmul()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype} (cpu GEMMs in "
+          f"{str(extension.cpu_gemm_dtype(dtype)).removeprefix('torch.')}), interleaved rounds (ms per call: min / median)")
+    matmul = SquareMatmul(extension.cpu_gemm_dtype(dtype))
     picked = range(len(SHAPES)) if a.shapes is None else [int(i) for i in a.shapes.split(",")]
     for i in picked:
         name, M, K, D, r, rl = SHAPES[i]
-        args, G = make_inputs(M, K, D, r, rl)
+        args, G = make_inputs(M, K, D, r, rl, dtype=dtype)
         floor = GemmFloor(args, G)
         steps = {"square matmul": matmul}
         for mode in ("fwd", "fwd+bwd"):
@@ -173,7 +184,7 @@ def main(argv=None) -> int:
             steps["GEMM floor", mode] = floor.forward if mode == "fwd" else floor.forward_backward
         samples = sample_steps(steps, a.min_time)
         peak = matmul.flop / min(samples.pop("square matmul")) / 1e9
-        print(f"\n{name}: M={M} K={K} D={D} r={r} r'={rl}   (square fp32 matmul: {peak:.0f} GFLOP/s)")
+        print(f"\n{name}: M={M} K={K} D={D} r={r} r'={rl}   (square {str(matmul.dtype).removeprefix('torch.')} matmul: {peak:.0f} GFLOP/s)")
         for mode, fl in zip(("fwd", "fwd+bwd"), flops(M, K, D, r)):
             best = {n: min(samples[n, mode]) for n in (*LAYERS, "GEMM floor")}
             med = {n: statistics.median(samples[n, mode]) for n in best}
@@ -183,7 +194,9 @@ def main(argv=None) -> int:
                 print(f"      cpu over {base:9s}: {best[base]/best['cpu']:.2f}x (min) {med[base]/med['cpu']:.2f}x "
                       f"(median)   bound (floor): {best[base]/best['GEMM floor']:.2f}x")
             print(f"      cpu {gf:.0f} GFLOP/s = {gf/peak:.2f} of the square matmul")
-        mem = {n: peak_memory(i, n, torch.get_num_threads()) for n in LAYERS}
+        if a.no_memory:
+            continue
+        mem = {n: peak_memory(n, a.dtype, (M, K, D, r, rl), torch.get_num_threads()) for n in LAYERS}
         print("  peak extra memory fwd+bwd (MiB): " + ", ".join(f"{n} {v:.0f}" for n, v in mem.items()))
     return 0
 

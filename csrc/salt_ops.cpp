@@ -10,6 +10,9 @@ TORCH_LIBRARY(salt_kernels, m) {
   m.def(
       "salt_backward(Tensor G, Tensor Z, Tensor U, Tensor V, Tensor C, bool need_dx, bool need_dC, "
       "bool need_db) -> (Tensor, Tensor, Tensor)");
+  // The dtype the CPU kernels run their large GEMMs in for inputs of `dtype` (a query:
+  // bf16 runs as bf16 GEMMs only on CPUs with bf16 dot-product instructions).
+  m.def("cpu_gemm_dtype(ScalarType dtype) -> ScalarType");
 }
 
 // `import salt_kernels._C` loads this library, which runs the registrations above; the

@@ -4,6 +4,7 @@ claim. Runs the CLI on the seconds-long ``smoke`` preset; no timing is asserted.
 
 import csv
 import sys
+from pathlib import Path
 import types
 
 import pytest
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 
 from salt_kernels import bench, dispatch
 from salt_kernels.backends import reference
-from salt_kernels.bench_baselines import official_rebuild_flops, official_salt_forward, official_salt_params
-from salt_testing import TOLERANCES
+from salt_kernels.bench_baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
+                                         unfused_salt_chain)
+from salt_testing import TOLERANCES, make_salt_inputs
 
 # One thread: on a shared 2-core CI machine, two intra-op threads can wait on each other
 # for milliseconds per op, which would make these seconds-long runs take a minute.
@@ -195,6 +197,34 @@ def test_time_helpers_on_cpu():
     times = bench.time_steps({"a": lambda: None, "b": lambda: sum(range(100))}, "cpu", 0.01)
     assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
     assert len(calls) > 1
+    samples = bench.sample_steps({"a": lambda: None}, 0.01, min_rounds=4)
+    assert len(samples["a"]) >= 4 and all(t >= 0 for t in samples["a"])
+
+
+def test_unfused_chain_matches_reference():
+    """The issue's literal baseline computes the same layer as the reference backend."""
+    t = make_salt_inputs((37,), 24, 20, 6, 3, torch.float64, seed=2)
+    args = [t[k] for k in ("x", "U", "V", "sigma", "X", "Y", "bias")]
+    torch.testing.assert_close(unfused_salt_chain(*args), reference.salt_linear_2d(*args, 1.0))
+
+
+def test_bench_cpu_backend_script(monkeypatch, capsys):
+    """benchmarks/bench_cpu_backend.py runs end to end (tiny shape, memory children included)."""
+    pytest.importorskip("salt_kernels._C")
+    from salt_kernels.backends import extension
+    if not extension.has_kernel("cpu"):
+        pytest.skip("extension built without CPU kernels")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_cpu_backend as script
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(script, "SHAPES", [("tiny", 70, 24, 40, 8, 2)])
+    assert script.main(["--min-time", "0.01", "--threads", str(torch.get_num_threads())]) == 0
+    out = capsys.readouterr().out
+    for needle in ("tiny: M=70", "cpu over chain", "cpu over reference", "bound (floor)",
+                   "peak extra memory fwd+bwd (MiB): chain"):
+        assert needle in out, needle
 
 
 @pytest.mark.gpu

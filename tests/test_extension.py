@@ -197,6 +197,62 @@ def test_missing_extension_falls_back_with_one_warning():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 
+# ------------------------------------------------------------- bf16 GEMMs on the CPU
+
+def _saved_Z(dtype, seed=0):
+    ext = _ext_or_skip()
+    t = make_salt_inputs((40,), 24, 16, 8, 2, dtype, seed=seed)
+    C = torch.diag(t["sigma"].float()) + t["X"].float() @ t["Y"].float()
+    _, Z = ext.salt_forward(t["x"].detach(), t["U"], t["V"], C, t["bias"].detach())
+    return Z
+
+
+def test_cpu_gemm_dtype_is_what_runs():
+    """cpu_gemm_dtype reports the kernel's choice, seen in the saved Z: bf16-rounded
+    values exactly when the large GEMMs run in bf16."""
+    _require("cpu", "cpu")
+    ext = _ext_or_skip()
+    assert ext.cpu_gemm_dtype(torch.float32) == torch.float32
+    assert ext.cpu_gemm_dtype(torch.float16) == torch.float32
+    assert ext.cpu_gemm_dtype(torch.float64) == torch.float64
+    mode = ext.cpu_gemm_dtype(torch.bfloat16)
+    assert mode in (torch.bfloat16, torch.float32)
+    Z = _saved_Z(torch.bfloat16)
+    assert Z.dtype == torch.float32
+    assert torch.equal(Z.bfloat16().float(), Z) == (mode == torch.bfloat16)
+    assert not torch.equal(_saved_Z(torch.float16).half().float(), _saved_Z(torch.float16))
+
+
+def test_cpu_bf16_fp32_gemm_path():
+    """SALT_KERNELS_CPU_BF16_GEMM=0 forces the fp32 path for bf16 (the default on CPUs
+    without bf16 instructions; the rest of the suite runs whichever path this machine
+    picks). Checked in a subprocess, since the choice is made once per process:
+    forward and every gradient against float64, both mix placements (folded when M > D
+    and M > K, per block otherwise), non-contiguous x, stride-0 upstream gradient."""
+    _require("cpu", "cpu")
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "tests")
+        import torch, salt_kernels
+        from salt_kernels.backends import extension as ext
+        from salt_testing import assert_matches_ground_truth, make_salt_inputs
+        assert ext.cpu_gemm_dtype(torch.bfloat16) == torch.float32
+        fn = lambda **t: salt_kernels.salt_linear(**t, backend="cpu")
+        for lead, K, D, r, rl in [((3, 37), 45, 29, 12, 3), ((5,), 45, 29, 12, 3), ((300,), 70, 50, 33, 0)]:
+            t = make_salt_inputs(lead, K, D, r, rl, torch.bfloat16, seed=4)
+            assert_matches_ground_truth(fn, t, torch.bfloat16)
+            assert_matches_ground_truth(fn, t, torch.bfloat16, upstream="sum")
+            t["x"] = t["x"].detach().mT.contiguous().mT.requires_grad_()  # column-major x
+            assert not t["x"].is_contiguous()
+            assert_matches_ground_truth(fn, t, torch.bfloat16)
+        print("OK")
+    """)
+    env = dict(os.environ, SALT_KERNELS_CPU_BF16_GEMM="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 # -------------------------------------------------------------------------- CUDA backend
 
 def _nvcc():

@@ -48,6 +48,19 @@ def _salt_backward_fake(G, Z, U, V, C, need_dx, need_dC, need_db):
 register_salt_autograd(salt_forward, salt_backward)
 
 
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ``cpu`` kernels run their large GEMMs in for inputs of ``dtype``:
+    float32 for float16/float32 (float64 for float64); for bfloat16, bfloat16 (oneDNN,
+    fp32 accumulation, bf16-rounded intermediates as in a plain bf16 chain) on CPUs with
+    AVX512-BF16 or AMX unless ``SALT_KERNELS_CPU_BF16_GEMM=0``, else float32."""
+    code = torch.ops.salt_kernels.cpu_gemm_dtype(dtype)  # a c10::ScalarType comes back as its int
+    return _SCALAR_TYPES[code]
+
+
+# c10::ScalarType codes of the floating dtypes (stable: part of the serialization format).
+_SCALAR_TYPES = {5: torch.float16, 6: torch.float32, 7: torch.float64, 15: torch.bfloat16}
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the extension was built with kernels for ``device_type`` ("cpu"/"cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
