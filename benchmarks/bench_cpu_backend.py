@@ -89,8 +89,8 @@ class GemmFloor:
         x, self.U, self.V, _, _, _, self.b = (a.detach().to(dtype) for a in args)
         self.x, self.G = x, G.to(dtype)
         M, r = x.shape[0], self.V.shape[1]
-        self.Z, self.y = torch.empty(M, r), torch.empty(M, self.U.shape[0])
-        self.dT, self.dx = torch.empty(M, r), torch.empty_like(x)
+        self.Z, self.y = torch.empty(M, r, dtype=dtype), torch.empty(M, self.U.shape[0], dtype=dtype)
+        self.dT, self.dx = torch.empty(M, r, dtype=dtype), torch.empty_like(x)
 
     def forward(self):
         torch.mm(self.x, self.V, out=self.Z)
@@ -146,11 +146,15 @@ def peak_memory_child(name: str, dtype: torch.dtype, M: int, K: int, D: int, r: 
     print(json.dumps({"peak_extra_mib": status("VmHWM:") - before}))
 
 
-def peak_memory(name: str, dtype_name: str, shape, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--dtype", dtype_name,
-                          "--child", name, *map(str, shape)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+def peak_memory(name: str, dtype_name: str, shape, threads: int, runs: int = 3) -> float:
+    """Median over ``runs`` fresh processes (single runs scatter by about ±3 MiB)."""
+    peaks = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--dtype", dtype_name,
+                              "--child", name, *map(str, shape)],
+                             check=True, capture_output=True, text=True)
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"])
+    return statistics.median(peaks)
 
 
 def main(argv=None) -> int:
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # layer name, M, K, D, r, r'
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-runs", type=int, default=3, help="fresh processes per peak-memory figure (median)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -194,10 +198,9 @@ def main(argv=None) -> int:
                 print(f"      cpu over {base:9s}: {best[base]/best['cpu']:.2f}x (min) {med[base]/med['cpu']:.2f}x "
                       f"(median)   bound (floor): {best[base]/best['GEMM floor']:.2f}x")
             print(f"      cpu {gf:.0f} GFLOP/s = {gf/peak:.2f} of the square matmul")
-        if a.no_memory:
-            continue
-        mem = {n: peak_memory(n, a.dtype, (M, K, D, r, rl), torch.get_num_threads()) for n in LAYERS}
-        print("  peak extra memory fwd+bwd (MiB): " + ", ".join(f"{n} {v:.0f}" for n, v in mem.items()))
+        mem = {n: peak_memory(n, a.dtype, (M, K, D, r, rl), torch.get_num_threads(), a.memory_runs)
+               for n in LAYERS}
+        print(f"  peak extra memory fwd+bwd (MiB, median of {a.memory_runs} processes): " + ", ".join(f"{n} {v:.0f}" for n, v in mem.items()))
     return 0
 
 
