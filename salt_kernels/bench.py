@@ -400,7 +400,10 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = 3, block: fl
     Interleaved rounds -- every round runs each step ``n`` times back to back (``n``
     calibrated to ~``block`` seconds) -- until at least ``min_rounds`` rounds and
     ``min_time`` seconds per step. Interleaving means a burst of load from other
-    processes hits all methods alike instead of one of them.
+    processes hits all methods alike instead of one of them. The order rotates from
+    round to round, so that no step always follows the same one: a step that churns
+    memory (the official baseline frees hundreds of MiB, which glibc returns to the OS)
+    would otherwise always hand the next step cold caches and page faults.
     """
     number = {}
     for name, step in steps.items():
@@ -409,9 +412,12 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = 3, block: fl
         step()
         number[name] = max(1, int(block / max(time.perf_counter() - t0, 1e-7)))
     samples: dict = {name: [] for name in steps}
+    names = list(steps)
     start = time.perf_counter()
     for rounds in itertools.count(1):
-        for name, step in steps.items():
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = steps[name]
             t0 = time.perf_counter()
             for _ in range(number[name]):
                 step()

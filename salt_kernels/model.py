@@ -102,9 +102,14 @@ def _check_model(model) -> None:
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` at ``name`` and at every other name the same module object has: a
+    module registered twice (tied / shared layers) stays one shared module."""
+    old = model.get_submodule(name)
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for alias in aliases:
+        parent_name, _, child = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def _check_target_modules(target_modules):
@@ -283,14 +288,18 @@ def apply_salt(
         rank = int(rank) if isinstance(rank, numbers.Integral) else float(rank)
     energy = None if energy is None else float(energy)
 
-    targets, matched_other = [], []
-    for name, module in model.named_modules():
-        if not name or not _matches(name, target_modules):
+    targets, matched_other, seen = [], [], set()
+    # A module registered under several names matches through any of them and is
+    # converted once, under its first name (the one named_parameters and save_salt use).
+    first_name = {id(m): n for n, m in model.named_modules()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or id(module) in seen or not _matches(name, target_modules):
             continue
         kind = _kind_of_base(module)
         every_linear = target_modules is None or target_modules == "all-linear"
         if kind == "SALTLinear" or (kind is not None and not every_linear):
-            targets.append((name, module, kind))
+            targets.append((first_name[id(module)], module, kind))
+            seen.add(id(module))
         else:
             matched_other.append((name, module))
     if not targets:

@@ -271,6 +271,47 @@ def test_save_load_reproduces_outputs(tmp_path, fresh, svd):
         assert max_rel_err(base(x), y.double()) > 1e-2
 
 
+class Shared(nn.Module):
+    """One nn.Linear registered under two names (a tied / reused layer)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.enc = nn.Linear(24, 24)
+        self.dec = self.enc
+        self.out = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.out(self.dec(torch.tanh(self.enc(x))))
+
+
+def test_shared_module_stays_shared(tmp_path):
+    """A module reachable under two names is converted, loaded and merged once and stays
+    the same object under both (not a SALT layer under one name and the old Linear under
+    the other)."""
+    base = Shared()
+    x = torch.randn(7, 24)
+    model = apply_salt(copy.deepcopy(base), rank=12, lora_rank=2, target_modules=["enc", "dec"])
+    assert isinstance(model.enc, SALTLinear) and model.dec is model.enc
+    assert isinstance(model.out, nn.Linear)
+    _fake_training(model)
+    with torch.no_grad():
+        y = model(x)
+    info = save_salt(model, tmp_path / "shared.safetensors")
+    loaded = load_salt(copy.deepcopy(base), info["path"])
+    assert isinstance(loaded.enc, SALTLinear) and loaded.dec is loaded.enc
+    with torch.no_grad():
+        assert max_rel_err(loaded(x), y.double()) <= TOLERANCES[torch.float32]
+    merged = merge_salt(loaded)
+    assert type(merged.enc) is nn.Linear and merged.dec is merged.enc
+    with torch.no_grad():
+        assert max_rel_err(merged(x), y.double()) <= 1e-4
+    # matching the second name alone converts the shared module too
+    only_dec = apply_salt(copy.deepcopy(base), rank=12, lora_rank=2, target_modules=["dec"])
+    assert isinstance(only_dec.dec, SALTLinear) and only_dec.enc is only_dec.dec
+    assert list(only_dec.salt_config["layers"]) == ["enc"]  # recorded under its first name
+
+
 def test_sign_flipped_basis_is_realigned_on_load(tmp_path, monkeypatch):
     """A base whose SVD comes back with other signs must still load correctly."""
     base = Toy()
