@@ -79,34 +79,40 @@ def _extension_kwargs() -> dict:
         print(f"salt_kernels: building the CPU and CUDA extension (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
-        ext = cpp_extension.CppExtension("salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
-                                         extra_link_args=link_flags)
+        ext = None
         print("salt_kernels: building the CPU extension only (torch without CUDA or no CUDA toolkit found)")
 
+    def cpu_only(openmp: bool):
+        flags = cxx_flags if openmp else [f for f in cxx_flags if f != "-fopenmp"]
+        return cpp_extension.CppExtension("salt_kernels._C", sources, extra_compile_args={"cxx": flags},
+                                          extra_link_args=link_flags if openmp else [])
+
     class BuildExtOptional(cpp_extension.BuildExtension):
-        """A failed extension build leaves a working pure-Python package, loudly."""
+        """A failed extension build leaves a working pure-Python package, loudly. Fallbacks,
+        in order: CPU part only (if the CUDA part was tried), then without OpenMP (a
+        compiler without it, e.g. Apple clang: the kernels' own loops run single-threaded)."""
 
         def run(self):
-            try:
-                super().run()
-                return
-            except Exception as exc:  # compiler missing, toolkit mismatch, ...
-                failure = exc
-            if cuda_home is not None:
-                print(f"WARNING: salt_kernels: building the CUDA part failed ({failure}); "
-                      "retrying with the CPU part only.", file=sys.stderr)
-                self.compiler = None  # build_ext.run makes a fresh one from this
-                self.extensions = [cpp_extension.CppExtension(
-                    "salt_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
-                    extra_link_args=link_flags)]
+            fallbacks = ([("the CUDA part", cpu_only(True))] if cuda_home is not None else []) + \
+                [("OpenMP (-fopenmp)", cpu_only(False))]
+            while True:
                 try:
                     super().run()
                     return
-                except Exception as exc:
+                except Exception as exc:  # compiler missing, toolkit mismatch, ...
                     failure = exc
+                if not fallbacks:
+                    break
+                what, ext = fallbacks.pop(0)
+                print(f"WARNING: salt_kernels: building the extension failed ({failure}); "
+                      f"retrying without {what}.", file=sys.stderr)
+                self.compiler = None  # build_ext.run makes a fresh one from this
+                self.extensions = [ext]
             print(f"WARNING: salt_kernels: building the C++ extension failed ({failure}); installing "
                   "without it (backends 'cpu' and 'cuda' unavailable).", file=sys.stderr)
 
+    if ext is None:
+        ext = cpu_only(True)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtOptional.with_options(use_ninja=True)}}
 
 
