@@ -95,7 +95,9 @@ def _extension_kwargs() -> dict:
         def run(self):
             fallbacks = ([("the CUDA part", cpu_only(True))] if cuda_home is not None else []) + \
                 [("OpenMP (-fopenmp)", cpu_only(False))]
+            inplace = self.inplace  # setuptools zeroes it during run() and restores it only on success
             while True:
+                self.inplace = inplace
                 try:
                     super().run()
                     return
@@ -103,11 +105,15 @@ def _extension_kwargs() -> dict:
                     failure = exc
                 if not fallbacks:
                     break
-                what, ext = fallbacks.pop(0)
+                what, fallback = fallbacks.pop(0)
                 print(f"WARNING: salt_kernels: building the extension failed ({failure}); "
                       f"retrying without {what}.", file=sys.stderr)
                 self.compiler = None  # build_ext.run makes a fresh one from this
-                self.extensions = [ext]
+                # Reconfigure the extension in place: setuptools finalized this object
+                # (private fields a fresh Extension lacks).
+                for attr in ("sources", "include_dirs", "library_dirs", "libraries", "define_macros",
+                             "extra_compile_args", "extra_link_args", "runtime_library_dirs", "language"):
+                    setattr(self.extensions[0], attr, getattr(fallback, attr))
             print(f"WARNING: salt_kernels: building the C++ extension failed ({failure}); installing "
                   "without it (backends 'cpu' and 'cuda' unavailable).", file=sys.stderr)
 

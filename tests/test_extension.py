@@ -197,6 +197,69 @@ def test_missing_extension_falls_back_with_one_warning():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 
+# ------------------------------------------------------------------- build fallbacks
+
+def _fake_tool(path: Path, real: str, fail_when: str) -> Path:
+    """A compiler wrapper that fails like a toolchain without a feature would."""
+    path.write_text(f"#!/bin/bash\n{fail_when} && {{ echo 'simulated failure' >&2; exit 1; }}\nexec {real} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def _build_copy(tmp_path, env_extra):
+    """Build the extension in place in a copy of the sources; return (log, copy root)."""
+    root = tmp_path / "src"
+    for name in ("csrc", "salt_kernels"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, root / name)
+    env = dict(os.environ, **env_extra)
+    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr, root
+
+
+_CHECK_BUILT = textwrap.dedent("""
+    import torch, salt_kernels
+    from salt_kernels.backends import extension as ext
+    x = torch.randn(3000, 40, requires_grad=True)  # several db/dC blocks
+    U, V = torch.randn(30, 8), torch.randn(40, 8)
+    s, X, Y = torch.rand(8), torch.randn(8, 2), torch.randn(2, 8)
+    y = salt_kernels.salt_linear(x, U, V, s, X, Y, backend="cpu")
+    ref = salt_kernels.salt_linear(x, U, V, s, X, Y, backend="reference")
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max(), (y - ref).abs().max()
+    print("cpu", ext.has_kernel("cpu"), "cuda", ext.has_kernel("cuda"))
+""")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_build_without_openmp_falls_back(tmp_path):
+    """A compiler that rejects -fopenmp still gets a working (single-threaded loops) extension."""
+    cxx = _fake_tool(tmp_path / "c++", shutil.which("g++"), '[[ " $* " == *" -fopenmp "* ]]')
+    log, root = _build_copy(tmp_path, {"CXX": str(cxx), "CC": str(cxx), "SALT_KERNELS_NO_CUDA": "1"})
+    assert "retrying without OpenMP" in log
+    out = subprocess.run([sys.executable, "-c", _CHECK_BUILT], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert out.returncode == 0 and "cpu True" in out.stdout, out.stderr[-3000:]
+
+
+def test_build_with_failing_cuda_falls_back_to_cpu(tmp_path):
+    """A CUDA toolkit whose nvcc fails leaves the CPU extension built and working."""
+    if torch.version.cuda is None or _nvcc() is None:
+        pytest.skip("needs a CUDA build of torch and nvcc (the CUDA part is not attempted otherwise)")
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    for sub in ("include", "lib64"):
+        (home / sub).symlink_to(Path(_nvcc()).parents[1] / sub)
+    _fake_tool(home / "bin" / "nvcc", _nvcc(), '[[ "$1" != "--version" && "$1" != "-V" ]]')
+    log, root = _build_copy(tmp_path, {"CUDA_HOME": str(home)})
+    assert "retrying without the CUDA part" in log
+    out = subprocess.run([sys.executable, "-c", _CHECK_BUILT], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert out.returncode == 0 and "cpu True cuda False" in out.stdout, out.stderr[-3000:]
+
+
 # ------------------------------------------------------------- bf16 GEMMs on the CPU
 
 def _saved_Z(dtype, seed=0):
