@@ -140,11 +140,12 @@ void check_common(const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) 
               "salt_kernels: C must be float32 or float64 (the accumulation dtype)");
 }
 
-// col_sums[j] += sum_i G[i, j], G in any floating dtype (summed in col_sums' dtype), any strides. Deterministic
-// for any thread count: fixed row blocks (their size depends on the row count only), each
-// summed in row order by one thread into its own partial row, the partials then added in
-// block order. Whole rows per thread keep the reads streaming: G comes from DRAM here
-// (it is the backward's input), and splitting columns instead cost 2x.
+// col_sums[j] += sum_i G[i, j]: G in any floating dtype and any strides, summed in
+// col_sums' dtype. Deterministic for any thread count: fixed row blocks (their size
+// depends on the row count only), each summed in row order by one thread into its own
+// partial row, the partials then added in block order. Whole rows per thread keep the
+// reads streaming: G comes from DRAM here (it is the backward's input), and splitting
+// columns instead cost 2x.
 void add_column_sums(const Tensor& G, Tensor& col_sums) {
   const int64_t rows = G.size(0), n = G.size(1), s0 = G.stride(0), s1 = G.stride(1);
   const int64_t block = std::max<int64_t>(256, (rows + 63) / 64);  // at most 64 partial rows
