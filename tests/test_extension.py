@@ -19,7 +19,7 @@ import torch
 
 import salt_kernels
 from salt_kernels.dispatch import resolve_backend, unavailable_reason
-from salt_testing import TOLERANCES, assert_matches_ground_truth, make_salt_inputs
+from salt_testing import TOLERANCES, assert_matches_ground_truth, ground_truth, make_salt_inputs, max_rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -133,6 +133,23 @@ def test_backward_bitwise_deterministic(dtype):
         again = _grads(dtype, threads)
         for a, b in zip(first[2:], again[2:]):  # [y, dx, dsigma, dX, dY, db]
             assert torch.equal(a, b), f"{threads} threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [300, 5], ids=["fold", "per-block"])
+def test_column_major_upstream_gradient(dtype, M):
+    """A column-major G (the gradient of a transposed use of y) is read in place: the db
+    column sums walk it with a row stride of 1, the GEMMs take it transposed."""
+    _require("cpu", "cpu")
+    t = make_salt_inputs((M,), 45, 29, 12, 3, dtype, seed=6)
+    y = salt_kernels.salt_linear(**t, backend="cpu")
+    g = torch.randn(29, M, dtype=torch.float64).to(dtype).t()  # (M, D), strides (1, M)
+    assert g.stride() == (1, M)
+    _, grads_ref = ground_truth(t, g.double())
+    grads = torch.autograd.grad(y, [t[n] for n in grads_ref], g)
+    for name, gr in zip(grads_ref, grads):
+        err = max_rel_err(gr, grads_ref[name])
+        assert err <= TOLERANCES[dtype], f"d{name}: {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
