@@ -726,7 +726,7 @@ def _parser():
     p.add_argument("--list-presets", action="store_true", help="print the presets' shapes and exit")
     p.add_argument("--dtype", type=_parse_dtype, default=None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--min-time", type=float, default=None,
-                   help="seconds of timing per measurement (default 0.2 quick, 1.0 full)")
+                   help="seconds of timing per measurement (default 0.5 quick, 1.0 full)")
     p.add_argument("--official-max-gflop", type=float, default=None,
                    help="skip the official baseline where rebuilding its weight costs more (default 20 with --quick on CPU)")
     p.add_argument("--bandwidth", type=float, default=None,
@@ -776,7 +776,7 @@ def main(argv=None) -> int:
         if (s.layer, s.M, s.K, s.D, s.r, s.rl) not in seen:
             seen.add((s.layer, s.M, s.K, s.D, s.r, s.rl))
             shapes.append(s)
-    min_time = args.min_time if args.min_time is not None else (0.2 if quick else 1.0)
+    min_time = args.min_time if args.min_time is not None else (0.5 if quick else 1.0)
     official_cap = args.official_max_gflop
     if official_cap is None and quick and device.type == "cpu":
         official_cap = 20.0
