@@ -274,7 +274,7 @@ class SaltLinear(nn.Module, SaltLayer):
                     f"active adapters {active}: truncated SALT adapter {truncated[0]!r} replaces the base layer "
                     "and cannot be combined with other adapters; activate one at a time"
                 )
-            return self._salt(truncated[0], x, self.get_base_layer().bias).to(x.dtype)
+            return self._salt(truncated[0], x, self.get_base_layer().bias)
         y = self.base_layer(x, *args, **kwargs)
         for name in active:
             y = y + self._salt(name, x, None).to(y.dtype)

@@ -50,7 +50,7 @@ def perturb(model, seed=1, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         if p.requires_grad:
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype))
     return model
 
 
@@ -80,19 +80,22 @@ def dense_reference(layer, adapter, x64):
 # --------------------------------------------------------------------------- toy: numerics
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in available_backends(d)])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("sigma_mode", ["direct", "scale_shift"])
-def test_forward_and_grads_match_float64(backend, residual, sigma_mode):
+def test_forward_and_grads_match_float64(device, backend, residual, sigma_mode):
     cfg = SaltConfig(rank=5, lora_rank=3, target_modules=["a"], residual=residual, sigma_mode=sigma_mode,
                      scaling=0.7, backend=backend)
-    model = perturb(get_peft_model(toy(), cfg))
+    model = perturb(get_peft_model(toy().to(device), cfg))
     layer = model.base_model.model.a
     assert isinstance(layer, SaltLinear)
     # leading batch dims and a non-contiguous input
-    x = torch.randn(2, 13, 3).transpose(1, 2).requires_grad_()
+    x = torch.randn(2, 13, 3, device=device).transpose(1, 2).requires_grad_()
     y = layer(x)
-    ref, params = dense_reference(layer, "default", x.detach().double().requires_grad_())
+    ref, params = dense_reference(layer, "default", x.detach().double())
     tol = TOLERANCES[torch.float32]
     assert y.shape == (2, 3, 11) and y.dtype == torch.float32
     assert max_rel_err(y, ref) <= tol
