@@ -197,8 +197,9 @@ class SaltLayer(BaseTunerLayer):
         if self.salt_residual[adapter_name]:
             B, A = lora_factors(core)
             return B @ A
-        W = self.get_base_layer().weight
-        return core.merged_weight() - W.to(core.merged_weight().dtype)
+        merged = core.merged_weight()
+        original = self._salt_unmerged_weight if self._salt_unmerged_weight is not None else self.get_base_layer().weight
+        return merged - original.to(merged.dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -249,6 +250,7 @@ class SaltLayer(BaseTunerLayer):
         dt = core.U.dtype  # PEFT may keep adapter parameters in fp32 over a half-precision base
         return salt_linear(x.to(dt), core.U, core.V, sigma.to(dt), core.X.to(dt), core.Y.to(dt),
                            None if bias is None else bias.to(dt), scaling=core.scaling, backend=core.backend)
+
 
 class SaltLinear(nn.Module, SaltLayer):
     """An ``nn.Linear`` adapted by SALT (see :class:`SaltLayer`)."""
@@ -311,7 +313,7 @@ class SaltModel(BaseTuner):
         if isinstance(target, SaltLayer):
             target.update_layer(adapter_name, peft_config, current_key or target_name)
             return
-        if type(target) is not nn.Linear and not isinstance(target, nn.Linear):
+        if not isinstance(target, nn.Linear):
             raise TypeError(
                 f"target_modules: {current_key or target_name!r} is a {type(target).__name__}; SALT adapts nn.Linear layers"
             )

@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from salt_kernels import apply_salt, export_lora  # noqa: E402
 from salt_kernels.peft import SaltConfig  # noqa: E402
 from salt_testing import max_rel_err  # noqa: E402
-from test_peft import PAIRS, embed, encode, minilm, one_thread, perturb, toy  # noqa: E402,F401
+from test_peft import PAIRS, embed, encode, minilm, one_thread, perturb, seeded, toy  # noqa: E402,F401
 
 
 def lora_outputs(base, directory, x):
