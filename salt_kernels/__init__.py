@@ -7,6 +7,7 @@ computed without ever building the dense weight. See README.md and DESIGN.md.
 
 from .dispatch import BackendUnavailableError, available_backends, salt_linear
 from .conv import SALTConv2d
+from .export import export_lora
 from .layers import SALTLinear, truncated_svd
 from .model import (
     apply_salt,
@@ -27,6 +28,7 @@ __all__ = [
     "SALTLinear",
     "apply_salt",
     "available_backends",
+    "export_lora",
     "load_salt",
     "merge_salt",
     "print_trainable_parameters",

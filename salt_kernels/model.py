@@ -453,9 +453,11 @@ def read_salt_config(path) -> dict:
 
 
 @torch.no_grad()
-def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Tensor) -> int:
+def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Tensor, *,
+                 caller: str = "load_salt", remedy: str = "save with include_basis=True") -> int:
     """Flip singular pairs of ``layer`` whose sign differs from the saved ones; refuse a
-    basis that differs by more than a sign. Returns the number of flipped pairs."""
+    basis that differs by more than a sign (the error names ``caller`` and suggests
+    ``remedy``). Returns the number of flipped pairs."""
     U = layer.U.detach().float().cpu()
     cols = torch.arange(U.shape[1])
     now = U[row, cols]
@@ -466,10 +468,10 @@ def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Te
     if bad.numel():
         i = int(bad[0])
         raise ValueError(
-            f"load_salt: layer {name!r}: the base model's singular vector {i} does not match the "
+            f"{caller}: layer {name!r}: the base model's singular vector {i} does not match the "
             f"adapter's (U[{int(row[i])}, {i}] = {now[i].item():.6g}, saved {value[i].item():.6g}). "
             "Is this the base model the adapter was trained on? If it is (e.g. nearly repeated "
-            "singular values), save with include_basis=True."
+            f"singular values), {remedy}."
         )
     flip = (torch.sign(now) != torch.sign(value)).nonzero().flatten()
     if flip.numel():
