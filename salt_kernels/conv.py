@@ -27,9 +27,9 @@ from .layers import SVD_METHODS, SALTAdapterMixin, _check_ranks
 class SALTConv2d(SALTAdapterMixin, nn.Module):
     """A SALT ``nn.Conv2d`` (``groups=1``, ``padding_mode="zeros"``).
 
-    Buffers: ``U (out_channels, r)``, ``V (in_channels*kh*kw, r)``, ``sigma0 (r,)`` and,
-    with ``residual=True``, ``residual_weight (out, in, kh, kw)``; parameters: ``sigma``
-    (or ``alpha``, ``beta``), ``X (r, r')``, ``Y (r', r)``, ``bias (out,)``.
+    Frozen parameters: ``U (out_channels, r)``, ``V (in_channels*kh*kw, r)`` and, with
+    ``residual=True``, ``residual_weight (out, in, kh, kw)``; buffer ``sigma0 (r,)``;
+    trained: ``sigma`` (or ``alpha``, ``beta``), ``X (r, r')``, ``Y (r', r)``, ``bias (out,)``.
     ``rank`` is at most ``min(out_channels, in_channels*kh*kw)``.
     """
 
@@ -73,7 +73,7 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
         self.reset_parameters()
 
     def _shrink_filters(self) -> torch.Tensor:
-        # V^T (r, in*kh*kw) viewed as r filters: a view of the buffer, no copy.
+        # V^T (r, in*kh*kw) viewed as r filters: a view of V, no copy.
         return self.V.t().reshape(self.rank, self.in_channels, *self.kernel_size)
 
     def _conv(self, x, weight, bias=None):

@@ -57,6 +57,14 @@ def truncated_svd(weight: torch.Tensor, rank: int, svd: str = "exact", oversampl
     return U.contiguous(), S[:rank].contiguous(), Vh.t().contiguous()
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+# What SALT trains in a layer; everything else it holds (U, V, residual_weight) is frozen.
+TRAINABLE_NAMES = ("sigma", "alpha", "beta", "X", "Y", "bias")
+
+
 def _check_ranks(rank, lora_rank, in_features, out_features):
     for name, v in (("rank", rank), ("lora_rank", lora_rank)):
         if not isinstance(v, int) or isinstance(v, bool):
@@ -83,11 +91,11 @@ def _check_variant_args(sigma_mode, residual):
 class SALTAdapterMixin:
     """The SALT parametrisation shared by :class:`SALTLinear` and ``SALTConv2d``.
 
-    A layer with ``out_features`` D and flattened ``in_features`` K holds frozen buffers
-    ``U (D, r)``, ``V (K, r)``, ``sigma0 (r,)`` (the singular values at init/conversion),
-    optionally ``residual_weight`` (frozen, the weight's shape), and parameters
-    ``sigma (r,)`` (``"direct"``) or ``alpha, beta (r,)`` (``"scale_shift"``),
-    ``X (r, r')``, ``Y (r', r)``, ``bias``.
+    A layer with ``out_features`` D and flattened ``in_features`` K holds frozen
+    parameters (``requires_grad=False``) ``U (D, r)``, ``V (K, r)`` and optionally
+    ``residual_weight`` (the weight's shape); the buffer ``sigma0 (r,)`` (the singular
+    values at init/conversion); and trained parameters ``sigma (r,)`` (``"direct"``) or
+    ``alpha, beta (r,)`` (``"scale_shift"``), ``X (r, r')``, ``Y (r', r)``, ``bias``.
     """
 
     def _init_salt(self, in_features, out_features, rank, lora_rank, bias, scaling,
@@ -98,8 +106,11 @@ class SALTAdapterMixin:
         self.rank, self.lora_rank = rank, lora_rank
         self.scaling = float(scaling)
         self.sigma_mode, self.residual = sigma_mode, residual
-        self.register_buffer("U", torch.empty(out_features, rank, **factory))
-        self.register_buffer("V", torch.empty(in_features, rank, **factory))
+        # The frozen basis (and residual) are the layer's base weights, so they are frozen
+        # nn.Parameters rather than buffers: FSDP2 shards parameters, never buffers, and
+        # keeps a full copy of a buffer on every rank (docs/design.md, "Sharding").
+        self.U = _frozen(torch.empty(out_features, rank, **factory))
+        self.V = _frozen(torch.empty(in_features, rank, **factory))
         # sigma0 is what the regulariser pulls sigma' towards, and the scale_shift base.
         self.register_buffer("sigma0", torch.empty(rank, **factory))
         if sigma_mode == "direct":
@@ -110,8 +121,8 @@ class SALTAdapterMixin:
         self.X = nn.Parameter(torch.empty(rank, lora_rank, **factory))
         self.Y = nn.Parameter(torch.empty(lora_rank, rank, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer(
-            "residual_weight", torch.zeros(residual_shape, **factory) if residual else None
+        self.register_parameter(
+            "residual_weight", _frozen(torch.zeros(residual_shape, **factory)) if residual else None
         )
 
     # --- initialisation -------------------------------------------------------------
@@ -215,8 +226,9 @@ class SALTAdapterMixin:
 class SALTLinear(SALTAdapterMixin, nn.Module):
     """``y = U (diag(sigma') + scaling * X Y) V^T x + bias`` without forming the dense weight.
 
-    ``U (out, r)`` and ``V (in, r)`` are frozen buffers (saved in ``state_dict``, as is
-    ``sigma0``, the singular values at init/conversion); ``sigma (r,)`` (or ``alpha``,
+    ``U (out, r)`` and ``V (in, r)`` are frozen parameters (``requires_grad=False``, as
+    a frozen base weight under PEFT; saved in ``state_dict``, as is the buffer ``sigma0``,
+    the singular values at init/conversion); ``sigma (r,)`` (or ``alpha``,
     ``beta`` with ``sigma_mode="scale_shift"``), ``X (r, r')``, ``Y (r', r)`` and ``bias``
     are trained. ``X @ Y`` is zero at init (``Y`` zero, ``X`` random, as LoRA does with B
     and A). ``lora_rank=0`` trains the singular values alone. ``residual=True`` adds the

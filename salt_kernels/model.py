@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .conv import SALTConv2d
-from .layers import SVD_METHODS, SALTLinear
+from .layers import SVD_METHODS, TRAINABLE_NAMES, SALTLinear
 
 FORMAT_NAME = "salt_kernels.adapter"
 FORMAT_VERSION = 1
@@ -220,7 +220,8 @@ def _freeze(model: nn.Module, train_bias: bool) -> None:
     for m in model.modules():
         if _is_salt(m):
             for pname, p in m.named_parameters(recurse=False):
-                p.requires_grad_(pname != "bias" or train_bias)
+                # U, V, residual_weight are frozen parameters: they stay frozen
+                p.requires_grad_(pname in TRAINABLE_NAMES and (pname != "bias" or train_bias))
 
 
 def _progress(items: list, enabled, desc: str):
@@ -335,21 +336,16 @@ def apply_salt(
     return model
 
 
-def _salt_weight_numel(model: nn.Module) -> int:
-    """Elements of the SALT layers' frozen weight buffers (U, V, a residual): weights of
-    the model even though they are buffers, so they count towards the total. ``sigma0``
-    (the singular values at conversion, kept for the regulariser) is bookkeeping."""
-    return sum(b.numel() for m in model.modules() if _is_salt(m)
-               for n, b in m.named_buffers(recurse=False) if b.is_floating_point() and n != "sigma0")
-
-
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` element counts. ``total`` is every parameter plus the
-    frozen SALT bases (``U``, ``V`` are buffers but are the layer's weights)."""
+    """``(trainable, total)`` element counts. ``total`` is every parameter, the frozen
+    SALT bases (``U``, ``V``, a residual: frozen parameters) included, each tied or
+    shared tensor once. ``sigma0`` (a buffer: the singular values at conversion, kept
+    for the regulariser) is bookkeeping and not counted. On a model sharded by FSDP2
+    the counts are of the full (unsharded) tensors."""
     _check_model(model)
     params = {id(p): p for p in model.parameters()}  # tied weights once
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-    total = sum(p.numel() for p in params.values()) + _salt_weight_numel(model)
+    total = sum(p.numel() for p in params.values())
     return trainable, total
 
 
