@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from ._sharding import full
 from .backends.core import accumulate_dtype, mix_matrix
 from .dispatch import salt_linear
 
@@ -203,17 +204,20 @@ class SALTAdapterMixin:
         ``||sigma' - sigma0||_2 + ||scaling * X Y||_F``, in r x r space, float32 (float64
         for float64 parameters)."""
         acc = accumulate_dtype(self.X.dtype)
+        # Under FSDP2 the parameters are shards outside forward: gather them (a
+        # differentiable collective), so every rank computes the same full term.
         sigma0 = self.sigma0.to(acc)
+        get = lambda t: full(t).to(acc)  # noqa: E731
         if self.sigma_mode == "direct":
-            drift = self.sigma.to(acc) - sigma0
+            drift = get(self.sigma) - sigma0
         else:
             # relu(a s0 + b) - s0 = (a - 1) s0 + b where active, -s0 where clamped. Written
             # this way it does not cancel: a - 1 is exact near a = 1, and the drift is
             # tiny next to s0 early in training (it sets the gradient's direction).
-            alpha, beta = self.alpha.to(acc), self.beta.to(acc)
+            alpha, beta = get(self.alpha), get(self.beta)
             active = torch.addcmul(beta, alpha, sigma0) > 0
             drift = torch.where(active, torch.addcmul(beta, alpha - 1, sigma0), -sigma0)
-        update = self.scaling * (self.X.to(acc) @ self.Y.to(acc))
+        update = self.scaling * (get(self.X) @ get(self.Y))
         return torch.linalg.vector_norm(drift) + torch.linalg.matrix_norm(update)
 
     def _salt_repr(self) -> str:

@@ -450,7 +450,9 @@ def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> d
         tensors[f"{_CHECK_PREFIX}{name}.value"] = val
     for name, t in tensors.items():
         _check_finite(name, t)
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    # copies: serialising goes through numpy, which pins a storage (FSDP2 must be able
+    # to free a parameter's unsharded storage afterwards)
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     metadata = {"salt_config": json.dumps(config), "format": FORMAT_NAME}
     file_bytes = _sharding.share_outcome(
         sharded, writes, lambda: adapter_file.write_adapter(path, tensors, metadata))
