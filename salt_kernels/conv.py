@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .backends.core import accumulate_dtype
-from .layers import SVD_METHODS, SALTAdapterMixin, _check_ranks
+from .layers import SVD_METHODS, SALTAdapterMixin, _check_finite, _check_ranks
 
 
 class SALTConv2d(SALTAdapterMixin, nn.Module):
@@ -125,6 +125,7 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
             raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
         W = conv.weight
         _check_ranks(rank, lora_rank, W[0].numel(), conv.out_channels)
+        _check_finite("conv: weight", W)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, rank, lora_rank,
             stride=conv.stride, padding=conv.padding, dilation=conv.dilation,

@@ -15,12 +15,14 @@ The variants of the official SALT layer live here too, all feeding the same op:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from ._sharding import full
 from .backends.core import accumulate_dtype, mix_matrix
+from ._validate import BACKENDS, FLOAT_DTYPES, _check_tensor
 from .dispatch import salt_linear
 
 SVD_METHODS = ("exact", "lowrank")
@@ -44,8 +46,14 @@ def truncated_svd(weight: torch.Tensor, rank: int, svd: str = "exact", oversampl
     convention. ``svd="lowrank"`` uses randomized ``torch.svd_lowrank`` with
     ``oversample`` extra columns, for layers too big for a full SVD.
     """
+    _check_tensor("weight", weight, 2)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank: expected 1 <= rank <= min(weight.shape) = {min(weight.shape)}, got {rank}")
     if svd not in SVD_METHODS:
         raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
+    _check_finite("weight", weight)
     W = weight.detach().to(torch.float32)
     D, K = W.shape
     if svd == "exact":
@@ -82,6 +90,21 @@ def _check_ranks(rank, lora_rank, in_features, out_features):
         raise ValueError(f"lora_rank: expected 0 <= lora_rank <= rank = {rank}, got {lora_rank}")
 
 
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    # an SVD of a non-finite matrix fails deep in LAPACK or returns garbage
+    if t.device.type != "meta" and not torch.isfinite(t).all():
+        raise ValueError(f"{name}: holds NaN or inf; SALT needs the SVD of a finite weight")
+
+
+def _check_layer_args(scaling, dtype):
+    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+
+
 def _check_variant_args(sigma_mode, residual):
     if sigma_mode not in SIGMA_MODES:
         raise ValueError(f"sigma_mode: expected one of {SIGMA_MODES}, got {sigma_mode!r}")
@@ -103,6 +126,7 @@ class SALTAdapterMixin:
                    sigma_mode, residual, residual_shape, factory):
         _check_ranks(rank, lora_rank, in_features, out_features)
         _check_variant_args(sigma_mode, residual)
+        _check_layer_args(scaling, factory["dtype"])
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.lora_rank = rank, lora_rank
         self.scaling = float(scaling)
@@ -256,6 +280,8 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         residual: bool = False,
     ):
         super().__init__()
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self._init_salt(in_features, out_features, rank, lora_rank, bias, scaling, sigma_mode,
                         residual, (out_features, in_features), {"device": device, "dtype": dtype})
         self.backend = backend
@@ -298,6 +324,7 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
             raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
         W = linear.weight
         _check_ranks(rank, lora_rank, linear.in_features, linear.out_features)
+        _check_finite("linear: weight", W)
         layer = cls(
             linear.in_features, linear.out_features, rank, lora_rank,
             bias=linear.bias is not None, scaling=scaling,
