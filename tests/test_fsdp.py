@@ -235,3 +235,28 @@ def test_fsdp_distributed_checkpoint_round_trip(fsdp_run):
         assert rep["dcp"].keys() == rep["trained"].keys()
         for name, t in rep["trained"].items():
             assert torch.equal(rep["dcp"][name], t), name
+
+
+def test_example_train_fsdp_runs_under_torchrun(tmp_path):
+    """examples/train_fsdp.py, launched as the docs say (torchrun, 2 processes, gloo),
+    with tiny sizes."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "adapter.safetensors"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "examples", "train_fsdp.py"), "--steps", "3", "--dim", "16", "--seq", "6",
+           "--batch", "2", "--out", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    held = {int(r): (int(a), int(b)) for r, a, b in re.findall(r"rank (\d): holds (\d+) of (\d+) U/V", run.stdout)}
+    assert sorted(held) == [0, 1] and held[0][1] == held[1][1]
+    assert held[0][0] + held[1][0] == held[0][1]  # the two halves make the whole
+    assert all(local <= 0.55 * full for local, full in held.values())
+    diff = float(re.search(r"max \|diff\| = (\S+)", run.stdout).group(1))
+    assert diff <= 1e-5, run.stdout
+    assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+    assert "trainable params:" in run.stdout and re.search(r"loss: \S+ -> \S+", run.stdout)
