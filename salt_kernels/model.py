@@ -392,7 +392,7 @@ def _basis_check(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, Uf[idx, torch.arange(Uf.shape[1])]
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+def _refuse_non_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise ValueError(
             f"save_salt: parameter {name!r} holds NaN or inf (did training diverge?); "
@@ -433,29 +433,38 @@ def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> d
         layers[name] = _layer_spec(name, layer, old.get("svd", "exact"), old.get("kwargs", {}))
     config.update(format=FORMAT_NAME, version=FORMAT_VERSION, layers=layers)
 
-    # _sharding.full gathers a sharded tensor: every rank runs this same sequence
+    # _sharding.full gathers a sharded tensor: every rank runs this same sequence, and
+    # only the writing rank keeps the gathered copies (the others keep their shapes).
+    # Copies: serialising goes through numpy, which pins a storage (FSDP2 must be able
+    # to free a parameter's unsharded storage afterwards).
+    def keep(t):
+        if writes:
+            return t.to("cpu", copy=True).contiguous()
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
     tensors = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            tensors[name] = _sharding.full(p.detach())
+            tensors[name] = keep(_sharding.full(p.detach()))
     for name, layer in salt_layers.items():
         store = include_basis if include_basis is not None else layers[name]["svd"] == "lowrank"
         layers[name]["basis_stored"] = bool(store)
         U = _sharding.full(layer.U.detach())
         if store:
-            tensors[f"{name}.U"] = U
-            tensors[f"{name}.V"] = _sharding.full(layer.V.detach())
-        idx, val = _basis_check(U)
-        tensors[f"{_CHECK_PREFIX}{name}.row"] = idx
-        tensors[f"{_CHECK_PREFIX}{name}.value"] = val
-    for name, t in tensors.items():
-        _check_finite(name, t)
-    # copies: serialising goes through numpy, which pins a storage (FSDP2 must be able
-    # to free a parameter's unsharded storage afterwards)
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+            tensors[f"{name}.U"] = keep(U)
+            tensors[f"{name}.V"] = keep(_sharding.full(layer.V.detach()))
+        idx, val = _basis_check(U) if writes else (U[0].long(), U[0].float())
+        tensors[f"{_CHECK_PREFIX}{name}.row"] = keep(idx)
+        tensors[f"{_CHECK_PREFIX}{name}.value"] = keep(val)
+        del U
     metadata = {"salt_config": json.dumps(config), "format": FORMAT_NAME}
-    file_bytes = _sharding.share_outcome(
-        sharded, writes, lambda: adapter_file.write_adapter(path, tensors, metadata))
+
+    def write():
+        for name, t in tensors.items():
+            _refuse_non_finite(name, t)
+        return adapter_file.write_adapter(path, tensors, metadata)
+
+    file_bytes = _sharding.share_outcome(sharded, writes, write)
     return {
         "path": path,
         "file_bytes": file_bytes,
