@@ -71,13 +71,16 @@ def shard(model):
 
 
 def batches(args, rank, world, device):
-    """A synthetic task (the class is the most frequent token bucket); each rank draws
-    its own slice of every global batch."""
+    """A small synthetic task, cycled: 4 global batches of random sequences, labelled by
+    the most frequent token class. Each rank takes its own slice of every global batch."""
     g = torch.Generator().manual_seed(args.seed + 1)
-    for _ in range(args.steps):
+    data = []
+    for _ in range(4):
         tokens = torch.randint(0, args.vocab, (args.batch * world, args.seq), generator=g)
-        labels = (tokens % args.classes).mode(dim=1).values
-        mine = slice(rank * args.batch, (rank + 1) * args.batch)
+        data.append((tokens, (tokens % args.classes).mode(dim=1).values))
+    mine = slice(rank * args.batch, (rank + 1) * args.batch)
+    for step in range(args.steps):
+        tokens, labels = data[step % len(data)]
         yield tokens[mine].to(device), labels[mine].to(device)
 
 
@@ -135,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=2, help="transformer blocks")
     p.add_argument("--classes", type=int, default=4, help="output classes")
     p.add_argument("--lora-rank", type=int, default=4, help="r' of the X, Y update")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the base weights and the data")
     p.add_argument("--out", default="salt_adapter.safetensors", help="adapter file written by rank 0")
     return p.parse_args(argv)
