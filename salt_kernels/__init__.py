@@ -6,6 +6,7 @@ computed without ever building the dense weight. See README.md and DESIGN.md.
 """
 
 from .dispatch import BackendUnavailableError, available_backends, salt_linear
+from .adapter_file import AdapterFileError, AdapterFileWarning
 from .conv import SALTConv2d
 from .export import export_lora
 from .layers import SALTLinear, truncated_svd
@@ -23,6 +24,8 @@ from .regularizer import salt_regularizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
+    "AdapterFileWarning",
     "BackendUnavailableError",
     "SALTConv2d",
     "SALTLinear",

@@ -21,15 +21,15 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .backends.core import accumulate_dtype
-from .layers import SVD_METHODS, SALTAdapterMixin, _check_ranks
+from .layers import SVD_METHODS, SALTAdapterMixin, _check_finite, _check_ranks
 
 
 class SALTConv2d(SALTAdapterMixin, nn.Module):
     """A SALT ``nn.Conv2d`` (``groups=1``, ``padding_mode="zeros"``).
 
-    Buffers: ``U (out_channels, r)``, ``V (in_channels*kh*kw, r)``, ``sigma0 (r,)`` and,
-    with ``residual=True``, ``residual_weight (out, in, kh, kw)``; parameters: ``sigma``
-    (or ``alpha``, ``beta``), ``X (r, r')``, ``Y (r', r)``, ``bias (out,)``.
+    Frozen parameters: ``U (out_channels, r)``, ``V (in_channels*kh*kw, r)`` and, with
+    ``residual=True``, ``residual_weight (out, in, kh, kw)``; buffer ``sigma0 (r,)``;
+    trained: ``sigma`` (or ``alpha``, ``beta``), ``X (r, r')``, ``Y (r', r)``, ``bias (out,)``.
     ``rank`` is at most ``min(out_channels, in_channels*kh*kw)``.
     """
 
@@ -73,7 +73,7 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
         self.reset_parameters()
 
     def _shrink_filters(self) -> torch.Tensor:
-        # V^T (r, in*kh*kw) viewed as r filters: a view of the buffer, no copy.
+        # V^T (r, in*kh*kw) viewed as r filters: a view of V, no copy.
         return self.V.t().reshape(self.rank, self.in_channels, *self.kernel_size)
 
     def _conv(self, x, weight, bias=None):
@@ -125,6 +125,7 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
             raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
         W = conv.weight
         _check_ranks(rank, lora_rank, W[0].numel(), conv.out_channels)
+        _check_finite("conv: weight", W)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, rank, lora_rank,
             stride=conv.stride, padding=conv.padding, dilation=conv.dilation,

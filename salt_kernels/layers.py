@@ -15,11 +15,14 @@ The variants of the official SALT layer live here too, all feeding the same op:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
+from ._sharding import full
 from .backends.core import accumulate_dtype, mix_matrix
+from ._validate import BACKENDS, FLOAT_DTYPES, _check_tensor
 from .dispatch import salt_linear
 
 SVD_METHODS = ("exact", "lowrank")
@@ -43,8 +46,14 @@ def truncated_svd(weight: torch.Tensor, rank: int, svd: str = "exact", oversampl
     convention. ``svd="lowrank"`` uses randomized ``torch.svd_lowrank`` with
     ``oversample`` extra columns, for layers too big for a full SVD.
     """
+    _check_tensor("weight", weight, 2)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank: expected 1 <= rank <= min(weight.shape) = {min(weight.shape)}, got {rank}")
     if svd not in SVD_METHODS:
         raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
+    _check_finite("weight", weight)
     W = weight.detach().to(torch.float32)
     D, K = W.shape
     if svd == "exact":
@@ -55,6 +64,14 @@ def truncated_svd(weight: torch.Tensor, rank: int, svd: str = "exact", oversampl
         Vh = V.t()
     U, Vh = _fix_signs(U[:, :rank], Vh[:rank])
     return U.contiguous(), S[:rank].contiguous(), Vh.t().contiguous()
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+# What SALT trains in a layer; everything else it holds (U, V, residual_weight) is frozen.
+TRAINABLE_NAMES = ("sigma", "alpha", "beta", "X", "Y", "bias")
 
 
 def _check_ranks(rank, lora_rank, in_features, out_features):
@@ -73,6 +90,21 @@ def _check_ranks(rank, lora_rank, in_features, out_features):
         raise ValueError(f"lora_rank: expected 0 <= lora_rank <= rank = {rank}, got {lora_rank}")
 
 
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    # an SVD of a non-finite matrix fails deep in LAPACK or returns garbage
+    if t.device.type != "meta" and not torch.isfinite(t).all():
+        raise ValueError(f"{name}: holds NaN or inf; SALT needs the SVD of a finite weight")
+
+
+def _check_layer_args(scaling, dtype):
+    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+
+
 def _check_variant_args(sigma_mode, residual):
     if sigma_mode not in SIGMA_MODES:
         raise ValueError(f"sigma_mode: expected one of {SIGMA_MODES}, got {sigma_mode!r}")
@@ -83,23 +115,27 @@ def _check_variant_args(sigma_mode, residual):
 class SALTAdapterMixin:
     """The SALT parametrisation shared by :class:`SALTLinear` and ``SALTConv2d``.
 
-    A layer with ``out_features`` D and flattened ``in_features`` K holds frozen buffers
-    ``U (D, r)``, ``V (K, r)``, ``sigma0 (r,)`` (the singular values at init/conversion),
-    optionally ``residual_weight`` (frozen, the weight's shape), and parameters
-    ``sigma (r,)`` (``"direct"``) or ``alpha, beta (r,)`` (``"scale_shift"``),
-    ``X (r, r')``, ``Y (r', r)``, ``bias``.
+    A layer with ``out_features`` D and flattened ``in_features`` K holds frozen
+    parameters (``requires_grad=False``) ``U (D, r)``, ``V (K, r)`` and optionally
+    ``residual_weight`` (the weight's shape); the buffer ``sigma0 (r,)`` (the singular
+    values at init/conversion); and trained parameters ``sigma (r,)`` (``"direct"``) or
+    ``alpha, beta (r,)`` (``"scale_shift"``), ``X (r, r')``, ``Y (r', r)``, ``bias``.
     """
 
     def _init_salt(self, in_features, out_features, rank, lora_rank, bias, scaling,
                    sigma_mode, residual, residual_shape, factory):
         _check_ranks(rank, lora_rank, in_features, out_features)
         _check_variant_args(sigma_mode, residual)
+        _check_layer_args(scaling, factory["dtype"])
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.lora_rank = rank, lora_rank
         self.scaling = float(scaling)
         self.sigma_mode, self.residual = sigma_mode, residual
-        self.register_buffer("U", torch.empty(out_features, rank, **factory))
-        self.register_buffer("V", torch.empty(in_features, rank, **factory))
+        # The frozen basis (and residual) are the layer's base weights, so they are frozen
+        # nn.Parameters rather than buffers: FSDP2 shards parameters, never buffers, and
+        # keeps a full copy of a buffer on every rank (docs/design.md, "Sharding").
+        self.U = _frozen(torch.empty(out_features, rank, **factory))
+        self.V = _frozen(torch.empty(in_features, rank, **factory))
         # sigma0 is what the regulariser pulls sigma' towards, and the scale_shift base.
         self.register_buffer("sigma0", torch.empty(rank, **factory))
         if sigma_mode == "direct":
@@ -110,8 +146,8 @@ class SALTAdapterMixin:
         self.X = nn.Parameter(torch.empty(rank, lora_rank, **factory))
         self.Y = nn.Parameter(torch.empty(lora_rank, rank, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer(
-            "residual_weight", torch.zeros(residual_shape, **factory) if residual else None
+        self.register_parameter(
+            "residual_weight", _frozen(torch.zeros(residual_shape, **factory)) if residual else None
         )
 
     # --- initialisation -------------------------------------------------------------
@@ -192,17 +228,20 @@ class SALTAdapterMixin:
         ``||sigma' - sigma0||_2 + ||scaling * X Y||_F``, in r x r space, float32 (float64
         for float64 parameters)."""
         acc = accumulate_dtype(self.X.dtype)
+        # Under FSDP2 the parameters are shards outside forward: gather them (a
+        # differentiable collective), so every rank computes the same full term.
         sigma0 = self.sigma0.to(acc)
+        get = lambda t: full(t).to(acc)  # noqa: E731
         if self.sigma_mode == "direct":
-            drift = self.sigma.to(acc) - sigma0
+            drift = get(self.sigma) - sigma0
         else:
             # relu(a s0 + b) - s0 = (a - 1) s0 + b where active, -s0 where clamped. Written
             # this way it does not cancel: a - 1 is exact near a = 1, and the drift is
             # tiny next to s0 early in training (it sets the gradient's direction).
-            alpha, beta = self.alpha.to(acc), self.beta.to(acc)
+            alpha, beta = get(self.alpha), get(self.beta)
             active = torch.addcmul(beta, alpha, sigma0) > 0
             drift = torch.where(active, torch.addcmul(beta, alpha - 1, sigma0), -sigma0)
-        update = self.scaling * (self.X.to(acc) @ self.Y.to(acc))
+        update = self.scaling * (get(self.X) @ get(self.Y))
         return torch.linalg.vector_norm(drift) + torch.linalg.matrix_norm(update)
 
     def _salt_repr(self) -> str:
@@ -215,8 +254,9 @@ class SALTAdapterMixin:
 class SALTLinear(SALTAdapterMixin, nn.Module):
     """``y = U (diag(sigma') + scaling * X Y) V^T x + bias`` without forming the dense weight.
 
-    ``U (out, r)`` and ``V (in, r)`` are frozen buffers (saved in ``state_dict``, as is
-    ``sigma0``, the singular values at init/conversion); ``sigma (r,)`` (or ``alpha``,
+    ``U (out, r)`` and ``V (in, r)`` are frozen parameters (``requires_grad=False``, as
+    a frozen base weight under PEFT; saved in ``state_dict``, as is the buffer ``sigma0``,
+    the singular values at init/conversion); ``sigma (r,)`` (or ``alpha``,
     ``beta`` with ``sigma_mode="scale_shift"``), ``X (r, r')``, ``Y (r', r)`` and ``bias``
     are trained. ``X @ Y`` is zero at init (``Y`` zero, ``X`` random, as LoRA does with B
     and A). ``lora_rank=0`` trains the singular values alone. ``residual=True`` adds the
@@ -240,6 +280,8 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         residual: bool = False,
     ):
         super().__init__()
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self._init_salt(in_features, out_features, rank, lora_rank, bias, scaling, sigma_mode,
                         residual, (out_features, in_features), {"device": device, "dtype": dtype})
         self.backend = backend
@@ -282,6 +324,7 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
             raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
         W = linear.weight
         _check_ranks(rank, lora_rank, linear.in_features, linear.out_features)
+        _check_finite("linear: weight", W)
         layer = cls(
             linear.in_features, linear.out_features, rank, lora_rank,
             bias=linear.bias is not None, scaling=scaling,

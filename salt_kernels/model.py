@@ -20,6 +20,8 @@ File format (safetensors):
 * metadata ``"salt_config"``: JSON with the conversion options and, per converted
   layer, its type, sizes, rank, lora_rank, scaling, svd method and any extra
   constructor options, so that a plain base can be converted again on load.
+* metadata ``"salt_checksum"``: SHA-256 digests of every tensor and of the config,
+  verified on load (see :mod:`salt_kernels.adapter_file`: atomic writes, integrity).
 
 Why the basis check: trained ``X``, ``Y`` live in the singular basis ``U``, ``V``. An
 SVD is unique only up to the sign of each singular pair, and two LAPACK builds may
@@ -42,11 +44,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import _sharding, adapter_file
+from .adapter_file import FORMAT_NAME, FORMAT_VERSION
 from .conv import SALTConv2d
-from .layers import SVD_METHODS, SALTLinear
+from .layers import SVD_METHODS, TRAINABLE_NAMES, SALTLinear
 
-FORMAT_NAME = "salt_kernels.adapter"
-FORMAT_VERSION = 1
 _CHECK_PREFIX = "__salt_basis_check__."
 _CONFIG_ATTR = "salt_config"
 # Show a progress bar over layers when converting at least this many (big models).
@@ -220,7 +222,8 @@ def _freeze(model: nn.Module, train_bias: bool) -> None:
     for m in model.modules():
         if _is_salt(m):
             for pname, p in m.named_parameters(recurse=False):
-                p.requires_grad_(pname != "bias" or train_bias)
+                # U, V, residual_weight are frozen parameters: they stay frozen
+                p.requires_grad_(pname in TRAINABLE_NAMES and (pname != "bias" or train_bias))
 
 
 def _progress(items: list, enabled, desc: str):
@@ -335,21 +338,16 @@ def apply_salt(
     return model
 
 
-def _salt_weight_numel(model: nn.Module) -> int:
-    """Elements of the SALT layers' frozen weight buffers (U, V, a residual): weights of
-    the model even though they are buffers, so they count towards the total. ``sigma0``
-    (the singular values at conversion, kept for the regulariser) is bookkeeping."""
-    return sum(b.numel() for m in model.modules() if _is_salt(m)
-               for n, b in m.named_buffers(recurse=False) if b.is_floating_point() and n != "sigma0")
-
-
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` element counts. ``total`` is every parameter plus the
-    frozen SALT bases (``U``, ``V`` are buffers but are the layer's weights)."""
+    """``(trainable, total)`` element counts. ``total`` is every parameter, the frozen
+    SALT bases (``U``, ``V``, a residual: frozen parameters) included, each tied or
+    shared tensor once. ``sigma0`` (a buffer: the singular values at conversion, kept
+    for the regulariser) is bookkeeping and not counted. On a model sharded by FSDP2
+    the counts are of the full (unsharded) tensors."""
     _check_model(model)
     params = {id(p): p for p in model.parameters()}  # tied weights once
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-    total = sum(p.numel() for p in params.values()) + _salt_weight_numel(model)
+    total = sum(p.numel() for p in params.values())
     return trainable, total
 
 
@@ -371,6 +369,11 @@ def merge_salt(model: nn.Module) -> nn.Module:
     if _is_salt(model):
         raise TypeError("model: merge_salt replaces layers inside a model; call .to_linear() on a bare SALT layer")
     salt_layers = [(n, m) for n, m in model.named_modules() if _is_salt(m)]
+    if _sharding.is_sharded(model):
+        raise ValueError(
+            "model: merge_salt needs an unsharded model (it builds each dense weight); load the "
+            "adapter into an unsharded copy of the base with load_salt and merge that"
+        )
     for name, layer in salt_layers:
         merged = getattr(layer, _KINDS[type(layer).__name__][2])()
         trainable = any(p.requires_grad for p in layer.parameters())
@@ -389,6 +392,14 @@ def _basis_check(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, Uf[idx, torch.arange(Uf.shape[1])]
 
 
+def _refuse_non_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(
+            f"save_salt: parameter {name!r} holds NaN or inf (did training diverge?); "
+            "nothing was written, the file at path is unchanged"
+        )
+
+
 def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> dict:
     """Save the trained tensors and the conversion config of a SALT model to a
     safetensors file. Returns ``{"path", "file_bytes", "num_tensors", "num_elements"}``.
@@ -396,15 +407,24 @@ def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> d
     include_basis: also store every SALT layer's frozen ``U``, ``V`` (a bigger file that
         does not depend on recomputing the SVD). Default: only for layers converted with
         ``svd="lowrank"``, whose randomised SVD is not reproducible.
-    """
-    from safetensors.torch import save_file
 
+    The write is atomic (temporary file in the same directory, fsync, rename): a crash
+    leaves the old file or the new one, never a mix. The directory must exist.
+    A model sharded by FSDP2 (``fully_shard``): call on every rank (the tensors are
+    gathered, a collective); rank 0 writes one full file.
+    """
     _check_model(model)
     if include_basis is not None and not isinstance(include_basis, bool):
         raise TypeError(f"include_basis: expected None or a bool, got {type(include_basis).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
     salt_layers = {n: m for n, m in model.named_modules() if _is_salt(m)}
     if not salt_layers:
         raise ValueError("model: has no SALT layers; call apply_salt first")
+    sharded, writes = _sharding.writer_rank(model)
+    # a bad path fails on every rank before any collective work
+    _sharding.share_outcome(sharded, writes, lambda: adapter_file.check_target(path))
     config = dict(getattr(model, _CONFIG_ATTR, None) or {})
     known = config.get("layers", {})
     layers = {}
@@ -413,43 +433,52 @@ def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> d
         layers[name] = _layer_spec(name, layer, old.get("svd", "exact"), old.get("kwargs", {}))
     config.update(format=FORMAT_NAME, version=FORMAT_VERSION, layers=layers)
 
+    # _sharding.full gathers a sharded tensor: every rank runs this same sequence, and
+    # only the writing rank keeps the gathered copies (the others keep their shapes).
+    # Copies: serialising goes through numpy, which pins a storage (FSDP2 must be able
+    # to free a parameter's unsharded storage afterwards).
+    def keep(t):
+        if writes:
+            return t.to("cpu", copy=True).contiguous()
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
     tensors = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            tensors[name] = p.detach()
+            tensors[name] = keep(_sharding.full(p.detach()))
     for name, layer in salt_layers.items():
         store = include_basis if include_basis is not None else layers[name]["svd"] == "lowrank"
         layers[name]["basis_stored"] = bool(store)
+        U = _sharding.full(layer.U.detach())
         if store:
-            tensors[f"{name}.U"] = layer.U.detach()
-            tensors[f"{name}.V"] = layer.V.detach()
-        idx, val = _basis_check(layer.U)
-        tensors[f"{_CHECK_PREFIX}{name}.row"] = idx
-        tensors[f"{_CHECK_PREFIX}{name}.value"] = val
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    path = os.fspath(path)
-    save_file(tensors, path, metadata={"salt_config": json.dumps(config), "format": FORMAT_NAME})
+            tensors[f"{name}.U"] = keep(U)
+            tensors[f"{name}.V"] = keep(_sharding.full(layer.V.detach()))
+        idx, val = _basis_check(U) if writes else (U[0].long(), U[0].float())
+        tensors[f"{_CHECK_PREFIX}{name}.row"] = keep(idx)
+        tensors[f"{_CHECK_PREFIX}{name}.value"] = keep(val)
+        del U
+    metadata = {"salt_config": json.dumps(config), "format": FORMAT_NAME}
+
+    def write():
+        for name, t in tensors.items():
+            _refuse_non_finite(name, t)
+        return adapter_file.write_adapter(path, tensors, metadata)
+
+    file_bytes = _sharding.share_outcome(sharded, writes, write)
     return {
         "path": path,
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": file_bytes,
         "num_tensors": len(tensors),
         "num_elements": sum(t.numel() for t in tensors.values()),
     }
 
 
 def read_salt_config(path) -> dict:
-    """The conversion config stored in a file written by :func:`save_salt`."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT_NAME or "salt_config" not in meta:
-        raise ValueError(f"path: {os.fspath(path)!r} is not a salt_kernels adapter file (no salt_config metadata)")
-    config = json.loads(meta["salt_config"])
-    if config.get("version") != FORMAT_VERSION:
-        raise ValueError(f"path: adapter format version {config.get('version')} is not supported "
-                         f"(this salt_kernels reads version {FORMAT_VERSION})")
-    return config
+    """The conversion config stored in a file written by :func:`save_salt`. A file that
+    is not a (valid) adapter raises :class:`~salt_kernels.AdapterFileError` naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    return adapter_file.read_config(path)
 
 
 @torch.no_grad()
@@ -458,7 +487,7 @@ def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Te
     """Flip singular pairs of ``layer`` whose sign differs from the saved ones; refuse a
     basis that differs by more than a sign (the error names ``caller`` and suggests
     ``remedy``). Returns the number of flipped pairs."""
-    U = layer.U.detach().float().cpu()
+    U = _sharding.full(layer.U.detach()).float().cpu()
     cols = torch.arange(U.shape[1])
     now = U[row, cols]
     # The stored entry is the largest of a unit column (>= 1/sqrt(D)); the recomputed
@@ -475,9 +504,11 @@ def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Te
         )
     flip = (torch.sign(now) != torch.sign(value)).nonzero().flatten()
     if flip.numel():
-        f = flip.to(layer.U.device)
-        layer.U[:, f] *= -1
-        layer.V[:, f] *= -1
+        # on the full tensors: a sharded U, V takes back its own shard
+        for basis in (layer.U, layer.V):
+            flipped = _sharding.full(basis).clone()
+            flipped[:, flip.to(flipped.device)] *= -1
+            _sharding.assign(basis, flipped)
     return int(flip.numel())
 
 
@@ -488,12 +519,16 @@ def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Mod
     ``model`` is a fresh copy of the base model the adapter was trained on, either plain
     (its layers are converted from the stored config) or already converted with the same
     config. Afterwards exactly the saved trained tensors require grad.
-    """
-    from safetensors.torch import load_file
 
+    Every checksum is verified first: a malformed or corrupted file raises
+    :class:`~salt_kernels.AdapterFileError` naming the path (and the first bad tensor)
+    before the model is touched. A model sharded by FSDP2 must already be converted
+    (``apply_salt`` before ``fully_shard``); call on every rank.
+    """
     _check_model(model)
-    config = read_salt_config(path)
-    tensors = load_file(os.fspath(path))
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    config, tensors = adapter_file.read_adapter(path)
     layers = config["layers"]
 
     modules = dict(model.named_modules())
@@ -522,6 +557,11 @@ def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Mod
                         f"load_salt: layer {name!r} has {key}={getattr(module, key)} but the adapter "
                         f"was saved with {key}={spec[key]}"
                     )
+        elif _sharding.is_sharded(module):
+            raise ValueError(
+                f"load_salt: layer {name!r} is sharded but not converted: a sharded model must be "
+                "converted before sharding (apply_salt, then fully_shard, then load_salt)"
+            )
         else:
             to_convert.append((name, module, spec))
 
@@ -531,8 +571,8 @@ def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Mod
     for name, spec in layers.items():
         layer = model.get_submodule(name)
         if spec.get("basis_stored"):
-            layer.U.copy_(tensors.pop(f"{name}.U"))
-            layer.V.copy_(tensors.pop(f"{name}.V"))
+            _sharding.assign(layer.U, tensors.pop(f"{name}.U"))
+            _sharding.assign(layer.V, tensors.pop(f"{name}.V"))
             tensors.pop(f"{_CHECK_PREFIX}{name}.row")
             tensors.pop(f"{_CHECK_PREFIX}{name}.value")
         else:
@@ -549,7 +589,7 @@ def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Mod
         p = params[key]
         if tuple(p.shape) != tuple(value.shape):
             raise ValueError(f"load_salt: {key}: model has shape {tuple(p.shape)}, adapter {tuple(value.shape)}")
-        p.copy_(value)
+        _sharding.assign(p, value)
         p.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
     return model

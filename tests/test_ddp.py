@@ -79,11 +79,17 @@ def test_ddp_gloo_matches_single_process(tmp_path):
 
     x, y = _data()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"{m}.{b}" for m in ("conv", "fc1", "fc2") for b in ("U", "V")} | \
+        {"fc1.residual_weight", "fc2.residual_weight"}
     single = _train(model, [(x[s], y[s]) for s in range(STEPS)], model.parameters())
     for rank in range(WORLD):
         ddp = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(ddp) == set(single)
         for name in single:
+            if name in frozen:  # the frozen basis stays put (no grad, the optimiser skips it)
+                assert torch.equal(ddp[name], start[name]) and torch.equal(single[name], start[name]), name
+                continue
             assert not torch.equal(single[name], start[name]), f"{name} did not train"
             err = max_rel_err(ddp[name], single[name])
             assert err <= TOLERANCES[torch.float64], f"rank {rank} {name}: {err:.3e}"

@@ -101,8 +101,11 @@ def test_state_dict_round_trip():
 
 def test_parameters_and_buffers():
     layer = SALTLinear(20, 10, 6, 2)
-    assert {n for n, _ in layer.named_parameters()} == {"sigma", "X", "Y", "bias"}
-    assert {n for n, _ in layer.named_buffers()} == {"U", "V", "sigma0"}
+    # U, V are frozen parameters (FSDP2 shards parameters, not buffers)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"sigma", "X", "Y", "bias"}
+    assert {n for n, p in layer.named_parameters() if not p.requires_grad} == {"U", "V"}
+    assert {n for n, _ in layer.named_buffers()} == {"sigma0"}
+    assert set(layer.state_dict()) == {"U", "V", "sigma0", "sigma", "X", "Y", "bias"}
     assert torch.allclose(layer.U.t() @ layer.U, torch.eye(6), atol=1e-5)
     no_bias = SALTLinear(20, 10, 6, 0, bias=False)
     assert no_bias.bias is None and no_bias.X.shape == (6, 0)

@@ -180,7 +180,9 @@ def test_train_bias_and_no_freeze():
     assert model.get_submodule("blocks.0.attn.q").bias.requires_grad
     assert not model.get_submodule("blocks.0.attn.k").bias.requires_grad
     model = apply_salt(Toy(), rank=6, lora_rank=2, target_modules=["q"], freeze_base=False)
-    assert all(p.requires_grad for p in model.parameters())
+    # everything trains except SALT's frozen basis (U, V are the layer's frozen weights)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"blocks.{i}.attn.q.{b}" for i in (0, 1) for b in ("U", "V")}
 
 
 def test_trainable_parameter_counts():

@@ -60,8 +60,9 @@ def test_linear_variants_noncontiguous_x(backend, sigma_mode):
 def test_scale_shift_parameters_and_init():
     lin = _linear(30, 20)
     layer = SALTLinear.from_linear(lin, 8, 4, sigma_mode="scale_shift")
-    assert {n for n, _ in layer.named_parameters()} == {"alpha", "beta", "X", "Y", "bias"}
-    assert {n for n, _ in layer.named_buffers()} == {"U", "V", "sigma0"}
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"alpha", "beta", "X", "Y", "bias"}
+    assert {n for n, p in layer.named_parameters() if not p.requires_grad} == {"U", "V"}
+    assert {n for n, _ in layer.named_buffers()} == {"sigma0"}
     assert torch.equal(layer.alpha, torch.ones_like(layer.alpha))
     assert torch.equal(layer.beta, torch.zeros_like(layer.beta))
     S = torch.linalg.svdvals(lin.weight.double())[:8]
@@ -238,7 +239,8 @@ def test_to_conv2d_merges(sigma_mode, residual):
 
 def test_conv_state_dict_and_params():
     layer = perturb(SALTConv2d.from_conv2d(_conv(CONV_CONFIGS[0]), 5, 2, residual=True))
-    assert {n for n, _ in layer.named_parameters()} == {"sigma", "X", "Y", "bias"}
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"sigma", "X", "Y", "bias"}
+    assert {n for n, p in layer.named_parameters() if not p.requires_grad} == {"U", "V", "residual_weight"}
     assert layer.V.shape == (27, 5) and layer.residual_weight.shape == (8, 3, 3, 3)
     other = SALTConv2d(3, 8, 3, 5, 2, padding=1, residual=True)
     other.load_state_dict(layer.state_dict())
@@ -291,7 +293,7 @@ def test_regulariser_value_and_gradients():
     for layer in (model[0][0], model[1], model[2]):
         value, p = _regulariser_f64(layer)
         total = total + value
-        names = [n for n, t in layer.named_parameters() if n != "bias"]
+        names = [n for n, t in layer.named_parameters() if t.requires_grad and n != "bias"]
         grads = torch.autograd.grad(value, [p[n] for n in names])
         for n, g in zip(names, grads):
             assert max_rel_err(getattr(layer, n).grad, g) <= TOLERANCES[torch.float32], n
@@ -306,7 +308,7 @@ def test_regulariser_zero_at_init_with_finite_gradients(sigma_mode):
     assert reg.item() == 0.0
     reg.backward()
     for n, t in layer.named_parameters():
-        if n != "bias":
+        if t.requires_grad and n != "bias":
             assert torch.isfinite(t.grad).all() and not t.grad.any(), n
 
 
