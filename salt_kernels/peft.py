@@ -177,9 +177,13 @@ class SaltLayer(BaseTunerLayer):
                           backend=config.backend, sigma_mode=config.sigma_mode)
         core._init_from_pretrained(weight, None, config.svd)
         store = config.store_basis if config.store_basis is not None else config.svd == "lowrank"
-        if not store:  # recomputed from the base weight on load
-            for key in ("U", "V", "sigma0"):
-                core.register_buffer(key, getattr(core, key), persistent=False)
+        # Buffers, not the frozen parameters SALTLinear uses: PEFT's set_adapter calls
+        # requires_grad_(True) on the whole core, which would unfreeze a parameter basis.
+        # Unstored, they are recomputed from the base weight on load.
+        for key in ("U", "V", "sigma0"):
+            basis = getattr(core, key).detach()
+            delattr(core, key)
+            core.register_buffer(key, basis, persistent=store)
         row, value = _basis_check(core.U)
         core.register_buffer("basis_row", row.to(weight.device))
         core.register_buffer("basis_value", value.to(weight.device))

@@ -356,6 +356,8 @@ def test_stored_basis(tmp_path, kw):
 
     base = toy()
     model = perturb(get_peft_model(copy.deepcopy(base), SaltConfig(rank=4, lora_rank=2, target_modules=["a"], **kw)))
+    # a stored basis is saved, never trained (set_adapter unfreezes the whole core)
+    assert sorted(n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad) == ["X", "Y", "sigma"]
     x = torch.randn(3, 13)
     y = model(x)
     model.save_pretrained(tmp_path)
