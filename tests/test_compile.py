@@ -200,3 +200,30 @@ def test_inductor_one_graph(backend):
     inputs = [torch.randn(M, 24, generator=g) for M in TOKEN_COUNTS]
     _assert_one_graph_matching_eager(layer, inputs, mark_dynamic=False, dtype=torch.float32,
                                      compiler="inductor")
+
+
+@pytest.mark.parametrize("backend,device", _cases())
+def test_salt_linear_function_all_inputs_dynamic(backend, device):
+    """salt_linear itself compiled, every tensor an input: with dynamic=True the rank is a
+    symbolic size too, and backend resolution (keyed on it) must not break the graph."""
+    _require(backend, device)
+    from salt_testing import make_salt_inputs
+
+    cnt = CompileCounterWithBackend("aot_eager")
+
+    def f(**kw):
+        return salt_kernels.salt_linear(**kw, scaling=0.5, backend=backend)
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend=cnt)
+    frames = None
+    for M in TOKEN_COUNTS:  # no M equals a layer size (duck sizing would tie them)
+        t = make_salt_inputs((M,), 25, 21, 7, 4, device=device, seed=M)
+        y_c = compiled(**t)
+        grads_c = torch.autograd.grad(y_c.sum(), [t[n] for n in ("x", "sigma", "X", "Y", "bias")])
+        y_e = f(**t)
+        grads_e = torch.autograd.grad(y_e.sum(), [t[n] for n in ("x", "sigma", "X", "Y", "bias")])
+        torch.testing.assert_close(y_c, y_e)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b)
+        frames = cnt.frame_count if frames is None else frames
+    assert cnt.frame_count == frames
