@@ -7,8 +7,8 @@ bounds) and never returns a silently wrong answer.
 
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 
 import torch
 
@@ -45,7 +45,11 @@ def validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend) -> None:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"scaling: expected a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(float(scaling)):
+    # Written as a comparison rather than math.isfinite so that under torch.compile with
+    # dynamic=True (where scaling is a symbolic float) it becomes a guard on the value
+    # instead of a graph break: a later non-finite scaling fails the guard, is traced
+    # afresh and raises here. NaN fails every comparison.
+    if not abs(scaling) <= sys.float_info.max:
         raise ValueError(f"scaling: expected a finite number, got {scaling}")
 
     _check_tensor("x", x)

@@ -68,7 +68,7 @@ def available_backends(device="cpu") -> list[str]:
 def resolve_backend(backend: str, device, rank: int = 1) -> str:
     """The concrete backend that ``backend`` ("auto" or a name) runs on ``device`` for
     a layer of rank ``rank``."""
-    return _resolve(backend, torch.device(device).type, rank)
+    return _pick(_candidates(backend, torch.device(device).type), backend, rank)
 
 
 def _max_rank(name: str) -> int | None:
@@ -76,52 +76,63 @@ def _max_rank(name: str) -> int | None:
     return getattr(_module(name)[0], "MAX_RANK", None)
 
 
-# Resolution depends only on (backend, device type, rank) and on what is installed, so
-# it is cached and, for torch.compile, treated as a constant: Dynamo then never traces
-# the imports and warnings below, and `fullgraph=True` holds.
+# The candidates depend only on (backend, device type) and on what is installed, so they
+# are cached and, for torch.compile, treated as a constant: Dynamo then never traces the
+# imports and warnings below, and `fullgraph=True` holds. The rank is compared with the
+# candidates' limits in traced code (_pick): under torch.compile a symbolic rank (U an
+# input of a compiled function with dynamic=True) becomes a guard `rank <= limit`
+# instead of failing the constant.
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, rank: int) -> str:
-    key = (backend, device_type, rank)
+def _candidates(backend: str, device_type: str) -> tuple:
+    key = (backend, device_type)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _resolve_uncached(backend, torch.device(device_type), rank)
-        name = _RESOLVED[key]
-        _IMPLS[name] = _module(name)[0].salt_linear_2d
+        _RESOLVED[key] = _candidates_uncached(backend, torch.device(device_type))
+        for name, _ in _RESOLVED[key]:
+            _IMPLS[name] = _module(name)[0].salt_linear_2d
     return _RESOLVED[key]
 
 
-_RESOLVED: dict[tuple[str, str, int], str] = {}
+_RESOLVED: dict[tuple[str, str], tuple] = {}
 _IMPLS: dict = {}  # backend name -> salt_linear_2d of its module
 
 
-def _resolve_uncached(backend: str, device: torch.device, rank: int) -> str:
+def _candidates_uncached(backend: str, device: torch.device) -> tuple:
+    """((name, rank limit or None), ...): the backends to try, in order."""
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend='{backend}' is not available: {reason}")
-        limit = _max_rank(backend)
-        if limit is not None and rank > limit:
-            raise ValueError(
-                f"U: backend='{backend}' supports rank <= {limit}, got rank {rank}; "
-                f"use backend='auto' to run larger ranks on another backend"
-            )
-        return backend
+        return ((backend, _max_rank(backend)),)
     order = _AUTO_ORDER.get(device.type, ("reference",))
+    out = []
     for name in order:
         reason = unavailable_reason(name, device)
         if reason is None:
-            limit = _max_rank(name)
-            if limit is not None and rank > limit:
-                continue  # by design, not a missing piece: no warning
-            return name
-        if reason not in _warned:
+            out.append((name, _max_rank(name)))
+        elif reason not in _warned:
             _warned.add(reason)
             warnings.warn(
                 f"salt_kernels: skipping backend '{name}' on {device.type}: {reason}. "
                 f"Falling back to the next of {order}.",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
-    return "reference"
+    if not any(name == "reference" for name, _ in out):
+        out.append(("reference", None))
+    return tuple(out)
+
+
+def _pick(candidates: tuple, backend: str, rank) -> str:
+    """The first candidate whose rank limit admits ``rank`` (over the limit under "auto"
+    is by design, not a missing piece: no warning)."""
+    for name, limit in candidates:
+        if limit is None or rank <= limit:
+            return name
+    name, limit = candidates[0]
+    raise ValueError(
+        f"U: backend='{backend}' supports rank <= {limit}, got rank {rank}; "
+        f"use backend='auto' to run larger ranks on another backend"
+    )
 
 
 def clear_backend_cache() -> None:
@@ -155,7 +166,7 @@ def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backen
 
 
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend):
-    name = _resolve(backend, x.device.type, U.shape[1])
+    name = _pick(_candidates(backend, x.device.type), backend, U.shape[1])
     lead = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = _IMPLS[name](x2d, U, V, sigma, X, Y, bias, scaling)

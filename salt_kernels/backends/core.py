@@ -2,7 +2,7 @@
 
 Kernel backends take C, not (sigma, X, Y): C is tiny, so building it with plain torch
 ops costs one small launch, and autograd then turns the kernel's dC into dsigma, dX
-and dY (DESIGN.md section 2) without any backend re-deriving that chain rule.
+and dY (docs/design.md, "Gradients") without any backend re-deriving that chain rule.
 """
 
 from __future__ import annotations
@@ -19,5 +19,7 @@ def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """C = diag(sigma) + scaling * X @ Y, shape (r, r), in ``dtype``."""
     C = torch.diag(sigma.to(dtype))
     if X.shape[1] > 0:
-        C = torch.addmm(C, X.to(dtype), Y.to(dtype), alpha=scaling)
+        # scaling multiplies the small factor X (r x r') rather than riding as addmm's
+        # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
+        C = torch.addmm(C, X.to(dtype) * scaling, Y.to(dtype))
     return C

@@ -22,7 +22,8 @@ def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
     z = x @ V
     t = z * sigma.to(z.dtype)
     if X.shape[1] > 0:
-        t = torch.addmm(t, z @ Y.t().to(z.dtype), X.t().to(z.dtype), alpha=scaling)
+        # scaling on the small X (r x r'), not as alpha: see backends/core.py
+        t = torch.addmm(t, z @ Y.t().to(z.dtype), X.t().to(z.dtype) * scaling)
     if bias is None:
         return t @ U.t()
     return torch.addmm(bias, t, U.t())
