@@ -343,26 +343,38 @@ def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "speedup_vs_official.png").exists()  # the official baseline was not run
 
 
-def test_plot_legend_clear_of_bars_and_skips_labelled(tmp_path, capsys):
-    """The legend is above the axes; a skipped baseline is named in the plot."""
+def test_skipped_baseline_is_reported(tmp_path, capsys):
+    """A baseline skipped for its cost: the reason in the table and in CSV/JSON."""
     argv = FAST + ["--official-max-gflop", "0.0001", "--json", str(tmp_path / "r.json")]
     assert bench.main(argv) == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     skipped = [r for r in rows if r["backend"] == bench.OFFICIAL]
     assert skipped and all(r["note"].startswith("skipped: rebuild") and r["time_ms"] is None for r in skipped)
     assert re.search(r"skipped: rebuild [0-9.]+ > 0.0001 GFLOP", capsys.readouterr().out)
-    # rebuild the rows in memory for the figure
-    methods = bench.build_methods("cpu", ["reference"], official_max_gflop=0.0001)
-    shapes = bench.PRESETS["smoke"]
-    rows = bench.run_benchmarks(shapes, methods, "cpu", torch.float32, min_time=0.001, progress=False)
+
+
+@pytest.mark.parametrize("n_shapes", [2, 7])  # side by side; stacked
+def test_plot_legend_clear_of_bars_and_skips_labelled_in_figure(n_shapes):
+    shapes = [presets.Shape("t", f"layer{i}", 8, 16, 16, 4, 2) for i in range(n_shapes)]
+    methods = bench.build_methods("cpu", ["reference"], auto=True)
+    rows = []
+    for i, s in enumerate(shapes):
+        for m in methods:
+            for mode in ("fwd", "fwd+bwd"):
+                if m.name == bench.OFFICIAL and i == 0:
+                    rows.append(Row(s, m, mode, skip="skipped: rebuild 275 > 20 GFLOP"))
+                else:
+                    rows.append(Row(s, m, mode, timing=bench.Timing([1.0 + len(m.name) / 10, 1.1], paired=True)))
+    bench.add_ratios(rows)
     for attr, base, _ in plots.PLOTS:
         fig = plots.speedup_figure(rows, attr, base, "t")
         fig.canvas.draw()
         texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-        assert any("skipped: rebuild" in t for t in texts), (base, texts)
+        assert sum("skipped: rebuild 275 > 20 GFLOP" in t for t in texts) == 2, (base, texts)  # fwd, fwd+bwd
         legend = fig.legends[0].get_window_extent()
         for ax in fig.axes:
             assert legend.y0 >= ax.get_window_extent().y1, base
+        assert set(t.get_text() for t in fig.legends[0].get_texts()) == {m.name for m in methods} - {base}
 
 
 @pytest.mark.gpu

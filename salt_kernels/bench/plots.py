@@ -44,9 +44,13 @@ def speedup_figure(rows: list[Row], attr: str, base: str, title: str):
     names = [n for n in dict.fromkeys(r.method.name for r in rows) if n != base]
     if not names or not any(r.method.name == base for r in rows):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(shapes) * 2), 4.8), squeeze=False)
+    # side by side for a few shapes, one above the other for many (a readable width)
+    stacked = len(shapes) > 5
+    fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2, squeeze=False,
+                             figsize=(max(8, 1.2 * len(shapes)), 8.5) if stacked else (max(8, 3.2 * len(shapes)), 4.8))
+    axes = list(axes.flat)
     width = 0.8 / len(names)
-    for ax, mode in zip(axes[0], MODES):
+    for ax, mode in zip(axes, MODES):
         for j, name in enumerate(names):
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(shapes))]
             vals = []
@@ -55,26 +59,35 @@ def speedup_figure(rows: list[Row], attr: str, base: str, title: str):
                 ratio = getattr(r, attr) if r is not None else None
                 vals.append(ratio.median if ratio is not None else math.nan)
                 if r is not None and r.skip:
-                    ax.text(x, 1.0, r.skip, rotation=90, fontsize=6, ha="center", va="bottom", color="0.35")
+                    _note(ax, x, r.skip)
             bars = ax.bar(xs, vals, width, label=name)
             ax.bar_label(bars, labels=["" if v != v else f"{v:.2g}" for v in vals], fontsize=6)
         for i, s in enumerate(shapes):  # the baseline itself skipped: no bars at all there
             b = find.get((s, mode, base))
             if b is not None and b.skip:
-                ax.text(i, 1.0, f"{base} {b.skip}", rotation=90, fontsize=6, ha="center", va="bottom",
-                        color="0.35")
+                _note(ax, i, f"{base} {b.skip}")
+        ax.set_xlim(-0.5, len(shapes) - 0.5)  # keep room for shapes that have notes only
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        lo, hi = ax.get_ylim()  # label more ticks when the bars span less than a decade
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if hi / lo < 10 else (1.0, 2.0, 5.0)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(shapes)), [s.short for s in shapes], fontsize=7)
         ax.set_ylabel(f"speed-up over {base} (×)")
         ax.set_title(mode, fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=min(len(names), 6),
+    handles, labels = axes[0].get_legend_handles_labels()
+    top = 1 - 0.45 / fig.get_figheight()  # room for the title and the legend, in inches
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, top), ncol=min(len(names), 6),
                fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=9, y=0.99)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.suptitle(title, fontsize=9, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, top - 0.25 / fig.get_figheight()))
     return fig
+
+
+def _note(ax, x, text):
+    """Vertical grey text at data position ``x``, from near the bottom of the axes up."""
+    ax.text(x, 0.03, text, rotation=90, fontsize=6, ha="center", va="bottom", color="0.35",
+            transform=ax.get_xaxis_transform())
