@@ -394,3 +394,19 @@ def test_cli_smoke_on_cuda(tmp_path, capsys):
             assert float(r["peak_mem_MiB"]) > 0
         if r["kind"] == "salt":
             assert 0 < float(r["roofline_fraction"]) and float(r["achieved_GBps"]) > 0
+
+
+def test_auto_choice_names_what_auto_resolves_to(monkeypatch):
+    """The backend `auto` picks, passed the sizes a size policy asks for; unknown
+    (None) rather than a guess when resolve_backend wants more."""
+    shape = bench.PRESETS["smoke"][0]
+    assert bench.auto_choice("cpu", shape) == dispatch.resolve_backend("auto", "cpu", rank=shape.r)
+    seen = {}
+
+    def by_size(backend, device, rank=1, M=None, K=None):
+        seen.update(M=M, K=K)
+        return "reference"
+    monkeypatch.setattr(dispatch, "resolve_backend", by_size)
+    assert bench.auto_choice("cpu", shape) == "reference" and seen == dict(M=shape.M, K=shape.K)
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device, rank=1, tokens=None: "reference")
+    assert bench.auto_choice("cpu", shape) is None

@@ -135,7 +135,7 @@ def auto_summary(rows: list[Row], target: float = 0.95) -> str | None:
         held = sum(r.median >= target for r, _ in ratios)
         lines.append(f"  {mode:8s} worst {fmt_ratio(worst)}x at {shape.label}; "
                      f">= {target:g}x at {held} of {len(ratios)} shapes")
-    return f"auto vs reference (median of paired ratios ± half their IQR):\n" + "\n".join(lines)
+    return "auto vs reference (median of paired ratios ± half their IQR):\n" + "\n".join(lines)
 
 
 CSV_FIELDS = ["device", "device_name", "dtype", "threads", "torch", "triton", "salt_kernels", "backend", "kind",
