@@ -1,5 +1,5 @@
 """pytest-benchmark suite: the comparisons of ``salt-bench`` (every available backend,
-the reference chain, dense ``nn.Linear`` and the official SALT way; forward and
+``auto``, the reference chain, dense ``nn.Linear`` and the official SALT way; forward and
 forward+backward), built from :mod:`salt_kernels.bench` so the inputs, baselines and
 timed steps are the CLI's own.
 
@@ -28,7 +28,8 @@ PRESETS = os.environ.get("SALT_BENCH_PRESETS", "quick").split(",")
 SHAPES = list(dict.fromkeys(s for p in PRESETS for s in bench.PRESETS[p.strip()]))
 BACKENDS = [b for b in available_backends(DEVICE) if not bench.is_interpreted(b, DEVICE)]
 # On CPU the official layer's weight rebuild for 4096-wide layers takes seconds per call.
-METHODS = bench.build_methods(DEVICE, BACKENDS, official_max_gflop=None if DEVICE.type == "cuda" else 20.0)
+METHODS = bench.build_methods(DEVICE, BACKENDS, official_max_gflop=None if DEVICE.type == "cuda" else 20.0,
+                              auto=True)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,9 @@ def verification():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.layer.replace(' ', '_')}-M{s.M}-r{s.r}-{s.rl}")
 def test_salt_layer(benchmark, verification, shape, method, mode):
     if method.kind == "salt":
-        failed = {str(dt): e for dt, e in verification[method.name].items() if not bench.verification_passed(e)}
+        # auto may pick any available backend: all of them must be right
+        checked = verification if method.name == bench.AUTO else {method.name: verification[method.name]}
+        failed = {(b, str(dt)): e for b, r in checked.items() for dt, e in r.items() if not bench.verification_passed(e)}
         if failed:
             pytest.fail(f"backend {method.name!r} failed verification against float64: {failed}")
     reason = method.skip_reason(shape)

@@ -1,8 +1,12 @@
-"""salt-bench (the package's main job): it verifies before it times, refuses to time a
-wrong backend (exit code 1), writes CSV and plots, and its baselines compute what they
-claim. Runs the CLI on the seconds-long ``smoke`` preset; no timing is asserted."""
+"""salt-bench (the package's main job) and the benchmark toolkit: it verifies before it
+times, refuses to time a wrong backend (exit code 1), writes CSV, JSON and plots, its
+ratios and baselines compute what they claim, and the scripts under benchmarks/ use
+its timing. Runs the CLI on the seconds-long ``smoke`` preset; no timing is asserted."""
 
 import csv
+import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 import types
@@ -13,8 +17,10 @@ import torch.nn.functional as F
 
 from salt_kernels import bench, dispatch
 from salt_kernels.backends import reference
-from salt_kernels.bench_baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
-                                         unfused_salt_chain)
+from salt_kernels.bench import plots, presets, timing
+from salt_kernels.bench.baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
+                                          unfused_salt_chain)
+from salt_kernels.bench.report import Row
 from salt_testing import TOLERANCES, make_salt_inputs
 
 # One thread: on a shared 2-core CI machine, two intra-op threads can wait on each other
@@ -195,10 +201,37 @@ def test_time_helpers_on_cpu():
     calls = []
     assert bench.time_step(lambda: calls.append(1), "cpu", 0.01) > 0
     times = bench.time_steps({"a": lambda: None, "b": lambda: sum(range(100))}, "cpu", 0.01)
-    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    assert set(times) == {"a", "b"} and all(t.median > 0 and t.min <= t.median for t in times.values())
+    assert times["a"].paired and times["a"].rounds == times["b"].rounds >= timing.MIN_ROUNDS
     assert len(calls) > 1
     samples = bench.sample_steps({"a": lambda: None}, 0.01, min_rounds=4)
     assert len(samples["a"]) >= 4 and all(t >= 0 for t in samples["a"])
+
+
+def test_paired_ratio():
+    """Round-by-round ratios: their median and quartiles; unpaired: ratio of medians."""
+    base, other = bench.Timing([2.0, 4.0, 6.0, 10.0], paired=True), bench.Timing([1.0, 2.0, 2.0, 2.0], paired=True)
+    r = bench.paired_ratio(base, other)  # per round: 2, 2, 3, 5
+    assert (r.median, r.low, r.high) == (2.5, 2.0, 3.5) and r.spread == 0.75
+    # the ratio of medians (5 / 2) differs from the median of ratios only by chance; unpaired:
+    u = bench.paired_ratio(bench.Timing([2.0, 4.0, 6.0]), bench.Timing([1.0, 2.0, 4.0]))
+    assert (u.median, u.low, u.spread) == (2.0, None, None)
+
+
+def test_add_ratios_pairs_each_method_with_its_baselines():
+    shape = bench.PRESETS["smoke"][0]
+    by_name = {m.name: m for m in bench.build_methods("cpu", ["reference", "cpu"], auto=True)}
+    samples = {"reference": [4.0, 8.0, 4.0], "cpu": [2.0, 2.0, 4.0], "auto": [1.0, 4.0, 2.0],
+               bench.DENSE: [1.0, 1.0, 1.0], bench.OFFICIAL: [8.0, 8.0, 8.0]}
+    rows = [Row(shape, by_name[n], "fwd", timing=bench.Timing(v, paired=True)) for n, v in samples.items()]
+    rows.append(Row(shape, by_name["cpu"], "fwd+bwd", timing=bench.Timing([1.0], paired=True)))  # no reference
+    bench.add_ratios(rows)
+    got = {r.method.name: r for r in rows if r.mode == "fwd"}
+    assert got["cpu"].vs_reference.median == 2.0  # rounds: 2, 4, 1
+    assert got["auto"].vs_reference.median == 2.0 and got["auto"].vs_reference.high == 3.0  # 4, 2, 2
+    assert got["reference"].vs_reference.median == 1.0 and got["reference"].vs_reference.spread == 0.0
+    assert got["cpu"].vs_official.median == 4.0 and got["cpu"].vs_dense.median == 0.5
+    assert rows[-1].vs_reference is None
 
 
 def test_unfused_chain_matches_reference():
@@ -209,22 +242,139 @@ def test_unfused_chain_matches_reference():
 
 
 def test_bench_cpu_backend_script(monkeypatch, capsys):
-    """benchmarks/bench_cpu_backend.py runs end to end (tiny shape, memory children included)."""
+    """benchmarks/bench_cpu_backend.py runs end to end (tiny shape, memory children
+    included) and times with the toolkit's timing, not a loop of its own."""
     pytest.importorskip("salt_kernels._C")
     from salt_kernels.backends import extension
     if not extension.has_kernel("cpu"):
         pytest.skip("extension built without CPU kernels")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_cpu_backend as script
-    finally:
-        sys.path.pop(0)
-    monkeypatch.setattr(script, "SHAPES", [("tiny", 70, 24, 40, 8, 2)])
-    assert script.main(["--min-time", "0.01", "--threads", str(torch.get_num_threads()), "--memory-runs", "1"]) == 0
+    script = _import_script("bench_cpu_backend")
+    assert script.time_steps is timing.time_steps
+    assert script.main(["--shape", "70,24,40,8,2", "--min-time", "0.001", "--threads", "1", "--memory-runs", "1",
+                        "--matmul-size", "64"]) == 0
     out = capsys.readouterr().out
-    for needle in ("tiny: M=70", "cpu over chain", "cpu over reference", "bound (floor)",
+    for needle in ("24->40: M=70", "×chain", "×reference", "GEMM floor", "fwd+bwd", "of matmul",
                    "peak extra memory fwd+bwd (MiB, median of 1 processes): chain"):
         assert needle in out, needle
+
+
+def test_bench_variants_script(capsys):
+    """benchmarks/bench_variants.py: tiny sizes, one table through the toolkit."""
+    script = _import_script("bench_variants")
+    assert script.time_steps is timing.time_steps
+    script.main(["--min-time", "0.005", "--rows", "8", "--size", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.count("×dense") == 3 and "SALTConv2d r=32 direct" in out and "nn.Linear 768->768" in out
+
+
+def _import_script(name):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_benchmark_scripts_use_the_toolkit():
+    """No script under benchmarks/ times on its own: no perf_counter, timeit or
+    torch.utils.benchmark, and each imports salt_kernels.bench."""
+    for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+        text = path.read_text()
+        assert "salt_kernels.bench" in text or "from salt_kernels import" in text and "bench" in text, path
+        for own_timer in ("perf_counter", "timeit", "torch.utils.benchmark", "time.time("):
+            assert own_timer not in text, (path.name, own_timer)
+
+
+def test_help_is_plain_text_and_every_option_has_help():
+    text = bench.parser().format_help()
+    for markup in ("``", ":func:", ":mod:", ":class:", "**", "DESIGN.md"):
+        assert markup not in text, markup
+    assert re.search(r"\bdocs/design\.md\b", text)
+    for action in bench.parser()._actions:
+        assert action.help and action.help.strip(), action.option_strings
+
+
+def test_help_runs_as_a_module():
+    """``python -m salt_kernels.bench --help`` (what the console script runs)."""
+    out = subprocess.run([sys.executable, "-m", "salt_kernels.bench", "--help"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.startswith("usage: salt-bench") and "--json FILE" in out and "--device DEVICE" in out
+
+
+def test_auto_vs_reference_preset_has_the_target_shapes():
+    got = {(s.K, s.D, s.r, s.M) for s in bench.PRESETS["auto-vs-reference"]}
+    want = {(K, D, r, M) for K, D, r in [(768, 768, 64), (768, 3072, 64), (4096, 4096, 128)]
+            for M in (16, 256, 1024, 4096)}
+    assert got == want
+    assert presets.preset_baselines(["auto-vs-reference"]) == []
+    assert presets.preset_baselines(["auto-vs-reference", "smoke"]) == ["dense", "official"]
+
+
+def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
+    """The preset on tiny sizes: auto timed as its own entry next to every backend,
+    ratios to reference in both modes, no baselines, the summary line, JSON and CSV."""
+    tiny = [presets.Shape("auto-vs-reference", s.layer, max(1, s.M // 256), s.K // 64, s.D // 64, s.r // 16,
+                          s.rl // 4) for s in bench.PRESETS["auto-vs-reference"][::4]]
+    monkeypatch.setitem(presets.PRESETS, "auto-vs-reference", tiny)
+    out_json = tmp_path / "sub" / "auto.json"
+    argv = ["--presets", "auto-vs-reference", "--min-time", "0.005", "--no-progress", "--threads", "1",
+            "--output", str(tmp_path), "--json", str(out_json)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "auto vs reference" in out and "fwd+bwd  worst" in out and f"of {len(tiny)} shapes" in out
+    data = json.loads(out_json.read_text())
+    assert data["command"] == ["salt-bench", *argv] and data["environment"]["device"] == "cpu"
+    names = set(dispatch.available_backends("cpu")) - {"triton"}
+    rows = data["rows"]
+    assert {r["backend"] for r in rows} == names | {"auto"}
+    assert len(rows) == len(tiny) * (len(names) + 1) * 2
+    for r in rows:
+        assert r["time_ms"] > 0 and r["time_min_ms"] <= r["time_ms"] and len(r["samples_s"]) == r["rounds"]
+        assert r["speedup_vs_reference_p25"] <= r["speedup_vs_reference"] <= r["speedup_vs_reference_p75"]
+        if r["backend"] == "auto":
+            assert r["resolves_to"] in names
+        # the ratio is the median of the per-round ratios of the samples in the file
+        ref = next(q for q in rows
+                   if q["backend"] == "reference" and all(q[k] == r[k] for k in ("M", "K", "D", "mode")))
+        expect = bench.paired_ratio(bench.Timing(ref["samples_s"], True), bench.Timing(r["samples_s"], True))
+        assert r["speedup_vs_reference"] == pytest.approx(expect.median)
+    csv_rows = _csv_rows(tmp_path / "results.csv")
+    assert len(csv_rows) == len(rows) and (tmp_path / "speedup_vs_reference.png").exists()
+    assert not (tmp_path / "speedup_vs_official.png").exists()  # the official baseline was not run
+
+
+def test_skipped_baseline_is_reported(tmp_path, capsys):
+    """A baseline skipped for its cost: the reason in the table and in CSV/JSON."""
+    argv = FAST + ["--official-max-gflop", "0.0001", "--json", str(tmp_path / "r.json")]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    skipped = [r for r in rows if r["backend"] == bench.OFFICIAL]
+    assert skipped and all(r["note"].startswith("skipped: rebuild") and r["time_ms"] is None for r in skipped)
+    assert re.search(r"skipped: rebuild [0-9.]+ > 0.0001 GFLOP", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("n_shapes", [2, 7])  # side by side; stacked
+def test_plot_legend_clear_of_bars_and_skips_labelled_in_figure(n_shapes):
+    shapes = [presets.Shape("t", f"layer{i}", 8, 16, 16, 4, 2) for i in range(n_shapes)]
+    methods = bench.build_methods("cpu", ["reference"], auto=True)
+    rows = []
+    for i, s in enumerate(shapes):
+        for m in methods:
+            for mode in ("fwd", "fwd+bwd"):
+                if m.name == bench.OFFICIAL and i == 0:
+                    rows.append(Row(s, m, mode, skip="skipped: rebuild 275 > 20 GFLOP"))
+                else:
+                    rows.append(Row(s, m, mode, timing=bench.Timing([1.0 + len(m.name) / 10, 1.1], paired=True)))
+    bench.add_ratios(rows)
+    for attr, base, _ in plots.PLOTS:
+        fig = plots.speedup_figure(rows, attr, base, "t")
+        fig.canvas.draw()
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert sum("skipped: rebuild 275 > 20 GFLOP" in t for t in texts) == 2, (base, texts)  # fwd, fwd+bwd
+        legend = fig.legends[0].get_window_extent()
+        for ax in fig.axes:
+            assert legend.y0 >= ax.get_window_extent().y1, base
+        assert set(t.get_text() for t in fig.legends[0].get_texts()) == {m.name for m in methods} - {base}
 
 
 @pytest.mark.gpu
@@ -244,3 +394,19 @@ def test_cli_smoke_on_cuda(tmp_path, capsys):
             assert float(r["peak_mem_MiB"]) > 0
         if r["kind"] == "salt":
             assert 0 < float(r["roofline_fraction"]) and float(r["achieved_GBps"]) > 0
+
+
+def test_auto_choice_names_what_auto_resolves_to(monkeypatch):
+    """The backend `auto` picks, passed the sizes a size policy asks for; unknown
+    (None) rather than a guess when resolve_backend wants more."""
+    shape = bench.PRESETS["smoke"][0]
+    assert bench.auto_choice("cpu", shape) == dispatch.resolve_backend("auto", "cpu", rank=shape.r)
+    seen = {}
+
+    def by_size(backend, device, rank=1, M=None, K=None):
+        seen.update(M=M, K=K)
+        return "reference"
+    monkeypatch.setattr(dispatch, "resolve_backend", by_size)
+    assert bench.auto_choice("cpu", shape) == "reference" and seen == dict(M=shape.M, K=shape.K)
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device, rank=1, tokens=None: "reference")
+    assert bench.auto_choice("cpu", shape) is None

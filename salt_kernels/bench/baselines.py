@@ -1,4 +1,4 @@
-"""The layers SALT is benchmarked against (DESIGN.md section 6).
+"""The layers SALT is benchmarked against (docs/design.md, "Performance model").
 
 * :func:`dense_linear` -- a plain ``nn.Linear`` of the same size (``F.linear``), trained
   in full: what the layer costs without any adapter.
@@ -20,9 +20,9 @@
   the backward runs the rebuild backwards too. (That code also returns a scalar
   regulariser on ``a``, ``b``, ``X``, ``Y``; it costs O(R + (D + K)·r') and is left out.)
 
-* :func:`unfused_salt_chain` -- SALT written the obvious way in PyTorch, exactly as
-  issue #4 states its baseline (``benchmarks/bench_cpu_backend.py``). The ``reference``
-  backend is the same chain with the bias and the low-rank mix fused through ``addmm``.
+* :func:`unfused_salt_chain` -- SALT written the obvious way in PyTorch, the baseline
+  of ``benchmarks/bench_cpu_backend.py``. The ``reference`` backend is the same chain
+  with the bias and the low-rank mix fused through ``addmm``.
 
 Neither dense nor official baseline is written for speed: they model what people run today.
 """

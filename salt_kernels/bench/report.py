@@ -1,0 +1,192 @@
+"""The one way salt_kernels reports timings: rows with ratios to the baselines, printed
+as an aligned text or Markdown table (:func:`format_columns`), written as CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+
+from .methods import AUTO, DENSE, OFFICIAL, REFERENCE, Method
+from .presets import Shape
+from .timing import Ratio, Timing, paired_ratio
+
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Row:
+    """One method at one shape in one mode."""
+
+    shape: Shape
+    method: Method
+    mode: str
+    timing: Timing | None = None
+    peak_bytes: int | None = None
+    skip: str | None = None
+    vs_reference: Ratio | None = None
+    vs_official: Ratio | None = None
+    vs_dense: Ratio | None = None
+    gbps: float | None = None
+    roofline: float | None = None
+    resolves_to: str | None = None  # for "auto": the backend it picked, where known
+
+    @property
+    def seconds(self) -> float | None:
+        """Median seconds per call (None if skipped)."""
+        return self.timing.median if self.timing else None
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Speed-ups over the reference chain, the official SALT way and the dense layer:
+    baseline time / this method's time (> 1 is faster), measured pairwise
+    (:func:`timing.paired_ratio`)."""
+    by_key = {(r.shape, r.mode, r.method.name): r for r in rows if r.timing}
+    for r in rows:
+        if not r.timing:
+            continue
+        for attr, base in (("vs_reference", REFERENCE), ("vs_official", OFFICIAL), ("vs_dense", DENSE)):
+            b = by_key.get((r.shape, r.mode, base))
+            if b is not None:
+                setattr(r, attr, paired_ratio(b.timing, r.timing))
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def fmt_ratio(r: Ratio | None, spec=".2f") -> str:
+    """``1.23`` or ``1.23±0.04`` (± half the interquartile range of the paired ratios)."""
+    if r is None:
+        return ""
+    s = format(r.median, spec)
+    return s if r.spread is None else f"{s}±{r.spread:{spec}}"
+
+
+def format_columns(head: list[str], lines: list[list[str]], *, markdown: bool = False,
+                   left: int = 2, group: bool = True, notes: dict | None = None) -> str:
+    """An aligned text table (the first ``left`` columns left-aligned; with ``group``,
+    a blank line where the first column changes and repeats of it blanked) or a
+    Markdown table.
+    ``notes``: line index -> text shown after the ``left`` columns in place of the
+    numbers (e.g. why an entry was skipped)."""
+    notes = notes or {}
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, cells in enumerate(lines):
+            row = cells[:left] + [notes[i]] + [""] * (len(head) - left - 1) if i in notes else cells
+            out.append("| " + " | ".join(row) + " |")
+        return "\n".join(out)
+    timed = [c for i, c in enumerate(lines) if i not in notes]
+    widths = [max([len(head[j])] + [len(c[j]) for c in (timed if j >= left else lines)]) for j in range(len(head))]
+
+    def join(cells):
+        return "  ".join(c.ljust(widths[j]) if j < left else c.rjust(widths[j]) for j, c in enumerate(cells))
+    header = join(head)
+    out, prev = [header, "-" * len(header)], None
+    for i, cells in enumerate(lines):
+        if group and prev is not None and cells[0] != prev:
+            out.append("")
+        shown = cells if not group or cells[0] != prev else [""] + cells[1:]
+        prev = cells[0]
+        if i in notes:
+            out.append("  ".join([shown[j].ljust(widths[j]) for j in range(left)] + [notes[i]]))
+        else:
+            out.append(join(shown))
+    return "\n".join(out)
+
+
+def format_table(rows: list[Row], *, markdown: bool = False, with_roofline: bool = False) -> str:
+    """One line per (shape, method): fwd and fwd+bwd times with their speed-ups."""
+    head = ["shape", "method", "fwd ms", "×ref", "×official", "fwd+bwd ms", "×ref", "×official", "peak MiB"]
+    if with_roofline:
+        head += ["fwd % BW", "fwd+bwd % BW"]
+    pairs: dict = {}
+    for r in rows:
+        pairs.setdefault((r.shape, r.method.name), {})[r.mode] = r
+    lines, notes = [], {}
+    for (shape, name), modes in pairs.items():
+        f, b = modes.get("fwd"), modes.get("fwd+bwd")
+        label = name if not f.resolves_to else f"{name} ({f.resolves_to})"
+        if f.skip:
+            notes[len(lines)] = f.skip
+            lines.append([shape.label, label] + [""] * (len(head) - 2))
+            continue
+        cells = [shape.label, label,
+                 _fmt(f.seconds * 1e3, ".3f"), fmt_ratio(f.vs_reference), fmt_ratio(f.vs_official, ".1f"),
+                 _fmt(b.seconds * 1e3, ".3f"), fmt_ratio(b.vs_reference), fmt_ratio(b.vs_official, ".1f"),
+                 _fmt(b.peak_bytes and b.peak_bytes / 2 ** 20, ".1f")]
+        if with_roofline:
+            cells += [_fmt(f.roofline and 100 * f.roofline, ".0f"), _fmt(b.roofline and 100 * b.roofline, ".0f")]
+        lines.append(cells)
+    return format_columns(head, lines, markdown=markdown, notes=notes)
+
+
+def auto_summary(rows: list[Row], target: float = 0.95) -> str | None:
+    """The slowest ``auto`` / ``reference`` ratio per mode over all shapes, against
+    ``target``; None when ``auto`` was not timed."""
+    lines = []
+    for mode in MODES:
+        ratios = [(r.vs_reference, r.shape) for r in rows if r.method.name == AUTO and r.mode == mode
+                  and r.vs_reference is not None]
+        if not ratios:
+            return None
+        worst, shape = min(ratios, key=lambda p: p[0].median)
+        held = sum(r.median >= target for r, _ in ratios)
+        lines.append(f"  {mode:8s} worst {fmt_ratio(worst)}x at {shape.label}; "
+                     f">= {target:g}x at {held} of {len(ratios)} shapes")
+    return "auto vs reference (median of paired ratios ± half their IQR):\n" + "\n".join(lines)
+
+
+CSV_FIELDS = ["device", "device_name", "dtype", "threads", "torch", "triton", "salt_kernels", "backend", "kind",
+              "resolves_to", "preset", "layer", "M", "K", "D", "r", "r_lora", "mode", "time_ms", "time_min_ms",
+              "rounds", "speedup_vs_reference", "speedup_vs_reference_p25", "speedup_vs_reference_p75",
+              "speedup_vs_official", "speedup_vs_dense", "peak_mem_MiB", "achieved_GBps", "roofline_fraction",
+              "verify_max_rel_err", "note"]
+
+
+def row_record(r: Row, meta: dict, verify_errors: dict) -> dict:
+    """Every figure of one row, as plain values (None where not measured)."""
+    s, t = r.shape, r.timing
+
+    def ratio(x):
+        return None if x is None else x.median
+    return dict(
+        meta, backend=r.method.name, kind=r.method.kind, resolves_to=r.resolves_to, preset=s.preset,
+        layer=s.layer, M=s.M, K=s.K, D=s.D, r=s.r, r_lora=s.rl, mode=r.mode,
+        time_ms=t and t.median * 1e3, time_min_ms=t and t.min * 1e3, rounds=t and t.rounds,
+        speedup_vs_reference=ratio(r.vs_reference),
+        speedup_vs_reference_p25=r.vs_reference and r.vs_reference.low,
+        speedup_vs_reference_p75=r.vs_reference and r.vs_reference.high,
+        speedup_vs_official=ratio(r.vs_official), speedup_vs_dense=ratio(r.vs_dense),
+        peak_mem_MiB=r.peak_bytes and r.peak_bytes / 2 ** 20, achieved_GBps=r.gbps, roofline_fraction=r.roofline,
+        verify_max_rel_err=verify_errors.get(r.method.name), note=r.skip or r.method.note)
+
+
+_CSV_SPECS = {"time_ms": ".4f", "time_min_ms": ".4f", "speedup_vs_reference": ".3f",
+              "speedup_vs_reference_p25": ".3f", "speedup_vs_reference_p75": ".3f", "speedup_vs_official": ".3f",
+              "speedup_vs_dense": ".3f", "peak_mem_MiB": ".4f", "achieved_GBps": ".1f",
+              "roofline_fraction": ".3f", "verify_max_rel_err": ".2e"}
+
+
+def write_csv(path, rows: list[Row], meta: dict, verify_errors: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            rec = row_record(r, meta, verify_errors)
+            w.writerow({k: _fmt(v, _CSV_SPECS[k]) if k in _CSV_SPECS else ("" if v is None else v)
+                        for k, v in rec.items()})
+
+
+def write_json(path, rows: list[Row], meta: dict, verify_errors: dict, *, command: list[str] | None = None) -> None:
+    """Every figure of the run: the environment, the command, the verification errors
+    and one record per row, with the raw per-round samples (seconds)."""
+    records = []
+    for r in rows:
+        rec = {k: v for k, v in row_record(r, meta, verify_errors).items() if k not in meta}
+        rec["samples_s"] = r.timing.samples if r.timing else None
+        records.append(rec)
+    with open(path, "w") as f:
+        json.dump(dict(environment=meta, command=command, verify_max_rel_err=verify_errors, rows=records),
+                  f, indent=1)
