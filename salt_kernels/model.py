@@ -480,13 +480,21 @@ def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Te
 
 
 @torch.no_grad()
-def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Module:
+def load_salt(model: nn.Module, path, *, progress: bool | None = None, adapter_name: str | None = None) -> nn.Module:
     """Load a file written by :func:`save_salt` into ``model`` in place and return it.
 
     ``model`` is a fresh copy of the base model the adapter was trained on, either plain
     (its layers are converted from the stored config) or already converted with the same
     config. Afterwards exactly the saved trained tensors require grad.
+
+    ``adapter_name``: load the file as a named adapter; a model that already has SALT
+    layers keeps its adapters and gains this one (several adapters on one base, see
+    :mod:`salt_kernels.adapters`).
     """
+    if adapter_name is not None:
+        from .adapters import load_adapter
+
+        return load_adapter(model, path, adapter_name, progress=progress)
     from safetensors.torch import load_file
 
     _check_model(model)
