@@ -410,3 +410,16 @@ def contrastive_loss_on(model, pairs, embed):
     b = embed(model, [p[1] for p in pairs], grad=True)
     logits = 20.0 * nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).t()
     return nn.functional.cross_entropy(logits, torch.arange(len(pairs)))
+
+
+def test_user_guide_examples_run():
+    """docs/multi-adapter.md's ```python runnable blocks, in order, in one namespace."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "multi-adapter.md").read_text()
+    blocks = re.findall(r"```python runnable\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/multi-adapter.md:block{i}", "exec"), namespace)
