@@ -23,6 +23,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include "host_output.h"
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -136,7 +138,7 @@ std::tuple<Tensor, Tensor> salt_multi_forward(const Tensor& x, const Tensor& U, 
                                               const std::optional<Tensor>& base_sigma,
                                               const std::optional<Tensor>& base_bias, double scaling) {
   TORCH_CHECK(x.dim() == 2, "salt_kernels: x must be 2-D (M, K)");
-  const int64_t M = x.size(0), K = x.size(1), D = U.size(0), r = U.size(1), A = sigma.size(0);
+  const int64_t M = x.size(0), K = x.size(1), D = U.size(0), A = sigma.size(0);
   check_args(U, V, sigma, X, Y, adapter_index, M, K);
   const auto acc = sigma.scalar_type();
   const bool has_bias = bias.has_value() && bias->defined();
@@ -147,8 +149,10 @@ std::tuple<Tensor, Tensor> salt_multi_forward(const Tensor& x, const Tensor& U, 
   if (M == 0) return {at::empty({0, D}, x.options()), Z};
   const Segments seg = segment_rows(adapter_index, A, has_base);
 
-  // Mix on the rows in adapter order, then scatter back (T is only M x r).
-  const Tensor Zs = Z.index_select(0, seg.perm);
+  // Mix on the rows in adapter order, then scatter back (T is only M x r). One adapter:
+  // the rows are already one segment.
+  const bool one = seg.size() == 1;
+  const Tensor Zs = one ? Z : Z.index_select(0, seg.perm);
   Tensor Ts = at::empty_like(Zs);
   for_each_task(x.device(), seg.size(), [&](int64_t i) {
     const int64_t a = seg.adapter[i];
@@ -160,13 +164,13 @@ std::tuple<Tensor, Tensor> salt_multi_forward(const Tensor& x, const Tensor& U, 
       apply_core(out, rows, sigma.select(0, a), Y.select(0, a).t(), X.select(0, a).t(), scaling);
     }
   });
-  const Tensor T = at::empty_like(Ts).index_copy_(0, seg.perm, Ts).to(x.scalar_type());
+  const Tensor T = (one ? Ts : at::empty_like(Ts).index_copy_(0, seg.perm, Ts)).to(x.scalar_type());
 
   // Expand, bias fused: a shared bias through addmm; a banked one gathered into y first
   // (base rows: base_bias or zero), then the GEMM accumulates onto it.
-  if (!has_bias) return {at::mm(T, U.t()), Z};
-  if (!banked_bias) return {at::addmm(*bias, T, U.t()), Z};
-  Tensor y = at::empty({M, D}, x.options());
+  Tensor y = empty_output({M, D}, x.options());
+  if (!has_bias) return {at::mm_out(y, T, U.t()), Z};
+  if (!banked_bias) return {at::addmm_out(y, *bias, T, U.t()), Z};
   at::index_select_out(y, *bias, 0, adapter_index.clamp_min(0));
   if (seg.adapter[0] < 0) {
     const Tensor base_rows = seg.perm.narrow(0, 0, seg.rows(0));
@@ -221,9 +225,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> salt_multi_backward(
     return {dx, dsigma, dX, dY, db};
   }
   const Segments seg = segment_rows(adapter_index, A, has_base);
-  const bool need_dT = need_dx || need_dcore;
-  const Tensor dTs = need_dT ? at::mm(G, U).to(acc).index_select(0, seg.perm) : Tensor();
-  const Tensor Zs = need_dcore ? Z.index_select(0, seg.perm) : Tensor();
+  const bool need_dT = need_dx || need_dcore, one = seg.size() == 1;
+  const auto sorted = [&](const Tensor& t) { return one ? t : t.index_select(0, seg.perm); };
+  const Tensor dTs = need_dT ? sorted(at::mm(G, U).to(acc)) : Tensor();
+  const Tensor Zs = need_dcore ? sorted(Z) : Tensor();
   Tensor dZs = need_dx ? at::empty_like(dTs) : Tensor();
   for_each_task(G.device(), seg.size(), [&](int64_t i) {
     const int64_t a = seg.adapter[i], s0 = seg.start[i], n = seg.rows(i);
@@ -249,12 +254,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> salt_multi_backward(
     }
     if (banked_db) {
       Tensor dba = db_acc.select(0, slot);
-      dba.copy_(G.index_select(0, seg.perm.narrow(0, s0, n)).sum({0}, false, acc));
+      dba.copy_((one ? G : G.index_select(0, seg.perm.narrow(0, s0, n))).sum({0}, false, acc));
     }
   });
   if (need_dx) {
-    const Tensor dZ = at::empty_like(dZs).index_copy_(0, seg.perm, dZs).to(G.scalar_type());
-    dx = at::mm(dZ, V.t());
+    const Tensor dZ = (one ? dZs : at::empty_like(dZs).index_copy_(0, seg.perm, dZs)).to(G.scalar_type());
+    dx = empty_output({M, K}, G.options());
+    at::mm_out(dx, dZ, V.t());
   }
   if (banked_db) db = db_acc.to(G.scalar_type());
   return {dx, dsigma, dX, dY, db};
