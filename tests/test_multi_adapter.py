@@ -86,6 +86,10 @@ def check_against_truth(t, index, dtype, backend, scaling=0.75, grads=True):
         wanted, torch.autograd.grad(y_mag, [absd[k] for k in wanted], grad_out.abs(), allow_unused=True)))))
     err = max_rel_err(y, y_ref.detach(), y_mag)
     assert err <= tol, f"forward: {err:.2e} > {tol:.0e}"
+    with torch.no_grad():  # the inference path (triton: its kernels; with grads it runs the C++ op)
+        y_inf = sk.salt_linear(**t, scaling=scaling, backend=backend, adapter_index=index)
+    err = max_rel_err(y_inf, y_ref.detach(), y_mag)
+    assert err <= tol, f"forward (no_grad): {err:.2e} > {tol:.0e}"
     if not grads:
         return y
     refs = torch.autograd.grad(y_ref, [t64[k] for k in wanted], grad_out, allow_unused=True)
@@ -423,3 +427,20 @@ def test_user_guide_examples_run():
     namespace: dict = {}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/multi-adapter.md:block{i}", "exec"), namespace)
+
+
+def test_triton_inference_runs_the_kernels(monkeypatch):
+    """Without grads the triton backend runs its own kernels (no fallback); with grads it
+    hands the call to the C++ op / reference, which carry the backward."""
+    _require("triton")
+    from salt_kernels.backends import triton_multi
+
+    def no_fallback():
+        raise AssertionError("fell back")
+
+    monkeypatch.setattr(triton_multi, "_fallback", no_fallback)
+    t, index = make_bank((9, 5), 24, 40, 16, 4, 6, torch.float16, bias="banked", seed=7)
+    with torch.no_grad():
+        sk.salt_linear(**t, backend="triton", adapter_index=index)
+    with pytest.raises(AssertionError, match="fell back"):
+        sk.salt_linear(**t, backend="triton", adapter_index=index)
