@@ -130,6 +130,9 @@ def clear_backend_cache() -> None:
     _RESOLVED.clear()
     _IMPLS.clear()
     _warned.clear()
+    from . import multi_adapter  # its mixed-adapter resolutions build on these
+
+    multi_adapter._resolved.clear()
 
 
 def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backend: str = "auto",

@@ -340,7 +340,8 @@ def _salt_weight_numel(model: nn.Module) -> int:
     the model even though they are buffers, so they count towards the total. ``sigma0``
     (the singular values at conversion, kept for the regulariser) is bookkeeping."""
     return sum(b.numel() for m in model.modules() if _is_salt(m)
-               for n, b in m.named_buffers(recurse=False) if b.is_floating_point() and n != "sigma0")
+               for n, b in m.named_buffers(recurse=False)
+               if b.is_floating_point() and n != "sigma0" and not n.startswith("salt_"))  # (salt_*: adapter bank)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

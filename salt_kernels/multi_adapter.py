@@ -27,7 +27,7 @@ Inside ``torch.compile`` the host check is skipped and the kernels' own checks a
 Backends: ``reference`` gathers each row's core (plain PyTorch, autograd); ``cpu`` and
 ``cuda`` run the compiled ``salt_multi_forward`` / ``salt_multi_backward`` (rows
 segmented by adapter internally); ``triton`` fuses the gathered mix into the expand
-kernel. A basis ``U`` / ``V`` that requires grad runs on ``reference`` (the kernels
+kernel (forward; calls that need gradients run on the C++ op). A basis ``U`` / ``V`` that requires grad runs on ``reference`` (the kernels
 assume a frozen basis, as every SALT layer has).
 """
 

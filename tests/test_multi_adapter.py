@@ -294,7 +294,10 @@ def test_model_bank_mixed_batch(tmp_path, sigma_mode, residual, backend):
     model = copy.deepcopy(base)
     for i, p in enumerate(paths):
         sk.load_salt(model, p, adapter_name=f"a{i}")
+        if i == 0:
+            counts = sk.trainable_parameters(model)
     assert sk.list_adapters(model) == ["a0", "a1", "a2"]
+    assert sk.trainable_parameters(model) == counts  # the bank is not counted as weights
     x = torch.randn(5, 4, 16)  # (batch, tokens, features)
     names = ["a2", None, "a0", "a1", "a2"]
     with sk.adapters(model, names):

@@ -13,14 +13,14 @@ activations'. Sorted tiles divide it by BM; the cost is a sort of M int64 and at
 one partly filled tile per adapter present (the grid is sized for the worst case,
 cdiv(M, BM) + A + 1 tiles, so no host synchronisation: tiles past the end exit early).
 
-The backward (and fp64, and r > 128, whose BM x r fp32 tile plus the core would not fit
-in registers) runs on the compiled C++ op (:mod:`.multi_extension`, which also serves
+The backward (and fp64; r > 128; fp32 inputs with r > 64, whose tf32x3 mix spilled
+registers at every tile size on sm_90) runs on the compiled C++ op (:mod:`.multi_extension`, which also serves
 CUDA) or, without it, on the reference gather. Under ``TRITON_INTERPRET=1`` the same
 kernels run on CPU tensors (tests).
 
-AOT check: ``_multi_expand_kernel`` with R_PAD in {16, 32, 64, 128}, RL_PAD 16, BM 32 /
-64, BN 64 / 128, fp16 / bf16 / fp32 (PRECISION as in triton_kernels), HAS_BIAS and
-BANKED_BIAS both ways.
+AOT check (ptxas, sm_90, 4 warps, 3 stages, no spills): ``_multi_expand_kernel`` at
+BM = ``multi_block_m``, BN 64, RL_PAD 16, HAS_BIAS with BANKED_BIAS both ways, for bf16
+(fp16 has its shape) at R_PAD 16 / 32 / 64 / 128 and fp32 at R_PAD 16 / 32 / 64.
 """
 
 from __future__ import annotations
@@ -106,6 +106,15 @@ def _multi_expand_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def multi_block_m(R_PAD: int, elem: int) -> int:
+    """Rows per tile: 64 for fp16/bf16 up to R_PAD 64, else 32; fp32 (tf32x3 keeps three
+    copies of each mix operand) 32 up to R_PAD 32, else 16. Larger tiles spilled
+    registers on sm_90 (ptxas, compiled ahead of time)."""
+    if elem == 2:
+        return 64 if R_PAD <= 64 else 32
+    return 32 if R_PAD <= 32 else 16
+
+
 def _tiles(index: torch.Tensor, A: int, BM: int):
     """(perm, tile_start, tile_rows, tile_adapter) on the device, no host sync: rows
     sorted by adapter; tile j covers perm[start, start + rows) of adapter tile_adapter[j];
@@ -143,7 +152,9 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
     r = U.shape[1]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, sigma, X, Y, bias, base_sigma, base_bias))
-    if needs_grad or r > MAX_RANK or not tk._uses_kernels(x) or x.shape[1] == 0 or U.shape[0] == 0:
+    R_PAD, _ = tk.rank_tiles(r)
+    too_wide = r > MAX_RANK or (x.element_size() == 4 and R_PAD > 64)  # (spilled: see the docstring)
+    if needs_grad or too_wide or not tk._uses_kernels(x) or x.shape[1] == 0 or U.shape[0] == 0:
         return _fallback()(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
     M, K = x.shape
     D = U.shape[0]
@@ -153,7 +164,6 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
     if M == 0:
         return y
     U, V = tk._int32_rank_axis(U), tk._int32_rank_axis(V)
-    R_PAD, _ = tk.rank_tiles(r)
     RL_PAD = max(16, triton.next_power_of_2(max(rl, 1)))
     # the shared shrink, unsplit: Z (M, r) fp32
     Z = torch.empty((M, r), dtype=torch.float32, device=dev)
@@ -163,7 +173,7 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
                M, K, r, K, tk._bucket(M), tk._bucket(K),
                BM=BM_s, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=tk._precision(x.dtype),
                UPCAST_DOT=tk._upcast_dot(x.dtype))
-    BM = 32 if (R_PAD > 64 or x.element_size() == 4) else 64
+    BM = multi_block_m(R_PAD, x.element_size())
     perm, t_start, t_rows, t_adapter, n_tiles = _tiles(index, A, BM)
     sigma_f, X_f, Y_f = sigma.to(torch.float32).contiguous(), X.to(torch.float32), Y.to(torch.float32)
     base_f = sigma_f[0] if base_sigma is None else base_sigma.to(torch.float32).contiguous()  # read by -1 rows only
