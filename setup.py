@@ -56,7 +56,7 @@ def _extension_kwargs() -> dict:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     from torch.utils import cpp_extension
 
-    sources = ["csrc/salt_ops.cpp", "csrc/cpu/salt_cpu.cpp"]
+    sources = ["csrc/salt_ops.cpp", "csrc/cpu/salt_cpu.cpp", "csrc/salt_multi.cpp"]
     # -fopenmp: at::parallel_for is a header template; without it the pragma is ignored and
     # our parallel loops run on one thread. libgomp.so.1 resolves to the copy torch loaded.
     cxx_flags = ["-O3", "-fopenmp"]

@@ -20,6 +20,7 @@ from .model import (
     trainable_parameters,
 )
 from .regularizer import salt_regularizer
+from .adapters import adapters, delete_adapter, list_adapters, set_adapter
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,10 @@ __all__ = [
     "BackendUnavailableError",
     "SALTConv2d",
     "SALTLinear",
+    "adapters",
+    "delete_adapter",
+    "list_adapters",
+    "set_adapter",
     "apply_salt",
     "available_backends",
     "export_lora",

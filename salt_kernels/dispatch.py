@@ -141,16 +141,30 @@ def clear_backend_cache() -> None:
     _RESOLVED.clear()
     _IMPLS.clear()
     _warned.clear()
+    from . import multi_adapter  # its mixed-adapter resolutions build on these
+
+    multi_adapter._resolved.clear()
 
 
-def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backend: str = "auto"):
+def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backend: str = "auto",
+                adapter_index=None, base_sigma=None, base_bias=None):
     """SALT linear layer: ``y = U @ ((diag(sigma) + scaling * X @ Y) @ (V^T @ x)) + bias``.
 
     Shapes: ``x (..., K)`` (including 1-D and empty batches), ``U (D, r)``, ``V (K, r)``,
     ``sigma (r,)``, ``X (r, r')``, ``Y (r', r)``, ``bias (D,)`` or None. Returns
     ``(..., D)`` in x's dtype (or the autocast dtype inside ``torch.autocast``).
     Differentiable in every tensor argument.
+
+    Mixed-adapter batches: with ``adapter_index`` (int64, one entry per row of x, in
+    ``[-1, A)``), ``sigma``, ``X``, ``Y`` are banks ``(A, r)``, ``(A, r, r')``,
+    ``(A, r', r)``, ``bias`` is ``(D,)`` or ``(A, D)``, and ``-1`` rows use the base
+    layer ``diag(base_sigma)`` (and ``base_bias``): see :mod:`salt_kernels.multi_adapter`.
     """
+    if adapter_index is not None or base_sigma is not None or base_bias is not None:
+        from .multi_adapter import salt_linear_multi
+
+        return salt_linear_multi(x, U, V, sigma, X, Y, bias, scaling=scaling, backend=backend,
+                                 adapter_index=adapter_index, base_sigma=base_sigma, base_bias=base_bias)
     validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend)
     device_type = x.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

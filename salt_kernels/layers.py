@@ -288,16 +288,18 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = self.effective_sigma()
+        rows = getattr(self, "salt_rows", None)  # set inside salt_kernels.adapters(...)
+        if rows is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
+            (sigma, X, Y, bias), op = (self.effective_sigma(), self.X, self.Y, self.bias), salt_linear
+        else:  # a mixed-adapter batch: the adapter bank and per-row indices
+            (sigma, X, Y, bias), op = rows.op(self, x)
         if self.residual_weight is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
             # (salt_linear's validation reports a bad x)
-            return salt_linear(x, self.U, self.V, sigma, self.X, self.Y, self.bias,
-                               scaling=self.scaling, backend=self.backend)
+            return op(x, self.U, self.V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
         # Lossless mode: y = SALT(x) + W_res x. Produce y once (bias fused in salt_linear)
         # and accumulate the residual GEMM into it in place: no second M x out tensor.
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = salt_linear(x2d, self.U, self.V, sigma, self.X, self.Y, self.bias,
-                        scaling=self.scaling, backend=self.backend)
+        y = op(x2d, self.U, self.V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
         # y's dtype is x's, or the autocast dtype under torch.autocast (as in nn.Linear).
         y.addmm_(x2d.to(y.dtype), self.residual_weight.to(y.dtype).t())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)

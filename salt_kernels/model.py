@@ -513,12 +513,16 @@ def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Te
 
 
 @torch.no_grad()
-def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Module:
+def load_salt(model: nn.Module, path, *, progress: bool | None = None, adapter_name: str | None = None) -> nn.Module:
     """Load a file written by :func:`save_salt` into ``model`` in place and return it.
 
     ``model`` is a fresh copy of the base model the adapter was trained on, either plain
     (its layers are converted from the stored config) or already converted with the same
     config. Afterwards exactly the saved trained tensors require grad.
+
+    ``adapter_name``: load the file as a named adapter; a model that already has SALT
+    layers keeps its adapters and gains this one (several adapters on one base, see
+    :mod:`salt_kernels.adapters`).
 
     Every checksum is verified first: a malformed or corrupted file raises
     :class:`~salt_kernels.AdapterFileError` naming the path (and the first bad tensor)
@@ -528,6 +532,10 @@ def load_salt(model: nn.Module, path, *, progress: bool | None = None) -> nn.Mod
     _check_model(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    if adapter_name is not None:
+        from .adapters import load_adapter
+
+        return load_adapter(model, path, adapter_name, progress=progress)
     config, tensors = adapter_file.read_adapter(path)
     layers = config["layers"]
 

@@ -27,14 +27,12 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "../host_output.h"  // empty_output: huge-page backed large outputs
+
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 // MKL's C API (torch's BLAS on x86), weak so that builds against other BLAS still load.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -68,42 +66,6 @@ int64_t block_rows(int64_t M, int64_t width) {
 bool blas_readable(const Tensor& t) {
   return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1)) ||
          (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(t.size(0), 1));
-}
-
-// Outputs of 32 MiB and more: glibc serves these with a fresh mmap on every call (32 MiB
-// is its largest mmap threshold), so each 4 KiB page is faulted and zeroed while the
-// GEMM writes it, which costs as much as the GEMM itself (DESIGN.md section 6). Backing
-// them with transparent huge pages (MADV_HUGEPAGE) cuts the page faults 512-fold.
-// Smaller outputs come from the ordinary allocator, which recycles warm memory.
-// SALT_KERNELS_NO_HUGEPAGES=1 turns this off (e.g. to measure what it buys).
-constexpr size_t kHugePageBytes = size_t{2} << 20;
-constexpr size_t kHugePageMinBytes = size_t{32} << 20;
-
-bool hugepages_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("SALT_KERNELS_NO_HUGEPAGES");
-    return v == nullptr || v[0] == '\0' || v[0] == '0';
-  }();
-  return enabled;
-}
-
-Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#ifdef __linux__
-  if (hugepages_enabled()) {
-    int64_t numel = 1;
-    for (auto s : sizes) numel *= s;
-    const size_t bytes = static_cast<size_t>(numel) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
-    if (bytes >= kHugePageMinBytes) {
-      const size_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-      void* data = std::aligned_alloc(kHugePageBytes, padded);
-      if (data != nullptr) {
-        madvise(data, padded, MADV_HUGEPAGE);  // a hint: failure only costs speed
-        return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
-      }
-    }
-  }
-#endif
-  return at::empty(sizes, options);
 }
 
 // The dtype the large GEMMs run in. fp32 (the accumulation dtype) except for bf16
