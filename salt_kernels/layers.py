@@ -114,6 +114,13 @@ class SALTAdapterMixin:
             "residual_weight", torch.zeros(residual_shape, **factory) if residual else None
         )
 
+    def _check_input_dtype(self, x: torch.Tensor) -> None:
+        """x must have the layer's dtype, as for nn.Linear (autocast casts, so any dtype
+        is fine under it). Checked here so that the error names x, not U."""
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != self.U.dtype and not autocast:
+            raise TypeError(f"x: expected dtype {self.U.dtype} (the layer's dtype), got {x.dtype}")
+
     # --- initialisation -------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -246,6 +253,8 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            self._check_input_dtype(x)
         sigma = self.effective_sigma()
         if self.residual_weight is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
             # (salt_linear's validation reports a bad x)
