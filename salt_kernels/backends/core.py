@@ -2,7 +2,7 @@
 
 Kernel backends take C, not (sigma, X, Y): C is tiny, so building it with plain torch
 ops costs one small launch, and autograd then turns the kernel's dC into dsigma, dX
-and dY (DESIGN.md section 2) without any backend re-deriving that chain rule.
+and dY (docs/design.md, "Gradients") without any backend re-deriving that chain rule.
 """
 
 from __future__ import annotations
