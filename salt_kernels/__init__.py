@@ -2,7 +2,7 @@
 
     y = U_r (diag(sigma) + scaling * X @ Y) V_r^T x + b
 
-computed without ever building the dense weight. See README.md and DESIGN.md.
+computed without ever building the dense weight. See README.md and docs/design.md.
 """
 
 from .dispatch import BackendUnavailableError, available_backends, salt_linear

@@ -87,9 +87,7 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
                 f"x: expected shape (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != self.U.dtype and not autocast:
-            raise TypeError(f"x: expected dtype {self.U.dtype} (the layer's dtype), got {x.dtype}")
+        self._check_input_dtype(x)
         acc = accumulate_dtype(self.U.dtype)
         expand = (self.U.to(acc) @ self.mix(acc)).to(self.U.dtype)  # (out, r): U C, tiny
         z = self._conv(x, self._shrink_filters())

@@ -150,6 +150,13 @@ class SALTAdapterMixin:
             "residual_weight", _frozen(torch.zeros(residual_shape, **factory)) if residual else None
         )
 
+    def _check_input_dtype(self, x: torch.Tensor) -> None:
+        """x must have the layer's dtype, as for nn.Linear (autocast casts, so any dtype
+        is fine under it). Checked here so that the error names x, not U."""
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != self.U.dtype and not autocast:
+            raise TypeError(f"x: expected dtype {self.U.dtype} (the layer's dtype), got {x.dtype}")
+
     # --- initialisation -------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -288,6 +295,8 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            self._check_input_dtype(x)
         rows = getattr(self, "salt_rows", None)  # set inside salt_kernels.adapters(...)
         if rows is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
             (sigma, X, Y, bias), op = (self.effective_sigma(), self.X, self.Y, self.bias), salt_linear

@@ -275,6 +275,13 @@ def apply_salt(
     per-layer ranks are recorded in ``model.salt_config`` for :func:`save_salt`.
     """
     _check_model(model)
+    converted = [n for n, m in model.named_modules() if _is_salt(m)]
+    if converted:
+        raise ValueError(
+            f"model: already converted ({len(converted)} SALT layers, e.g. {converted[0]!r}); "
+            "apply_salt converts a plain base model once. To load an adapter use load_salt; "
+            "to convert again, start from the base model (or merge_salt this one first)"
+        )
     _check_rank_spec(rank, energy)
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, numbers.Integral):
         raise TypeError(f"lora_rank: expected an int, got {type(lora_rank).__name__}")
@@ -351,24 +358,29 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def print_trainable_parameters(model: nn.Module) -> str:
-    """Print (and return) ``trainable params: N || all params: M || trainable%: P``."""
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: N || all params: M || trainable%: P`` (and return None,
+    as PEFT does; :func:`trainable_parameters` returns the numbers)."""
     trainable, total = trainable_parameters(model)
     pct = 100.0 * trainable / total if total else 0.0
-    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
-    print(line)
-    return line
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}")
 
 
 @torch.no_grad()
 def merge_salt(model: nn.Module) -> nn.Module:
     """Replace every SALT layer by a plain ``nn.Linear`` / ``nn.Conv2d`` holding its merged weight
-    (merged in float32, cast once to the layer's dtype). The merged layers' parameters
-    require grad as the SALT layer's ``sigma`` did; the rest of the model is untouched."""
+    (merged in float32, cast once to the layer's dtype) and return ``model``.
+
+    Like PEFT's ``merge_and_unload``, this modifies ``model`` in place and returns the
+    same object: merge a ``copy.deepcopy(model)`` to keep the SALT model. The merged
+    layers' parameters require grad as the SALT layer's ``sigma`` did; the rest of the
+    model is untouched."""
     _check_model(model)
     if _is_salt(model):
         raise TypeError("model: merge_salt replaces layers inside a model; call .to_linear() on a bare SALT layer")
     salt_layers = [(n, m) for n, m in model.named_modules() if _is_salt(m)]
+    if not salt_layers:
+        raise ValueError("model: has no SALT layers to merge (apply_salt or load_salt converts a model)")
     if _sharding.is_sharded(model):
         raise ValueError(
             "model: merge_salt needs an unsharded model (it builds each dense weight); load the "

@@ -185,7 +185,7 @@ def test_train_bias_and_no_freeze():
     assert frozen == {f"blocks.{i}.attn.q.{b}" for i in (0, 1) for b in ("U", "V")}
 
 
-def test_trainable_parameter_counts():
+def test_trainable_parameter_counts(capsys):
     base = Toy()
     n_base = sum(p.numel() for p in base.parameters())
     model = apply_salt(copy.deepcopy(base), rank=6, lora_rank=2, target_modules=["q", "fc1", "head"])
@@ -197,8 +197,9 @@ def test_trainable_parameter_counts():
     salt_weights = 2 * 6 * (24 + 24) + 2 * 6 * (24 + 40) + 5 * (24 + 5)  # U and V
     salt_params = trainable
     assert total == n_base - replaced + salt_weights + salt_params
-    line = print_trainable_parameters(model)
-    assert line == f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    assert print_trainable_parameters(model) is None
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}\n")
 
 
 # ------------------------------------------------------------------ outputs: full rank, merge

@@ -5,7 +5,7 @@ A kernel backend provides two custom ops (``torch.library``) with this contract:
     forward(x (M,K), U (D,r), V (K,r), C (r,r), bias (D,) | None) -> (y (M,D), Z (M,r))
         y in x's dtype, Z = x @ V in C's dtype (fp32; fp64 for fp64 x), saved for backward.
     backward(G (M,D), Z (M,r), U, V, C, need_dx, need_dC, need_db) -> (dx (M,K), dC (r,r), db (D,))
-        dT = G U, dC = dT^T Z, dZ = dT C, dx = dZ V^T, db = sum_rows G (DESIGN.md section 2);
+        dT = G U, dC = dT^T Z, dZ = dT C, dx = dZ V^T, db = sum_rows G (docs/design.md, "Gradients");
         an output not asked for is returned as an empty tensor. dC in C's dtype, dx and
         db in x's dtype. The reductions over M (dC, db) are deterministic.
 
