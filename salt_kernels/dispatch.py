@@ -165,18 +165,28 @@ def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backen
 
         return salt_linear_multi(x, U, V, sigma, X, Y, bias, scaling=scaling, backend=backend,
                                  adapter_index=adapter_index, base_sigma=base_sigma, base_bias=base_bias)
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        # Behave like nn.Linear under autocast: compute in the autocast dtype, whatever
+        # dtypes x and the weights came in (so cast before the dtype checks).
+        x, U, V, bias = (t.to(autocast_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                         for t in (x, U, V, bias))
     validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend)
-    device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast and x.dtype != torch.float64:
-        # Behave like nn.Linear under autocast: compute in the autocast dtype (autocast
-        # leaves float64 alone, so do we).
-        dtype = torch.get_autocast_dtype(device_type)
-        x, U, V = x.to(dtype), U.to(dtype), V.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
+    if autocast_dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
             return _run(x, U, V, sigma, X, Y, bias, float(scaling), backend)
     return _run(x, U, V, sigma, X, Y, bias, float(scaling), backend)
+
+
+def _autocast_dtype(x):
+    """The dtype autocast computes x's layer in, or None (autocast off; float64 x, which
+    autocast leaves alone; an x that validation will reject)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend):

@@ -87,3 +87,17 @@ def test_print_trainable_parameters_prints_once_and_returns_none(capsys):
     out = capsys.readouterr().out
     assert out == (f"trainable params: {trainable:,} || all params: {total:,} || "
                    f"trainable%: {100 * trainable / total:.4f}\n")
+
+
+def test_autocast_accepts_any_input_dtype_like_nn_linear():
+    # nn.Linear under autocast takes a bf16 x into an fp32 layer; so must SALTLinear.
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20)
+    layer = SALTLinear.from_linear(base, rank=8, lora_rank=2)
+    x = torch.randn(3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16_in = layer(x.bfloat16())
+        y_fp32_in = layer(x)
+        y_linear = base(x.bfloat16())
+    assert y_bf16_in.dtype == y_fp32_in.dtype == y_linear.dtype == torch.bfloat16
+    assert torch.equal(y_bf16_in, y_fp32_in)
