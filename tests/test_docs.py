@@ -1,5 +1,7 @@
 """The documentation cannot rot: every Python code block in README.md and docs/*.md whose
-fence reads ```` ```python runnable ```` runs, each in a fresh subprocess, and must exit 0.
+fence reads ```` ```python runnable ```` runs and must succeed: a document's blocks run in
+order in one fresh interpreter, as a reader would run them (a later block may use what an
+earlier one defined).
 Blocks fenced plain ```` ```python ```` are illustrations and are not run. Links between
 the documents must resolve inside the repository (see docs/verification.md)."""
 
@@ -16,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = "python runnable"
-# Per block. Generous: on a loaded 2-core machine importing transformers alone took 40 s.
+# Per document. Generous: on a loaded 2-core machine importing transformers alone took 40 s.
 TIMEOUT_S = float(os.environ.get("SALT_DOCS_TIMEOUT", "600"))
 
 def _blocks(path: Path):
@@ -48,20 +50,34 @@ def test_there_are_runnable_blocks():
             assert info == MARKER or "runnable" not in info, f"{p.name}:{line}: fence {info!r}"
 
 
-@pytest.mark.parametrize("path,line,code", RUNNABLE,
-                         ids=[f"{p.relative_to(ROOT)}:{line}" for p, line, _ in RUNNABLE])
-def test_runnable_block(path, line, code, tmp_path):
-    """A fresh interpreter per block, in an empty directory (files a block writes stay
+RUNNABLE_DOCS = sorted({p for p, _, _ in RUNNABLE})
+# Runs the blocks in order, each compiled under its own "file:line" so that a traceback
+# names the document and the block.
+_RUNNER = """
+import json, sys
+ns = {"__name__": "__main__"}
+for where, code in json.load(open(sys.argv[1])):
+    print(f"--- running {where}", flush=True)
+    exec(compile(code, where, "exec"), ns)
+"""
+
+
+@pytest.mark.parametrize("path", RUNNABLE_DOCS, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE_DOCS])
+def test_runnable_blocks(path, tmp_path):
+    """A fresh interpreter per document, in an empty directory (files a block writes stay
     there), with this checkout importable. One torch thread: on a shared 2-core machine
     OpenMP's spinning threads made the SVDs several times slower."""
-    script = tmp_path / "block.py"
-    script.write_text(code)
+    import json
+
+    blocks = [(f"{p.relative_to(ROOT)}:{line}", code) for p, line, code in RUNNABLE if p == path]
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    (tmp_path / "run_blocks.py").write_text(_RUNNER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     env.pop("TRITON_INTERPRET", None)  # run as a user would (tests/conftest.py sets it)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (f"{path.relative_to(ROOT)}:{line} failed\n--- stdout\n{proc.stdout}"
+    proc = subprocess.run([sys.executable, "run_blocks.py", "blocks.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, (f"{path.relative_to(ROOT)} failed\n--- stdout\n{proc.stdout[-4000:]}"
                                   f"\n--- stderr\n{proc.stderr[-4000:]}")
 
 

@@ -419,19 +419,6 @@ def contrastive_loss_on(model, pairs, embed):
     return nn.functional.cross_entropy(logits, torch.arange(len(pairs)))
 
 
-def test_user_guide_examples_run():
-    """docs/multi-adapter.md's ```python runnable blocks, in order, in one namespace."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "multi-adapter.md").read_text()
-    blocks = re.findall(r"```python runnable\n(.*?)```", text, re.S)
-    assert len(blocks) >= 4
-    namespace: dict = {}
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"docs/multi-adapter.md:block{i}", "exec"), namespace)
-
-
 def test_triton_inference_runs_the_kernels(monkeypatch):
     """Without grads the triton backend runs its own kernels (no fallback); with grads it
     hands the call to the C++ op / reference, which carry the backward."""
