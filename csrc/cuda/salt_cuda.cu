@@ -3,6 +3,7 @@
 // device (the shared code guards on the inputs' device).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include "../device.h"
@@ -48,13 +49,13 @@ void CudaDevice::add_column_sums(const Tensor& G, Tensor& col_sums) {
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "salt_column_sums_cuda", [&] {
     using T = typename DeviceType<scalar_t>::type;
-    AT_DISPATCH_FLOATING_TYPES(col_sums.scalar_type(), "salt_column_sums_cuda_acc", [&] {
-      using Acc = scalar_t;
-      check(salt_cuda::launch_column_sum_partials<T, Acc>(reinterpret_cast<const T*>(G.const_data_ptr()), M, N,
-            G.stride(0), G.stride(1), chunks, partials.mutable_data_ptr<Acc>(), stream));
-      check(salt_cuda::launch_sum_partials<Acc, Acc>(partials.const_data_ptr<Acc>(), chunks, N,
-            sums.mutable_data_ptr<Acc>(), stream));
-    });
+    using Acc = at::opmath_type<scalar_t>;  // fp32, fp64 for fp64
+    TORCH_CHECK(col_sums.scalar_type() == c10::CppTypeToScalarType<Acc>::value,
+                "salt_kernels: column sums accumulate in float32 (float64 for float64 G)");
+    check(salt_cuda::launch_column_sum_partials<T, Acc>(reinterpret_cast<const T*>(G.const_data_ptr()), M, N,
+          G.stride(0), G.stride(1), chunks, partials.mutable_data_ptr<Acc>(), stream));
+    check(salt_cuda::launch_sum_partials<Acc, Acc>(partials.const_data_ptr<Acc>(), chunks, N,
+          sums.mutable_data_ptr<Acc>(), stream));
   });
   col_sums.add_(sums);
 }
