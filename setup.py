@@ -59,7 +59,7 @@ def _extension_kwargs() -> dict:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     from torch.utils import cpp_extension
 
-    sources = ["csrc/salt_ops.cpp", "csrc/salt_linear.cpp", "csrc/cpu/salt_cpu.cpp"]
+    sources = ["csrc/salt_ops.cpp", "csrc/salt_linear.cpp", "csrc/salt_autograd.cpp", "csrc/cpu/salt_cpu.cpp"]
     # -fopenmp: at::parallel_for is a header template; without it the pragma is ignored and
     # our parallel loops run on one thread. libgomp.so.1 resolves to the copy torch loaded.
     cxx_flags = ["-O3", "-fopenmp"]

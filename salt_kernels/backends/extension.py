@@ -3,9 +3,9 @@
 The ops are defined once in C++ (``csrc/salt_ops.cpp``: ``salt_kernels::salt_forward``
 and ``salt_kernels::salt_backward``, contract in :mod:`.autograd`) and implemented once
 (``csrc/salt_linear.cpp``, ATen GEMMs), registered for CPU and, when built with CUDA,
-for CUDA; the few device differences are in ``csrc/device.h``. This module adds what
-torch needs around them: fake kernels (for ``torch.compile`` and meta tensors) and
-autograd.
+for CUDA; the few device differences are in ``csrc/device.h``. Autograd is
+registered in C++ too (``csrc/salt_autograd.cpp``); this module adds the fake kernels
+(for ``torch.compile`` and meta tensors).
 
 Importing it raises ImportError when the extension was not built or fails to load;
 :mod:`salt_kernels.dispatch` turns that into a fallback with one warning.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import register_salt_autograd, run_salt_op
+from .autograd import run_salt_op
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)
@@ -57,7 +57,8 @@ def _salt_backward_fake(G, Z, U, V, C, need_dx, need_dC, need_db):
             G.new_empty(G.shape[1]) if need_db else G.new_empty(0))
 
 
-register_salt_autograd(salt_forward, salt_backward)
+# Autograd is registered in C++ (csrc/salt_autograd.cpp: the contract of .autograd),
+# because the Python wrapper costs more per call than a decode-size layer on CPU.
 
 
 def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
