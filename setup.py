@@ -6,7 +6,9 @@ already installed (hence ``pip install --no-build-isolation``):
 * the CPU kernels always;
 * the CUDA kernels too when torch was built with CUDA and a CUDA toolkit is found
   (``CUDA_HOME``, else ``/usr/local/cuda``, else ``nvcc`` on PATH). Architectures:
-  ``TORCH_CUDA_ARCH_LIST`` if set, else "8.0;9.0" (no GPU is needed to build).
+  ``TORCH_CUDA_ARCH_LIST`` if set, else ``DEFAULT_CUDA_ARCH_LIST``: machine code
+  for sm_80 and sm_90 plus PTX, which the driver compiles for newer GPUs (no GPU is
+  needed to build).
 
 ``SALT_KERNELS_NO_EXTENSION=1`` skips the extension; so does a build failure (with a
 warning), since the package works without it (the ``reference`` / ``triton`` backends).
@@ -23,6 +25,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _flag(name: str) -> bool:
@@ -53,10 +56,11 @@ def _extension_kwargs() -> dict:
         # Must be set before importing cpp_extension, which reads it at import time.
         os.environ["CUDA_HOME"] = cuda_home
         # Without an explicit list a GPU-less build fails (it asks the absent GPU).
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     from torch.utils import cpp_extension
 
-    sources = ["csrc/salt_ops.cpp", "csrc/cpu/salt_cpu.cpp", "csrc/salt_multi.cpp"]
+    sources = ["csrc/salt_ops.cpp", "csrc/salt_linear.cpp", "csrc/salt_autograd.cpp", "csrc/cpu/salt_cpu.cpp",
+               "csrc/salt_multi.cpp"]
     # -fopenmp: at::parallel_for is a header template; without it the pragma is ignored and
     # our parallel loops run on one thread. libgomp.so.1 resolves to the copy torch loaded.
     cxx_flags = ["-O3", "-fopenmp"]
@@ -72,7 +76,9 @@ def _extension_kwargs() -> dict:
             "salt_kernels._C",
             sources + ["csrc/cuda/salt_cuda.cu"],
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            # The shared algorithm (salt_linear.cpp) registers its CUDA instance only here.
+            extra_compile_args={"cxx": cxx_flags + ["-DSALT_KERNELS_WITH_CUDA"],
+                                "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=link_flags,
             py_limited_api=False,
         )

@@ -1,9 +1,14 @@
 """The one place that chooses a backend for :func:`salt_linear`.
 
-``backend="auto"`` picks, by the device of ``x``:
+``backend="auto"`` picks by the device of ``x`` and the token count M, from one policy
+table, :data:`AUTO_POLICY`:
 
-* CUDA: ``triton`` -> ``cuda`` -> ``reference``
-* CPU:  ``cpu`` -> ``reference``
+* CUDA: ``triton`` -> ``cuda`` -> ``reference`` (a default, not yet measured on a GPU:
+  the fused Triton kernels first; the ``cuda`` extension runs the chain on cuBLAS, so it
+  is never far from ``reference`` and saves memory)
+* CPU:  ``cpu`` -> ``reference`` at every M (the extension runs the same GEMMs as the
+  reference chain, with fewer passes over the M-sized tensors and its autograd in C++;
+  a size row goes in only where a benchmark shows ``reference`` ahead)
 
 Optional pieces (Triton, the compiled extension) may be missing: ``auto`` then falls
 back and warns once per reason. An explicitly requested backend that cannot run raises
@@ -13,6 +18,7 @@ back and warns once per reason. An explicitly requested backend that cannot run 
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 
 import torch
@@ -27,10 +33,39 @@ _BACKEND_MODULES = {
     "cpu": "salt_kernels.backends.extension",
 }
 
-_AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpu", "reference"),
+# The auto policy: device type -> rows (largest M the row covers, or None for any M;
+# backends in order of preference). The first row whose bound covers M applies. Rows are
+# filled from benchmark measurements (salt-bench / benchmarks/bench_cpu_backend.py), never
+# guessed; a device with one row never looks at M. Under torch.compile the last row
+# applies whatever M is, so one graph serves every token count (dynamic shapes): a
+# size-dependent row would otherwise specialise the graph on M.
+AUTO_POLICY: dict[str, tuple[tuple[int | None, tuple[str, ...]], ...]] = {
+    "cuda": ((None, ("triton", "cuda", "reference")),),  # GPU default until measured
+    "cpu": ((None, ("cpu", "reference")),),
 }
+
+
+def auto_order(device_type: str, M: int | None = None) -> tuple[str, ...]:
+    """The ``auto`` preference order for ``device_type`` at M tokens (None: the order
+    used when M is unknown, i.e. the last row)."""
+    rows = AUTO_POLICY.get(device_type, ((None, ("reference",)),))
+    if M is not None:
+        for bound, order in rows:
+            if bound is None or M <= bound:
+                return order
+    return rows[-1][1]
+
+
+def _policy_row(device_type: str, M=None, x=None) -> int:
+    """Index of the AUTO_POLICY row for M tokens (or x's rows, counted only if needed);
+    0 without looking at M when the device has one row; the last row for M=None and
+    while torch.compile traces (M may be symbolic)."""
+    rows = AUTO_POLICY.get(device_type, ())
+    if len(rows) <= 1 or torch.compiler.is_compiling() or (M is None and x is None):
+        return max(len(rows) - 1, 0)
+    if M is None:
+        M = math.prod(x.shape[:-1])
+    return next(i for i, (bound, _) in enumerate(rows) if bound is None or M <= bound)
 
 _warned: set[str] = set()
 
@@ -60,15 +95,16 @@ def available_backends(device="cpu") -> list[str]:
     then any other backend that can run there, e.g. ``triton`` on CPU under
     ``TRITON_INTERPRET=1``)."""
     device = torch.device(device)
-    order = list(_AUTO_ORDER.get(device.type, ("reference",)))
+    order = list(auto_order(device.type))
     order += [b for b in _BACKEND_MODULES if b not in order]
     return [b for b in order if unavailable_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device, rank: int = 1) -> str:
+def resolve_backend(backend: str, device, rank: int = 1, M: int | None = None) -> str:
     """The concrete backend that ``backend`` ("auto" or a name) runs on ``device`` for
-    a layer of rank ``rank``."""
-    return _pick(_candidates(backend, torch.device(device).type), backend, rank)
+    a layer of rank ``rank`` at M tokens (None: as under torch.compile)."""
+    device_type = torch.device(device).type
+    return _pick(_candidates(backend, device_type, _policy_row(device_type, M)), backend, rank)
 
 
 def _max_rank(name: str) -> int | None:
@@ -76,34 +112,35 @@ def _max_rank(name: str) -> int | None:
     return getattr(_module(name)[0], "MAX_RANK", None)
 
 
-# The candidates depend only on (backend, device type) and on what is installed, so they
-# are cached and, for torch.compile, treated as a constant: Dynamo then never traces the
-# imports and warnings below, and `fullgraph=True` holds. The rank is compared with the
-# candidates' limits in traced code (_pick): under torch.compile a symbolic rank (U an
-# input of a compiled function with dynamic=True) becomes a guard `rank <= limit`
-# instead of failing the constant.
+# The candidates depend only on (backend, device type, policy row) and on what is
+# installed, so they are cached and, for torch.compile, treated as a constant: Dynamo then
+# never traces the imports and warnings below, and `fullgraph=True` holds. The rank is
+# compared with the candidates' limits in traced code (_pick): under torch.compile a
+# symbolic rank (U an input of a compiled function with dynamic=True) becomes a guard
+# `rank <= limit` instead of failing the constant.
 @torch.compiler.assume_constant_result
-def _candidates(backend: str, device_type: str) -> tuple:
-    key = (backend, device_type)
+def _candidates(backend: str, device_type: str, row: int = 0) -> tuple:
+    key = (backend, device_type, row)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _candidates_uncached(backend, torch.device(device_type))
+        _RESOLVED[key] = _candidates_uncached(backend, torch.device(device_type), row)
         for name, _ in _RESOLVED[key]:
             _IMPLS[name] = _module(name)[0].salt_linear_2d
     return _RESOLVED[key]
 
 
-_RESOLVED: dict[tuple[str, str], tuple] = {}
+_RESOLVED: dict[tuple[str, str, int], tuple] = {}
 _IMPLS: dict = {}  # backend name -> salt_linear_2d of its module
 
 
-def _candidates_uncached(backend: str, device: torch.device) -> tuple:
+def _candidates_uncached(backend: str, device: torch.device, row: int) -> tuple:
     """((name, rank limit or None), ...): the backends to try, in order."""
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend='{backend}' is not available: {reason}")
         return ((backend, _max_rank(backend)),)
-    order = _AUTO_ORDER.get(device.type, ("reference",))
+    rows = AUTO_POLICY.get(device.type, ((None, ("reference",)),))
+    order = rows[min(row, len(rows) - 1)][1]
     out = []
     for name in order:
         reason = unavailable_reason(name, device)
@@ -190,7 +227,9 @@ def _autocast_dtype(x):
 
 
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend):
-    name = _pick(_candidates(backend, x.device.type), backend, U.shape[1])
+    device_type = x.device.type
+    row = _policy_row(device_type, x=x) if backend == "auto" else 0
+    name = _pick(_candidates(backend, device_type, row), backend, U.shape[1])
     lead = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y2d = _IMPLS[name](x2d, U, V, sigma, X, Y, bias, scaling)

@@ -174,7 +174,7 @@ def _resolve_uncached(backend: str, device_type: str, rank: int):
                 f"backend='{backend}' has no mixed-adapter kernels ({err}); rebuild the extension or use "
                 "backend='auto'")
         return name, mod.multi_linear_2d
-    order = dispatch._AUTO_ORDER.get(device_type, ("reference",))
+    order = dispatch.auto_order(device_type)
     for name in order:
         if dispatch.unavailable_reason(name, device_type) is not None:
             continue  # (salt_linear warns about missing pieces of the plain op)

@@ -84,7 +84,7 @@ def test_rank_above_a_backends_limit():
 
 
 def test_auto_skips_backends_whose_rank_limit_is_exceeded(monkeypatch):
-    monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ("triton", "reference"))
+    monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", ((None, ("triton", "reference")),))
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device: None)
     monkeypatch.setattr(dispatch, "_max_rank", lambda name: 256 if name == "triton" else None)
     dispatch.clear_backend_cache()
@@ -93,3 +93,61 @@ def test_auto_skips_backends_whose_rank_limit_is_exceeded(monkeypatch):
         assert dispatch.resolve_backend("auto", "cpu", rank=257) == "reference"
     finally:
         dispatch.clear_backend_cache()
+
+
+# ----------------------------------------------------------------------- the auto policy
+
+def test_auto_policy_table_is_well_formed():
+    """Every device's rows have increasing M bounds, end with an any-M row, name known
+    backends and end in 'reference' (the fallback that always runs)."""
+    for device_type, rows in dispatch.AUTO_POLICY.items():
+        bounds = [b for b, _ in rows]
+        assert bounds[-1] is None and all(b is not None for b in bounds[:-1]), device_type
+        assert bounds[:-1] == sorted(bounds[:-1]), device_type
+        for _, order in rows:
+            assert order[-1] == "reference" and set(order) <= set(dispatch._BACKEND_MODULES), order
+    assert dispatch.auto_order("cpu")[0] == "cpu"
+    assert dispatch.auto_order("cuda")[:2] == ("triton", "cuda")
+
+
+@pytest.fixture
+def size_policy(monkeypatch):
+    """A CPU policy that sends M <= 8 to 'reference' and larger M to 'cpu' (if built)."""
+    monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", ((8, ("reference",)), (None, ("cpu", "reference"))))
+    dispatch.clear_backend_cache()
+    yield
+    dispatch.clear_backend_cache()
+
+
+def test_auto_follows_size_policy(size_policy, monkeypatch):
+    big = dispatch.resolve_backend("auto", "cpu", rank=3, M=9)
+    assert dispatch.resolve_backend("auto", "cpu", rank=3, M=8) == "reference"
+    assert dispatch.resolve_backend("auto", "cpu", rank=3, M=1) == "reference"
+    assert dispatch.resolve_backend("auto", "cpu", rank=3) == big  # M unknown: the last row
+    calls = []
+    for name in {"reference", big}:
+        monkeypatch.setitem(dispatch._IMPLS, name,
+                            lambda *a, _n=name, _f=dispatch._IMPLS[name]: calls.append(_n) or _f(*a))
+    for lead in [(2, 4), (9,)]:  # M = 8 and M = 9 (leading dims flattened)
+        salt_kernels.salt_linear(**make_salt_inputs(lead, 6, 5, 3, 1))
+    assert calls == ["reference", big]
+
+
+def test_size_policy_compiles_to_one_graph(size_policy):
+    """Under torch.compile(fullgraph=True) with M marked dynamic a size-dependent policy
+    uses its last row: no graph break, no recompile across token counts, results match
+    eager."""
+    torch.manual_seed(0)
+    layer = SALTLinear(16, 8, 4, 2, backend="auto")
+    counts = {"frames": 0}
+
+    def count(gm, example_inputs):
+        counts["frames"] += 1
+        return gm.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=count)
+    for M in (3, 20, 7):
+        x = torch.randn(M, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x), layer(x))
+    assert counts["frames"] == 1

@@ -1,10 +1,11 @@
 """The ``cpu`` and ``cuda`` backends: the compiled torch extension ``salt_kernels._C``.
 
 The ops are defined once in C++ (``csrc/salt_ops.cpp``: ``salt_kernels::salt_forward``
-and ``salt_kernels::salt_backward``, contract in :mod:`.autograd`), with a CPU kernel
-(``csrc/cpu/salt_cpu.cpp``) and, when built with CUDA, a CUDA kernel
-(``csrc/cuda/salt_cuda.cu``). This module adds what torch needs around them: fake
-kernels (for ``torch.compile`` and meta tensors) and autograd.
+and ``salt_kernels::salt_backward``, contract in :mod:`.autograd`) and implemented once
+(``csrc/salt_linear.cpp``, ATen GEMMs), registered for CPU and, when built with CUDA,
+for CUDA; the few device differences are in ``csrc/device.h``. Autograd is
+registered in C++ too (``csrc/salt_autograd.cpp``); this module adds the fake kernels
+(for ``torch.compile`` and meta tensors).
 
 Importing it raises ImportError when the extension was not built or fails to load;
 :mod:`salt_kernels.dispatch` turns that into a fallback with one warning.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import register_salt_autograd, run_salt_op
+from .autograd import run_salt_op
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)
@@ -31,21 +32,33 @@ salt_forward = torch.ops.salt_kernels.salt_forward.default
 salt_backward = torch.ops.salt_kernels.salt_backward.default
 
 
+def _check_one_device(op: str, **tensors) -> None:
+    """The kernels' own check (csrc/salt_linear.cpp), for the fake/meta path."""
+    (first, t0), *rest = [(n, t) for n, t in tensors.items() if t is not None]
+    for name, t in rest:
+        if t.device != t0.device:
+            raise RuntimeError(f"salt_kernels.{op}: {name} is on {t.device} but {first} is on {t0.device}; "
+                               "all tensor arguments must be on one device")
+
+
 @torch.library.register_fake(FORWARD_OP)
 def _salt_forward_fake(x, U, V, C, bias):
+    _check_one_device("salt_forward", x=x, U=U, V=V, C=C, bias=bias)
     M = x.shape[0]
     return x.new_empty(M, U.shape[0]), x.new_empty(M, V.shape[1], dtype=C.dtype)
 
 
 @torch.library.register_fake(BACKWARD_OP)
 def _salt_backward_fake(G, Z, U, V, C, need_dx, need_dC, need_db):
+    _check_one_device("salt_backward", G=G, Z=Z, U=U, V=V, C=C)
     M, r = G.shape[0], C.shape[0]
     return (G.new_empty(M, V.shape[0]) if need_dx else G.new_empty(0),
             C.new_empty(r, r) if need_dC else C.new_empty(0),
             G.new_empty(G.shape[1]) if need_db else G.new_empty(0))
 
 
-register_salt_autograd(salt_forward, salt_backward)
+# Autograd is registered in C++ (csrc/salt_autograd.cpp: the contract of .autograd),
+# because the Python wrapper costs more per call than a decode-size layer on CPU.
 
 
 def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
