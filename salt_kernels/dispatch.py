@@ -6,9 +6,10 @@ table, :data:`AUTO_POLICY`:
 * CUDA: ``triton`` -> ``cuda`` -> ``reference`` (a default, not yet measured on a GPU:
   the fused Triton kernels first; the ``cuda`` extension runs the chain on cuBLAS, so it
   is never far from ``reference`` and saves memory)
-* CPU:  ``cpu`` -> ``reference`` at every M (the extension runs the same GEMMs as the
-  reference chain, with fewer passes over the M-sized tensors and its autograd in C++;
-  a size row goes in only where a benchmark shows ``reference`` ahead)
+* CPU:  ``reference`` up to M = 16 tokens, where the extension's fixed cost per call
+  outweighs what it saves (measured); above, ``cpu`` -> ``reference`` (the extension
+  runs the same GEMMs as the reference chain, with fewer passes over the M-sized tensors
+  and its autograd in C++)
 
 Optional pieces (Triton, the compiled extension) may be missing: ``auto`` then falls
 back and warns once per reason. An explicitly requested backend that cannot run raises
@@ -41,7 +42,10 @@ _BACKEND_MODULES = {
 # size-dependent row would otherwise specialise the graph on M.
 AUTO_POLICY: dict[str, tuple[tuple[int | None, tuple[str, ...]], ...]] = {
     "cuda": ((None, ("triton", "cuda", "reference")),),  # GPU default until measured
-    "cpu": ((None, ("cpu", "reference")),),
+    # M <= 16 (decode): the extension's fixed cost per call outweighs what it saves;
+    # salt-bench --presets auto-vs-reference, idle 2-core AMD EPYC, fp32: cpu was
+    # 0.78-0.94x reference at M = 16 on all three shapes, 0.96-1.79x from M = 256 on.
+    "cpu": ((16, ("reference",)), (None, ("cpu", "reference"))),
 }
 
 

@@ -19,7 +19,7 @@ def missing_cpu_backend(monkeypatch):
 
 
 def test_auto_falls_back_with_one_warning(missing_cpu_backend):
-    t = make_salt_inputs((3,), 8, 6, 3, 1)
+    t = make_salt_inputs((40,), 8, 6, 3, 1)  # M above the CPU policy's decode row (reference there)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y1 = salt_kernels.salt_linear(**t)
@@ -107,6 +107,8 @@ def test_auto_policy_table_is_well_formed():
         for _, order in rows:
             assert order[-1] == "reference" and set(order) <= set(dispatch._BACKEND_MODULES), order
     assert dispatch.auto_order("cpu")[0] == "cpu"
+    assert dispatch.auto_order("cpu", M=16) == ("reference",)  # measured: decode sizes
+    assert dispatch.resolve_backend("auto", "cpu", rank=8, M=16) == "reference"
     assert dispatch.auto_order("cuda")[:2] == ("triton", "cuda")
 
 
