@@ -68,7 +68,7 @@ def test_large_odd_features(dtype, plan):
 def test_single_row_decode(dtype):
     """M = 1 with a long K: the size heuristic splits the shrink over K by itself."""
     t = make_salt_inputs((1,), 1500, 300, 24, 8, dtype, device=DEVICE)
-    BM, split, _ = tk._plan(1, 1500, 32, t["x"].element_size(), torch.device(DEVICE))
+    BM, split, _ = tk._plan(1, 1500, 32, t["x"].element_size())
     assert split > 1 and BM == 16
     assert_matches_ground_truth(fn, t, dtype)
 
