@@ -18,6 +18,7 @@ from .model import (
     trainable_parameters,
 )
 from .regularizer import salt_regularizer
+from .warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,6 @@ __all__ = [
     "salt_linear",
     "salt_regularizer",
     "truncated_svd",
+    "warmup",
     "__version__",
 ]

@@ -352,7 +352,7 @@ def _cfg(BN, warps, stages=3):
     return triton.Config({"BN": BN}, num_warps=warps, num_stages=stages)
 
 
-def _depths(BN, warps, stages=(3, 4, 2)):
+def _depths(BN, warps, stages=(3, 4)):
     """Shrink candidates: one reduction tile BN and one warp layout (which fix the order
     of the K reduction and of db's in-tile column sums), several pipeline depths (which
     do not change the arithmetic)."""
