@@ -144,11 +144,13 @@ def _describe(launch, config, signature, constexprs, attrs):
     return ints
 
 
-def jobs(full: bool = False):
+def jobs(full: bool = False, only: str | None = None):
     """The distinct (launch, config, arch) specialisations, each with the scenarios that
-    produce it."""
+    produce it (``only``: those of scenarios whose name starts with it)."""
     seen = {}
     for scen, L in launches(full):
+        if only and not scen.startswith(only):
+            continue
         for c in L.configs:
             for arch in ARCHS:
                 sig, consts, attrs, opts = specialization(L, c, arch)
@@ -273,12 +275,13 @@ def main(argv=None) -> int:
     p.add_argument("--triton-venv", action="append", default=[], metavar="DIR",
                    help="run the check with DIR/bin/python instead (repeatable: one venv per Triton version)")
     p.add_argument("--verbose", action="store_true", help="print every compile, not only the problems")
+    p.add_argument("--only", metavar="SCENARIO", help="only scenarios whose name starts with this (e.g. contiguous)")
     p.add_argument("--full", action="store_true",
                    help="also odd sizes, transposed at an odd M and transposed U/V (about twice the compiles)")
     args = p.parse_args(argv)
     if args.triton_venv:
         return _other_venvs(args.triton_venv, ["--jobs", str(args.jobs)] + (["--verbose"] if args.verbose else [])
-                            + (["--full"] if args.full else []))
+                            + (["--full"] if args.full else []) + (["--only", args.only] if args.only else []))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "salt_kernels.aot", *(argv if argv is not None else sys.argv[1:])],
@@ -286,17 +289,21 @@ def main(argv=None) -> int:
     import triton
 
     t0 = time.time()
-    todo = _JOBS[:] = jobs(args.full)
+    todo = _JOBS[:] = jobs(args.full, args.only)
     t_plan = time.time() - t0
     # A fresh, private cache so that ptxas really runs (its -v log is what we read).
     with tempfile.TemporaryDirectory(prefix="salt_aot_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
+        rows = []
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            rows = list(pool.map(compile_index, range(len(todo)), chunksize=1))
+            for row in pool.map(compile_index, range(len(todo)), chunksize=1):
+                rows.append(row)
+                for msg in check([row]):  # as they come: a long run shows its problems early
+                    print("FAIL", msg, flush=True)
     print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} specialisations (planned in {t_plan:.0f} s) "
           f"compiled in {time.time() - t0:.0f} s (ptxas: {_ptxas()})")
     problems = check(rows)
-    if args.verbose or problems:
+    if args.verbose:
         for r in rows:
             tail = f"ERROR {r['error']}" if r["error"] else f"regs {r['regs']:3d} spill {r['spill']:3d} smem {r['smem']:6d}"
             print(f"{_name(r)}: {tail}  [{', '.join(r['scenarios'])}]")
@@ -307,8 +314,6 @@ def main(argv=None) -> int:
             print(f"sm_{arch}: {len(sel)} compiled, max registers {max(r['regs'] for r in sel)} (limit {MAX_REGISTERS}), "
                   f"max shared memory {max(r['smem'] for r in sel)} B (limit {SMEM_LIMIT[arch]}), "
                   f"spilling {sum(1 for r in sel if r['spill'])}")
-    for msg in problems:
-        print("FAIL", msg)
     print(f"AOT (triton {triton.__version__}): OK" if not problems else f"AOT (triton {triton.__version__}): {len(problems)} problem(s)")
     return 1 if problems else 0
 

@@ -375,7 +375,7 @@ _CONFIG_TABLE = {
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
     ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
     ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
-    ("expand", 4, 256): [_cfg(64, 4), _cfg(64, 8)],
+    ("expand", 4, 256): [_cfg(64, 8), _cfg(32, 8)],
 }
 SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
 EXPAND_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "expand" for c in cs]
@@ -580,15 +580,15 @@ def _mix_precision(dtype: torch.dtype) -> str:
     return "ieee" if INTERPRET else FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
-# The mix kernel is not autotuned: its work is tiny; 32 x 32 slices keep its fp32 dot
-# operands (three copies under tf32x3) in registers.
-MIX_BM, MIX_BR = 32, 32
+# The mix kernel is not autotuned: its work is tiny. Its dot operands are BM x BR fp32
+# slices, three copies of each under tf32x3, hence 16 rows for fp32 inputs (32 rows
+# spilled on sm_90 at R_PAD >= 32, and 16 rows at R_PAD = 16 on sm_80, with triton 3.9).
 
 
-def mix_warps(R_PAD: int) -> int:
-    """4 warps, but 8 at R_PAD = 16, where 4 spilled with fp32 on sm_90 (and 8 spills at
-    R_PAD >= 32): both found with aot.py."""
-    return 8 if R_PAD <= 16 else 4
+def mix_tiles(R_PAD: int, elem: int) -> tuple[int, int, int]:
+    """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py)."""
+    BM = 16 if elem == 4 and R_PAD > 16 else 32
+    return BM, min(32, R_PAD), 4
 
 
 # Columns per program of the fixed-order partial sums (one fp32 element per thread at 4 warps x 4).
@@ -599,16 +599,17 @@ def _fixed(warps: int, stages: int = 3) -> list:
     return [triton.Config({}, num_warps=warps, num_stages=stages)]
 
 
-def _mix_launch(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, precision) -> Launch:
+def _mix_launch(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, elem,
+                precision) -> Launch:
     """_mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC partials
-    (dc_part has cdiv(M, MIX_BM) row blocks)."""
-    BR = min(MIX_BR, R_PAD)
-    grid = (triton.cdiv(M, MIX_BM), R_PAD // BR)
+    (dc_part has cdiv(M, BM) row blocks, BM from mix_tiles)."""
+    BM, BR, warps = mix_tiles(R_PAD, elem)
+    grid = (triton.cdiv(M, BM), R_PAD // BR)
     return Launch("mix", _mix_kernel, lambda meta: grid,
                   (parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
                    dc_part, mixed, M, r),
-                  dict(BM=MIX_BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc, STORE_MIX=store_mix,
-                       PRECISION=precision), _fixed(mix_warps(R_PAD)))
+                  dict(BM=BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc, STORE_MIX=store_mix,
+                       PRECISION=precision), _fixed(warps))
 
 
 def _sum_launch(parts: torch.Tensor, out: torch.Tensor) -> Launch:
@@ -645,7 +646,7 @@ def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list
     else:
         rows = torch.empty((M, r), dtype=torch.float32, device=dev)
         launches.append(_mix_launch(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False,
-                                    store_mix=True, R_PAD=R_PAD, precision=mix_precision))
+                                    store_mix=True, R_PAD=R_PAD, elem=elem, precision=mix_precision))
     launches.append(Launch(
         "expand", _expand_kernel, lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
         (rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
@@ -679,7 +680,7 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
     precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
     prologue = _mix_in_prologue(R_PAD, BR, elem)
     db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
-    dc_part = torch.empty((m_blocks if prologue else triton.cdiv(M, MIX_BM), r, r), **f32) if need_dC else Z
+    dc_part = torch.empty((m_blocks if prologue else triton.cdiv(M, mix_tiles(R_PAD, elem)[0]), r, r), **f32) if need_dC else Z
     parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
     launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
                        (G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
@@ -691,7 +692,7 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
         if not prologue:  # dZ = dT @ C: the core is applied on the right as is
             rows = torch.empty((M, r), **f32) if need_dx else parts
             launches.append(_mix_launch(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC,
-                                        store_mix=need_dx, R_PAD=R_PAD, precision=mix_precision))
+                                        store_mix=need_dx, R_PAD=R_PAD, elem=elem, precision=mix_precision))
         if need_dx or (prologue and need_dC):
             out = dx if need_dx else Z
             launches.append(Launch(
