@@ -3,8 +3,9 @@
 What is compiled is what runs. The launches come from the launcher itself:
 ``triton_kernels.forward_launches`` / ``backward_launches`` (the functions the ops
 call) are run on CPU tensors for a set of scenarios (token counts from decode to large
-M, every padded rank, fp32 / fp16 / bf16, contiguous, odd-sized, transposed,
-non-unit-stride and stride-0 inputs, every combination of needed gradients). For each
+M, every padded rank, fp32 and bf16 (fp16 shares bf16's tiles and code shape),
+contiguous, transposed, non-unit-stride and stride-0 inputs (``--full`` adds odd
+sizes and transposed U/V), every combination of needed gradients). For each
 launch and each autotune candidate the specialisation is derived by Triton's own JIT
 code (``create_function_from_signature`` + ``JITFunction._pack_args``, the path
 ``JITFunction.run`` takes before it compiles), so the signature, the ``==1`` constants,

@@ -76,6 +76,7 @@ def test_second_gpu_while_first_is_current():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch (no GPU needed)")
 def test_fake_path_keeps_token_count_symbolic():
     """The ops' fake kernels never look at M's value: tracing with a symbolic M on (fake)
     CUDA tensors adds no guard on it. (A traced launch planner would call int(M).)"""
@@ -153,7 +154,7 @@ def test_capture_refuses_untuned_launch(monkeypatch):
     x, U, V, C, b = _op_inputs(M=20)
     _, _, launches = tk.forward_launches(x, U, V, C, b)
     shrink = launches[0]
-    with pytest.raises(tk.NotWarmedUpError, match=r"salt_kernels\.warmup.*M=20"):
+    with pytest.raises(tk.NotWarmedUpError, match=r"M=20.*salt_kernels\.warmup"):
         tk._check_tuned(shrink)
     # what Autotuner.run stores after tuning this launch
     tuner.cache[tk._autotune_key(tuner, shrink.args, shrink.kwargs)] = tk.SHRINK_CONFIGS[0]
