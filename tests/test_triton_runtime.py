@@ -245,3 +245,14 @@ def test_bitwise_equal_across_autotune_configs(monkeypatch, dtype, r):
                 assert torch.equal(a, b), (kernel, i)
             n_tried += 1
     assert n_tried == 6
+
+
+def test_shrink_candidates_share_the_reduction_order():
+    """The shrink's candidates differ only in pipeline depth: one K tile (BN: the order
+    of the K reduction) and one warp count (the layout, so the order, of db's in-tile
+    column sums) per entry. (The interpreter ignores warps and, for these shapes, sums
+    BN tiles exactly, so the bitwise test above cannot see a GPU-only order change.)"""
+    for (kernel, elem, r_max), configs in tk._CONFIG_TABLE.items():
+        if kernel == "shrink":
+            assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
+            assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
