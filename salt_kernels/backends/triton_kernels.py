@@ -367,14 +367,14 @@ def _depths(BN, warps, stages=(3, 4)):
 _CONFIG_TABLE = {
     ("shrink", 2, 32): _depths(64, 4),
     ("shrink", 2, 64): _depths(64, 4),
-    ("shrink", 2, 128): _depths(32, 4),
+    ("shrink", 2, 128): _depths(32, 8),  # 4 warps: 255 registers on sm_80 (triton 3.6)
     ("shrink", 2, 256): _depths(32, 8),
     ("shrink", 4, 32): _depths(16, 4),
     ("shrink", 4, 64): _depths(32, 4),
-    ("shrink", 4, 256): _depths(16, 8),
+    ("shrink", 4, 256): _depths(16, 16, (3, 2)),  # 8 warps at 3 stages spilled (triton 3.6)
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
     ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
-    ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
+    ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4)],  # (256 x 8: > 240 registers on sm_80, triton 3.6)
     # fp32 (tf32x3 keeps three copies of each operand): 64 x 4 warps and 32 x 4 sat at
     # 255 registers and 32 x 8 spilled on sm_90 (triton 3.9): one config.
     ("expand", 4, 256): [_cfg(64, 8)],
