@@ -377,6 +377,7 @@ _CONFIG_TABLE = {
     ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4)],  # (256 x 8: > 240 registers on sm_80, triton 3.6)
     # fp32 (tf32x3 keeps three copies of each operand): 64 x 4 warps and 32 x 4 sat at
     # 255 registers and 32 x 8 spilled on sm_90 (triton 3.9): one config.
+    ("expand", 4, 32): [_cfg(32, 4)],  # 64 x 8 spilled on sm_80 at r <= 32 (triton 3.8)
     ("expand", 4, 256): [_cfg(64, 8)],
 }
 SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
