@@ -369,7 +369,8 @@ _CONFIG_TABLE = {
     ("shrink", 2, 64): _depths(64, 4),
     ("shrink", 2, 128): _depths(32, 8),  # 4 warps: 255 registers on sm_80 (triton 3.6)
     ("shrink", 2, 256): _depths(32, 8),
-    ("shrink", 4, 32): _depths(16, 8),  # 4 warps spilled on sm_80 (triton 3.8)
+    # fp32, r <= 32: 3 stages spilled at 4 warps (sm_80, triton 3.8) and 8 (sm_90, 3.9)
+    ("shrink", 4, 32): _depths(16, 4, (2,)),
     ("shrink", 4, 64): _depths(32, 8),  # 4 warps spilled (triton 3.8)
     ("shrink", 4, 256): _depths(16, 16, (3, 2)),  # 8 warps at 3 stages spilled (triton 3.6)
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
