@@ -21,6 +21,7 @@ from .model import (
 )
 from .regularizer import salt_regularizer
 from .adapters import adapters, delete_adapter, list_adapters, set_adapter
+from .warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -46,5 +47,6 @@ __all__ = [
     "salt_linear",
     "salt_regularizer",
     "truncated_svd",
+    "warmup",
     "__version__",
 ]

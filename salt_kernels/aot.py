@@ -1,15 +1,28 @@
-"""``python -m salt_kernels.aot``: compile every Triton kernel ahead of time, no GPU needed.
+"""``python -m salt_kernels.aot``: compile every Triton kernel launch ahead of time, no GPU needed.
 
-Each kernel variant the launcher can produce (the constexpr mode flags of
-``_shrink_kernel`` / ``_expand_kernel``), at every autotune config that survives the
-launcher's pruning, for fp32 and bf16 (fp16 has bf16's tile sizes and code shape),
-at the padded ranks and row tiles the host picks, is compiled with
+What is compiled is what runs. The launches come from the launcher itself:
+``triton_kernels.forward_launches`` / ``backward_launches`` (the functions the ops
+call) are run on CPU tensors for a set of scenarios (token counts from decode to large
+M, every padded rank, fp32 and bf16 (fp16 shares bf16's tiles and code shape),
+contiguous, transposed, non-unit-stride and stride-0 inputs (``--full`` adds odd
+sizes and transposed U/V), every combination of needed gradients). For each
+launch and each autotune candidate the specialisation is derived by Triton's own JIT
+code (``create_function_from_signature`` + ``JITFunction._pack_args``, the path
+``JITFunction.run`` takes before it compiles), so the signature, the ``==1`` constants,
+the divisibility-16 hints and the constexprs (precision included) are exactly those of
+a launch on the GPU. Each distinct specialisation is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for sm_80 and
-sm_90. Registers and spills come from the ``ptxas`` shipped in the triton wheel
-(``ptxas -v`` on the generated PTX), shared memory from the compiled metadata.
+sm_90. Registers and spills come from the ``ptxas`` shipped in the triton wheel,
+shared memory from the compiled metadata.
 
-Prints one row per compile and exits non-zero if any compile fails, spills, or needs
-more shared memory than the architecture allows (DESIGN.md section 5).
+Prints one row per compile and exits non-zero if any compile fails, spills, uses more
+than ``MAX_REGISTERS`` registers (headroom below the 255 ceiling, so that the next
+Triton's register allocation does not tip a config into spilling) or needs more shared
+memory than the architecture allows (docs/design.md, "Verifying GPU code without a GPU").
+
+``--triton-venv DIR`` (repeatable) runs the same check with another environment's
+Python (a venv with that Triton and a CPU torch) on this source tree, and fails if any
+of them fails: ``.ci/aot_triton_versions.sh`` uses it for every supported Triton.
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions
 are not compilable); if the variable is set, this re-runs itself without it.
@@ -27,88 +40,144 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+MAX_REGISTERS = 240  # per thread; the hardware ceiling is 255
 ARCHS = (80, 90)
-DTYPES = ("fp32", "bf16")
-
-# (kernel, variant, mix placement, mode constexprs) -- exactly the combinations
-# salt_forward / salt_backward launch (see triton_kernels.py). Placement: "prologue"
-# variants run only where the host puts the mix in the expand prologue, "separate" ones
-# (the mix kernel and the plain expand) only where it does not, "any" always.
-_SHRINK = dict(NEED_ACC=True, COLSUM=False)
-_MIX = dict(STORE_Z=False, DC=False, STORE_MIX=True)
-_EXPAND = dict(PROLOGUE_MIX=False, STORE_Z=False, DC=False, COMPUTE_OUT=True, HAS_BIAS=False)
-VARIANTS = [
-    ("shrink", "fwd", "any", dict(_SHRINK)),
-    ("shrink", "bwd", "any", {**_SHRINK, "COLSUM": True}),
-    ("shrink", "bwd.db_only", "any", {**_SHRINK, "NEED_ACC": False, "COLSUM": True}),
-    ("mix", "fwd", "separate", {**_MIX, "STORE_Z": True}),
-    ("mix", "bwd", "separate", {**_MIX, "DC": True}),
-    ("mix", "bwd.dc_only", "separate", {**_MIX, "DC": True, "STORE_MIX": False}),
-    ("expand", "fwd.prologue", "prologue", {**_EXPAND, "PROLOGUE_MIX": True, "STORE_Z": True, "HAS_BIAS": True}),
-    ("expand", "bwd.prologue", "prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True}),
-    ("expand", "bwd.dc_only", "prologue", {**_EXPAND, "PROLOGUE_MIX": True, "DC": True, "COMPUTE_OUT": False}),
-    ("expand", "fwd.plain", "separate", {**_EXPAND, "HAS_BIAS": True}),
-    ("expand", "bwd.plain", "separate", dict(_EXPAND)),
-]
-# Every padded rank the host can pick (rank_tiles: powers of two from 16 to MAX_RANK),
-# and token counts covering every row tile block_m can return (decode to large M).
-R_PADS = (16, 32, 64, 128, 256)
-_TOKEN_COUNTS = (1, 16, 32, 64, 1 << 20)
+DTYPES = ("float32", "bfloat16")  # fp16 has bf16's tiles and code shape (only the MMA type differs)
+R_PADS = (16, 32, 64, 128, 256)  # every padded rank the host can pick (rank_tiles)
+# (M, K, D): the row tiles block_m returns (16, 32, 64), split (decode) and unsplit shrinks.
+SIZES = ((1, 512, 512), (32, 512, 512), (4096, 256, 256))
+# The needed gradients (dx, dC, db): training, frozen x (first layer), frozen adapter
+# (dx only) and bias-only training.
+NEEDS = ((True, True, True), (False, True, True), (True, False, False), (False, False, True))
 
 
-def _jobs():
-    """Every (kernel variant, padded rank, row tile, dtype, autotune config, arch) the
-    launcher can produce."""
+def _scenarios(full: bool = False):
+    """(name, M, K, D, layout) for every launch shape checked; layouts: "contiguous",
+    "transposed" (x and G stored column-major), "strided" (every other column of a
+    wider x / G), "stride0" (G an expanded scalar, as from y.sum()); with ``full`` also
+    "odd" (sizes, so row strides, not multiples of 16), "transposed" at an odd M and
+    "basis_t" (U and V stored transposed; the layers keep them contiguous)."""
+    out = [(f"contiguous M{M}", M, K, D, "contiguous") for M, K, D in SIZES]
+    out += [("transposed M64", 64, 512, 512, "transposed"), ("strided", 48, 512, 512, "strided"),
+            ("stride0", 48, 512, 512, "stride0")]
+    if full:
+        out += [("odd", 70, 1031, 517, "odd"), ("transposed M70", 70, 512, 512, "transposed"),
+                ("basis_t", 48, 512, 512, "basis_t")]
+    return out
+
+
+def _tensors(torch, M, K, D, r, dtype, layout):
+    """x, G, U, V, C, bias for one scenario (CPU tensors: only their strides, dtypes and
+    pointer alignment matter to the specialisation)."""
+    def mat(rows, cols, transposed=False, every_other=False):
+        if transposed:
+            return torch.empty((cols, rows), dtype=dtype).t()
+        if every_other:
+            return torch.empty((rows, 2 * cols), dtype=dtype)[:, ::2]
+        return torch.empty((rows, cols), dtype=dtype)
+
+    x = mat(M, K, transposed=layout == "transposed", every_other=layout == "strided")
+    G = mat(M, D, transposed=layout == "transposed", every_other=layout == "strided")
+    if layout == "stride0":
+        G = torch.empty((), dtype=dtype).expand(M, D)
+    U, V = mat(D, r, transposed=layout == "basis_t"), mat(K, r, transposed=layout == "basis_t")
+    C = torch.empty((r, r), dtype=torch.float32)
+    return x, G, U, V, C, torch.empty((D,), dtype=dtype)
+
+
+def launches(full: bool = False):
+    """Every launch the launcher plans over the scenarios: (scenario, Launch)."""
+    import torch
+
     from .backends import triton_kernels as tk
 
-    jobs = []
-    for kernel, variant, placement, modes in VARIANTS:
+    out = []
+    for name, M, K, D, layout in _scenarios(full):
         for dtype in DTYPES:
-            elem = 4 if dtype == "fp32" else 2
-            ranks = R_PADS[:1] if variant == "bwd.db_only" else R_PADS  # no r-wide work at all
-            for R_PAD in ranks:
-                prologue = tk._mix_in_prologue(R_PAD, tk.rank_tiles(R_PAD)[1], elem)
-                if placement != "any" and prologue != (placement == "prologue"):
-                    continue  # the host never launches this variant at this rank and dtype
-                if kernel == "mix":  # not autotuned: one fixed tile and launch config
-                    tiles = [(tk.MIX_BM, None, tk.mix_warps(R_PAD), 1)]
-                    job_modes = dict(modes, BR=min(tk.MIX_BR, R_PAD))
-                else:
-                    job_modes = modes
-                    bms = sorted({tk.block_m(M, R_PAD, elem) for M in _TOKEN_COUNTS})
-                    tiles = [(BM, c.kwargs["BN"], c.num_warps, c.num_stages) for BM in bms
-                             for c in tk.usable_configs(kernel, BM, R_PAD, elem)]
-                for BM, BN, warps, stages in tiles:
-                    for arch in ARCHS:
-                        jobs.append((kernel, variant, job_modes, R_PAD, BM, dtype, BN, warps, stages, arch))
-    return jobs
+            for R_PAD in R_PADS:
+                x, G, U, V, C, bias = _tensors(torch, M, K, D, R_PAD, getattr(torch, dtype), layout)
+                for b in (bias, None):
+                    _, Z, fwd = tk.forward_launches(x, U, V, C, b)
+                    out += [(name, L) for L in fwd]
+                for needs in NEEDS:
+                    *_, bwd = tk.backward_launches(G, Z, U, V, C, *needs)
+                    out += [(name, L) for L in bwd]
+    return out
 
 
-_IO_PTRS = {"shrink": {"a_ptr", "b_ptr"}, "mix": set(), "expand": {"b_ptr", "bias_ptr", "out_ptr"}}
+def specialization(launch, config, arch: int):
+    """(signature, constexprs, attrs, options) of ``launch`` at ``config`` on sm_``arch``,
+    computed as ``JITFunction.run`` does before compiling."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = launch.config_kwargs(config)
+    kwargs["debug"] = fn.debug or knobs.runtime.debug
+    for opt, knob in (("instrumentation_mode", "instrumentation_mode"),
+                      ("fpsan_homomorphic_casts", "fpsan_homomorphic_casts")):
+        if hasattr(knobs.compilation, knob):  # options newer Tritons add in run()
+            kwargs[opt] = getattr(knobs.compilation, knob)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, spec, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, spec, options)
+    return signature, constexprs, attrs, options
 
 
-def _signature(kernel: str, dtype: str, constexprs: dict):
-    """Types for every argument: pointers to the input dtype (x/G, U/V, bias, y/dx) or to
-    fp32 (our partial and r-wide buffers), 32-bit sizes and strides (the common runtime
-    specialisation; offsets are widened to int64 inside the kernels), constexprs as such.
-    Pointers carry the 16-byte alignment hint torch allocations get at runtime."""
-    from .backends import triton_kernels as tk
+def _describe(launch, config, signature, constexprs, attrs):
+    """Short, stable text for a specialisation: the host constexprs, the config, and the
+    runtime specialisation of each non-constexpr argument (=1, /16 or plain)."""
+    names = launch.fn.arg_names
+    ints = []
+    for i, n in enumerate(names):
+        if n in launch.kwargs or n in config.kwargs:
+            continue
+        ty = signature[n]
+        if ty == "constexpr":
+            ints.append(f"{n}=1")
+        elif (i,) in attrs and not ty.startswith("*"):
+            ints.append(f"{n}/16")
+        elif ty.startswith("*") and (i,) not in attrs:
+            ints.append(f"{n}:unaligned")
+    return ints
 
-    fn = {"shrink": tk._shrink_kernel, "mix": tk._mix_kernel, "expand": tk._expand_kernel}[kernel]
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in _IO_PTRS[kernel] else "*fp32"
-        else:
-            sig[name] = "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
-    return fn, sig, attrs
+
+def jobs(full: bool = False, only: str | None = None):
+    """The distinct (launch, config, arch) specialisations, each with the scenarios that
+    produce it (``only``: those of scenarios whose name starts with it)."""
+    seen = {}
+    for scen, L in launches(full):
+        if only and not scen.startswith(only):
+            continue
+        for c in L.configs:
+            for arch in ARCHS:
+                sig, consts, attrs, opts = specialization(L, c, arch)
+                key = (L.name, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)),
+                       repr(sorted(attrs.items())), opts.num_warps, opts.num_stages, arch)
+                if key not in seen:
+                    seen[key] = dict(launch=L, config=c, arch=arch, scenarios=[])
+                seen[key]["scenarios"].append(scen)
+    return list(seen.values())
+
+
+_JOBS: list = []  # set before the worker processes fork (Launch grids are lambdas: not picklable)
+
+
+def _io_dtype(L) -> str:
+    named = dict(zip(L.fn.arg_names, L.args))
+    t = next(named[n] for n in ("a_ptr", "b_ptr", "out_ptr") if n in named)
+    return str(t.dtype).replace("torch.", "")
+
+
+def compile_index(i: int):
+    return compile_one(_JOBS[i])
 
 
 def compile_one(job):
-    """Compile one (kernel, variant, tile, dtype, config, arch); return a result row."""
+    """Compile one specialisation; return a result row."""
     import contextlib
     import io
 
@@ -116,30 +185,21 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .backends import triton_kernels as tk
-
-    kernel, variant, modes, R_PAD, BM, dtype, BN, warps, stages, arch = job
-    mix_precision = "ieee" if dtype == "fp32" else "tf32"  # as triton_kernels._mix_precision
-    constexprs = dict(modes, BM=BM, R_PAD=R_PAD,
-                      PRECISION=mix_precision if kernel == "mix" else tk.FP32_PRECISION)
-    if kernel != "shrink":
-        constexprs.setdefault("BR", min(R_PAD, 64))
-    if kernel != "mix":
-        constexprs.update(BN=BN, UPCAST_DOT=False)
-    if kernel == "expand":
-        constexprs["MIX_PRECISION"] = mix_precision
-    row = dict(kernel=kernel, variant=variant, R_PAD=R_PAD, BM=BM, BN=BN or 0, warps=warps, stages=stages,
-               dtype=dtype, arch=arch, regs=None, spill=None, smem=None, error=None)
+    L, c, arch = job["launch"], job["config"], job["arch"]
+    flags = ",".join([k for k, v in L.kwargs.items() if v is True] + [str(L.kwargs.get("PRECISION", ""))])
+    row = dict(kernel=L.name, flags=flags, R_PAD=L.kwargs.get("R_PAD", 0), BM=L.kwargs.get("BM", 0),
+               BN=c.kwargs.get("BN", 0), warps=c.num_warps, stages=c.num_stages, dtype=_io_dtype(L), arch=arch,
+               regs=None, spill=None, smem=None, error=None, scenarios=sorted(set(job["scenarios"])))
     t0 = time.time()
     try:
-        fn, sig, attrs = _signature(kernel, dtype, constexprs)
-        src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+        sig, consts, attrs, opts = specialization(L, c, arch)
+        row["spec"] = " ".join(_describe(L, c, sig, consts, attrs))
+        src = ASTSource(L.fn, sig, constexprs=consts, attrs=attrs)
         # Triton runs the wheel's ptxas with -v itself; keep its log instead of a second run.
         triton.knobs.nvidia.dump_ptxas_log = True
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": warps, "num_stages": stages})
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts.__dict__)
         row["smem"] = compiled.metadata.shared
         text = log.getvalue()
         if "Used" not in text:  # cache hit (no ptxas run): ask ptxas directly
@@ -175,58 +235,87 @@ def _parse_ptxas(text: str) -> tuple[int, int]:
     return regs, spill
 
 
+def _name(r) -> str:
+    return (f"{r['kernel']}[{r['flags']}] R{r['R_PAD']} BM{r['BM']} BN{r['BN']} w{r['warps']} s{r['stages']} "
+            f"{r['dtype']} sm_{r['arch']} ({r.get('spec', '')})")
+
+
 def check(rows) -> list[str]:
     problems = []
     for r in rows:
-        name = f"{r['kernel']}.{r['variant']} R{r['R_PAD']} BM{r['BM']} BN{r['BN']} w{r['warps']} s{r['stages']} {r['dtype']} sm_{r['arch']}"
         if r["error"]:
-            problems.append(f"{name}: compile failed: {r['error']}")
+            problems.append(f"{_name(r)}: compile failed: {r['error']}")
         elif r["spill"]:
-            problems.append(f"{name}: spills {r['spill']} bytes")
+            problems.append(f"{_name(r)}: spills {r['spill']} bytes")
+        elif r["regs"] > MAX_REGISTERS:
+            problems.append(f"{_name(r)}: {r['regs']} registers > {MAX_REGISTERS} (no headroom)")
         elif r["smem"] > SMEM_LIMIT[r["arch"]]:
-            problems.append(f"{name}: shared memory {r['smem']} > {SMEM_LIMIT[r['arch']]}")
+            problems.append(f"{_name(r)}: shared memory {r['smem']} > {SMEM_LIMIT[r['arch']]}")
     return problems
+
+
+def _other_venvs(venvs, argv) -> int:
+    """Run this check under each venv's Python on this source tree; 1 if any fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    results = []
+    for venv in venvs:
+        py = os.path.join(venv, "bin", "python")
+        t0 = time.time()
+        rc = subprocess.call([py, "-m", "salt_kernels.aot", *argv], env=env, cwd=root)
+        results.append((venv, rc, time.time() - t0))
+    for venv, rc, secs in results:
+        print(f"AOT {'OK  ' if rc == 0 else 'FAIL'} {venv} ({secs:.0f} s)")
+    return 0 if all(rc == 0 for _, rc, _ in results) else 1
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m salt_kernels.aot", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    p.add_argument("--triton-venv", action="append", default=[], metavar="DIR",
+                   help="run the check with DIR/bin/python instead (repeatable: one venv per Triton version)")
+    p.add_argument("--verbose", action="store_true", help="print every compile, not only the problems")
+    p.add_argument("--only", metavar="SCENARIO", help="only scenarios whose name starts with this (e.g. contiguous)")
+    p.add_argument("--full", action="store_true",
+                   help="also odd sizes, transposed at an odd M and transposed U/V (about twice the compiles)")
     args = p.parse_args(argv)
+    if args.triton_venv:
+        return _other_venvs(args.triton_venv, ["--jobs", str(args.jobs)] + (["--verbose"] if args.verbose else [])
+                            + (["--full"] if args.full else []) + (["--only", args.only] if args.only else []))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "salt_kernels.aot", *(argv if argv is not None else sys.argv[1:])],
                                env=env)
     import triton
 
-    jobs = _jobs()
     t0 = time.time()
+    todo = _JOBS[:] = jobs(args.full, args.only)
+    t_plan = time.time() - t0
     # A fresh, private cache so that ptxas really runs (its -v log is what we read).
     with tempfile.TemporaryDirectory(prefix="salt_aot_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
+        rows = []
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            rows = list(pool.map(compile_one, jobs, chunksize=1))
-    print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} compiles in {time.time() - t0:.0f} s "
-          f"(ptxas: {_ptxas()})")
-    hdr = f"{'kernel':8s} {'variant':13s} {'R_PAD':>5s} {'BM':>3s} {'BN':>3s} {'warps':>5s} {'stages':>6s} {'dtype':5s} {'arch':6s} {'regs':>4s} {'spill':>5s} {'smem':>7s}"
-    print(hdr)
-    for r in rows:
-        if r["error"]:
-            tail = f"ERROR {r['error']}"
-        else:
-            tail = f"{r['regs']:4d} {r['spill']:5d} {r['smem']:7d}"
-        print(f"{r['kernel']:8s} {r['variant']:13s} {r['R_PAD']:5d} {r['BM']:3d} {r['BN']:3d} {r['warps']:5d} "
-              f"{r['stages']:6d} {r['dtype']:5s} sm_{r['arch']:<3d} {tail}")
+            for row in pool.map(compile_index, range(len(todo)), chunksize=1):
+                rows.append(row)
+                for msg in check([row]):  # as they come: a long run shows its problems early
+                    print("FAIL", msg, flush=True)
+    print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} specialisations (planned in {t_plan:.0f} s) "
+          f"compiled in {time.time() - t0:.0f} s (ptxas: {_ptxas()})")
+    problems = check(rows)
+    if args.verbose:
+        for r in rows:
+            tail = f"ERROR {r['error']}" if r["error"] else f"regs {r['regs']:3d} spill {r['spill']:3d} smem {r['smem']:6d}"
+            print(f"{_name(r)}: {tail}  [{', '.join(r['scenarios'])}]")
     ok_rows = [r for r in rows if not r["error"]]
     for arch in ARCHS:
         sel = [r for r in ok_rows if r["arch"] == arch]
         if sel:
-            print(f"sm_{arch}: {len(sel)} compiled, max registers {max(r['regs'] for r in sel)}, "
+            print(f"sm_{arch}: {len(sel)} compiled, max registers {max(r['regs'] for r in sel)} (limit {MAX_REGISTERS}), "
                   f"max shared memory {max(r['smem'] for r in sel)} B (limit {SMEM_LIMIT[arch]}), "
                   f"spilling {sum(1 for r in sel if r['spill'])}")
-    problems = check(rows)
-    for msg in problems:
-        print("FAIL", msg)
-    print("AOT: OK" if not problems else f"AOT: {len(problems)} problem(s)")
+    print(f"AOT (triton {triton.__version__}): OK" if not problems else f"AOT (triton {triton.__version__}): {len(problems)} problem(s)")
     return 1 if problems else 0
 
 

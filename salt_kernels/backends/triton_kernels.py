@@ -2,7 +2,7 @@
 
     forward   Z = x V (shrink)   T = Z C^T (mix)   y = T U^T + b (expand)
     backward  dT = G U (shrink)  dZ = dT C (mix)   dx = dZ V^T (expand)
-              dC = dT^T Z, db = sum_rows G (deterministic partial sums)
+              dC = dT^T Z, db = sum_rows G (fixed-order partial sums)
 
 The same kernels serve both directions, because the backward is the forward's shape
 with (x, V, C^T, U) replaced by (G, U, C, V):
@@ -13,8 +13,9 @@ with (x, V, C^T, U) replaced by (G, U, C, V):
   r x r core; in the backward also the per-row-block partials of dC = dT^T Z.
 * ``_expand_kernel``: (mixed r-wide rows) @ B^T (r x N), bias as epilogue; for r <= 64
   the mix (and Z / dC partials) run in its prologue instead of a separate kernel.
+* ``_sum_partials_kernel``: dC and db from their per-row-block partials, in fixed order.
 
-What is fused is chosen by problem size (see :func:`_plan` and the ops below):
+What is fused is chosen by problem size (see :func:`_plan` and :func:`forward_launches`):
 
 * small M, e.g. decode M = 1..64: cdiv(M, BM) is 1..4 programs, far too few to stream
   V (K x r) at bandwidth, so the shrink is split over K into S deterministic fp32
@@ -27,19 +28,47 @@ What is fused is chosen by problem size (see :func:`_plan` and the ops below):
   (measured with aot.py). It costs one launch and M x r x 4 bytes written and read.
 
 Why no single fully fused kernel (shrink + mix + loop over all of D per program): it
-launches only cdiv(M, BM) programs, which starves the GPU at small M (DESIGN.md section
-3), and at any M it must hold the BM x r fp32 rows live across the whole D loop as a dot
-operand, the register problem above. The split design's extra traffic is the r-wide
-fp32 rows, r*4*(2 + S) / (e*(K + D)) of the x/y traffic: ~3% at K = D = 4096, r = 64,
-bf16, S = 1.
+launches only cdiv(M, BM) programs, which starves the GPU at small M (docs/design.md,
+"Kernel plan"), and at any M it must hold the BM x r fp32 rows live across the whole D
+loop as a dot operand, the register problem above. The split design's extra traffic is
+the r-wide fp32 rows, r*4*(2 + S) / (e*(K + D)) of the x/y traffic: ~3% at K = D = 4096,
+r = 64, bf16, S = 1.
 
 Numerics: every accumulator is fp32. Half-precision inputs feed the tensor cores
 directly (the mixed rows are rounded to the input dtype just before the expand dot,
 as cuBLAS would for a bf16 T); fp32 inputs use ``input_precision="tf32x3"`` (three
 TF32 MMAs, ~fp32 accuracy: the fp32 tolerance in tests/salt_testing.py is 2e-5,
-which plain TF32's ~1e-3 would miss). The r x r mix and dC run on fp32 operands: exact
-fp32 ("ieee") for fp32 inputs, one TF32 pass for fp16/bf16 (see ``_mix_precision``).
+which plain TF32's ~1e-3 would miss). The r x r mix and dC run on fp32 operands:
+tf32x3 for fp32 inputs, one TF32 pass for fp16/bf16 (see ``_mix_precision``).
 fp64 inputs (gradcheck) are computed with plain torch ops inside the op.
+
+Determinism. The reduction order does not depend on the autotune outcome or on the
+GPU's SM count: the split count S and its column ranges are functions of (M, K) only
+(a fixed program target, not the device's SM count); the shrink autotunes only its
+pipeline depth, with the reduction tile (BN) and warps (the layout of db's in-tile
+column sums) fixed per (dtype size, rank range); the expand's tile choices do not
+reduce; dC and db are summed from per-row-block partials, whose row blocks are fixed by
+the host, in row-block order by ``_sum_partials_kernel`` (not torch's sum, whose split
+depends on the device). So results are bitwise identical run to run, process to
+process, whichever config the autotuner picks, on any GPU of one architecture with one
+Triton version. Across architectures the tensor-core instructions differ, so results
+agree to rounding only. tests/test_triton.py checks the config- and SM-independence
+under the interpreter.
+
+Tracing. The ops are ``torch.library.custom_op``s with fake kernels and registered
+autograd, opaque to ``torch.compile``: the fake kernels give output shapes in terms of
+the (possibly symbolic) token count M and never look at its value, and the real body
+plans and launches at run time with concrete sizes. (A ``triton_op`` would have its
+body traced, so the launch planner's ``cdiv(M, BM)``, size buckets and split choice
+would specialise the graph on M: one recompile per sequence length.) The cost is that
+Inductor cannot fuse into the kernels, which it would not do with these anyway.
+
+Devices, streams and CUDA graphs. Every launch runs under ``torch.cuda.device`` of the
+inputs' device, so Triton launches on that device's current stream (with x on cuda:1
+while cuda:0 is current, the kernels run on cuda:1's stream). While the current stream
+is capturing a CUDA graph, nothing may autotune or compile: a launch whose autotune key
+or specialisation is not cached raises :class:`NotWarmedUpError`, telling the user to
+call :func:`salt_kernels.warmup` first.
 
 Under ``TRITON_INTERPRET=1`` (tests without a GPU) the same kernels run on CPU
 tensors. The interpreter's ``tl.dot`` is wrong on bfloat16 operands (triton issue
@@ -49,18 +78,20 @@ bf16 x bf16 products are exact in fp32, so the math is unchanged.
 Autotuning: two or three configs per (kernel, dtype size, rank range) in
 ``_CONFIG_TABLE``, keyed on power-of-two buckets of M and N and on the padded rank.
 ``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first config of the entry.
+Every launch is described by a :class:`Launch` (kernel, grid, arguments, candidate
+configs) built by :func:`forward_launches` / :func:`backward_launches`; the ops run
+them, and ``python -m salt_kernels.aot`` compiles exactly their specialisations.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+from typing import Callable, NamedTuple
 import os
 
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
 
 from .autograd import register_salt_autograd, run_salt_op
 
@@ -71,12 +102,19 @@ AUTOTUNE = os.environ.get("SALT_KERNELS_AUTOTUNE", "1") not in ("", "0") and not
 # fp32 dot precision: see the module docstring.
 FP32_PRECISION = "tf32x3"
 MAX_RANK = 256
-# Split-N tuning (small M): aim for this many programs per SM, each reading >= _SPLIT_MIN_N
-# columns of A (a floor that keeps per-program work worth its launch and partial store).
-_PROGRAMS_PER_SM = 2
+# Split-N tuning (small M): aim for this many programs (2 per SM on a 132-SM GPU), each
+# reading >= _SPLIT_MIN_N columns of A. A constant, not the device's SM count: the split
+# sets the reduction order, which must be the same on every GPU.
+_SPLIT_PROGRAMS = 264
 _SPLIT_MIN_N = 256
+# Split ranges are whole multiples of this many columns, so that the shrink's K tiles
+# (BN <= 64, a divisor of it) line up with the split boundaries for every config.
+_SPLIT_ALIGN = 64
 # Tests set this to force the split / unsplit path on small shapes (None: by size).
 FORCE_SPLIT: int | None = None
+# Sizes and loop counts are not specialised (no ==1 / divisible-by-16 variants): they
+# only bound loops and masks. Strides are: stride 1 and 16-divisible strides vectorise.
+_SIZES = ["M", "N", "R", "n_per_split", "SPLIT", "M_BUCKET", "N_BUCKET", "P", "L"]
 
 
 def availability(device: torch.device, backend: str) -> str | None:
@@ -85,6 +123,10 @@ def availability(device: torch.device, backend: str) -> str | None:
     if device.type == "cpu" and INTERPRET:
         return None
     return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+
+
+def _jit(fn):
+    return triton.jit(fn, do_not_specialize=[n for n in _SIZES if n in fn.__code__.co_varnames[:fn.__code__.co_argcount]])
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,7 +155,7 @@ def _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R,
     return rows
 
 
-@triton.jit
+@_jit
 def _shrink_kernel(
     a_ptr, stride_am, stride_an,  # A (M, N): x (forward) or G (backward), any strides
     b_ptr, stride_bn, stride_br,  # B (N, R): V (forward) or U (backward)
@@ -161,7 +203,7 @@ def _shrink_kernel(
                  mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@_jit
 def _mix_kernel(
     p_ptr, split_stride, SPLIT,  # fp32 partials (SPLIT, M, R) of Z (forward) or dT (backward)
     cm_ptr, stride_ci, stride_cj,  # core as applied on the right: C^T (forward) or C (backward)
@@ -213,7 +255,7 @@ def _mix_kernel(
                  mask=mask_m[:, None] & mask_j[None, :])
 
 
-@triton.jit
+@_jit
 def _expand_kernel(
     p_ptr, split_stride, SPLIT,  # PROLOGUE_MIX: fp32 partials (SPLIT, M, R); else mixed rows (M, R) fp32
     cm_ptr, stride_ci, stride_cj,  # core as applied on the right (PROLOGUE_MIX only)
@@ -288,6 +330,18 @@ def _expand_kernel(
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+
+@_jit
+def _sum_partials_kernel(p_ptr, P, L, out_ptr, BLOCK: tl.constexpr):
+    """out[l] = sum_p partials[p, l] for fp32 (P, L) contiguous partials, added in order
+    p = 0, 1, ... (``_sum_splits`` on a one-row tile): the same order on every GPU."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    row = tl.zeros((1,), dtype=tl.int64)
+    total = _sum_splits(p_ptr, L, P, row, row == 0, offs, mask, L, 1, BLOCK)
+    tl.store(out_ptr + offs[None, :], total.to(out_ptr.dtype.element_ty), mask=mask[None, :])
+
+
 # ---------------------------------------------------------------------------------------
 # Autotune configs. BM is chosen on the host (partial buffers are sized by it); the
 # configs choose the streamed tile (BN), warps and pipeline depth. The first config of
@@ -298,24 +352,34 @@ def _cfg(BN, warps, stages=3):
     return triton.Config({"BN": BN}, num_warps=warps, num_stages=stages)
 
 
+def _depths(BN, warps, stages=(3, 4)):
+    """Shrink candidates: one reduction tile BN and one warp layout (which fix the order
+    of the K reduction and of db's in-tile column sums), several pipeline depths (which
+    do not change the arithmetic)."""
+    return [_cfg(BN, warps, s) for s in stages]
+
+
 # (kernel, element size, R_PAD range) -> configs, best-first (the first is the default).
-# Chosen so that every one compiles without spills for sm_80 and sm_90 (aot.py checks):
-# wide ranks get a narrower streamed tile (BN) or more warps, because Triton keeps a
-# whole BN x R_PAD dot operand in registers on sm_80.
-# Lists are searched in order, so narrow rank buckets come first. (At R_PAD <= 32 some
-# configs that are fine at R_PAD = 64 spilled a few bytes, so small ranks get their own.)
+# Chosen so that every one compiles without spills and with register headroom for sm_80
+# and sm_90 on every supported Triton (aot.py checks): wide ranks get a narrower streamed
+# tile (BN) or more warps, because Triton keeps a whole BN x R_PAD dot operand in
+# registers on sm_80. Lists are searched in order, so narrow rank buckets come first.
 _CONFIG_TABLE = {
-    ("shrink", 2, 32): [_cfg(64, 4), _cfg(32, 4)],
-    ("shrink", 2, 64): [_cfg(64, 4), _cfg(128, 8), _cfg(32, 4)],
-    ("shrink", 2, 128): [_cfg(32, 4), _cfg(32, 8)],
-    ("shrink", 2, 256): [_cfg(32, 8), _cfg(16, 4)],
-    ("shrink", 4, 32): [_cfg(16, 4), _cfg(16, 8)],
-    ("shrink", 4, 64): [_cfg(32, 4), _cfg(32, 8)],
-    ("shrink", 4, 256): [_cfg(16, 8)],
+    ("shrink", 2, 32): _depths(64, 4),
+    ("shrink", 2, 64): _depths(64, 4),
+    ("shrink", 2, 128): _depths(32, 8),  # 4 warps: 255 registers on sm_80 (triton 3.6)
+    ("shrink", 2, 256): _depths(32, 8),
+    # fp32, r <= 32: 3 stages spilled at 4 warps (sm_80, triton 3.8) and 8 (sm_90, 3.9)
+    ("shrink", 4, 32): _depths(16, 4, (2,)),
+    ("shrink", 4, 64): _depths(32, 8),  # 4 warps spilled (triton 3.8)
+    ("shrink", 4, 256): _depths(16, 16, (3, 2)),  # 8 warps at 3 stages spilled (triton 3.6)
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
     ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
-    ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
-    ("expand", 4, 256): [_cfg(64, 4), _cfg(64, 8)],
+    ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4)],  # (256 x 8: > 240 registers on sm_80, triton 3.6)
+    # fp32 (tf32x3 keeps three copies of each operand): 64 x 4 warps and 32 x 4 sat at
+    # 255 registers and 32 x 8 spilled on sm_90 (triton 3.9): one config.
+    ("expand", 4, 32): [_cfg(32, 4)],  # 64 x 8 spilled on sm_80 at r <= 32 (triton 3.8)
+    ("expand", 4, 256): [_cfg(64, 8)],
 }
 SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
 EXPAND_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "expand" for c in cs]
@@ -339,26 +403,100 @@ def _pruner(kernel_name):
 # Keyed on size buckets (which also fix BM), the padded rank and the mode flags (so the
 # forward and backward variants tune separately); triton adds the tensor dtypes.
 _KEY = ["M_BUCKET", "N_BUCKET", "R_PAD"]
+_AUTOTUNED = {}
 if AUTOTUNE:
-    shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=_KEY + ["NEED_ACC", "COLSUM"],
-                                    prune_configs_by={"early_config_prune": _pruner("shrink")})(_shrink_kernel)
-    expand_kernel = triton.autotune(EXPAND_CONFIGS, key=_KEY + ["PROLOGUE_MIX", "DC", "COMPUTE_OUT", "HAS_BIAS"],
-                                    prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
-else:
-    shrink_kernel = _shrink_kernel
-    expand_kernel = _expand_kernel
+    _AUTOTUNED["shrink"] = triton.autotune(SHRINK_CONFIGS, key=_KEY + ["NEED_ACC", "COLSUM"],
+                                           prune_configs_by={"early_config_prune": _pruner("shrink")})(_shrink_kernel)
+    _AUTOTUNED["expand"] = triton.autotune(EXPAND_CONFIGS, key=_KEY + ["PROLOGUE_MIX", "DC", "COMPUTE_OUT", "HAS_BIAS"],
+                                           prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
 
 
-def _launch(kernel, kernel_name, elem, grid, *args, **kwargs):
-    """Launch through wrap_triton (traceable by torch.compile). Autotuning off: the first
-    usable config (the lists are ordered best-first)."""
-    if AUTOTUNE:
-        wrap_triton(kernel)[grid](*args, **kwargs)
-    else:
-        c = usable_configs(kernel_name, kwargs["BM"], kwargs["R_PAD"], elem)[0]
-        meta = dict(c.kwargs)
-        wrap_triton(kernel)[grid(meta)](*args, **meta, **kwargs, num_warps=c.num_warps,
-                                       num_stages=c.num_stages)
+class Launch(NamedTuple):
+    """One kernel launch as the host plans it: the bare kernel, its grid (a function of
+    the config's meta-parameters), the arguments and host-chosen constexprs, and the
+    candidate configs (best-first; one fixed config for kernels that are not autotuned)."""
+    name: str
+    fn: object
+    grid: Callable[[dict], tuple]
+    args: tuple
+    kwargs: dict
+    configs: list
+
+    def config_kwargs(self, config) -> dict:
+        """Every keyword a launch at ``config`` passes (what Triton specialises on)."""
+        return {**self.kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+class NotWarmedUpError(RuntimeError):
+    """A launch inside CUDA-graph capture would have to autotune or compile."""
+
+
+_WARMUP_HINT = ("call salt_kernels.warmup(model, token_counts=[...], dtype=...) with every token count (and "
+                "dtype) you will capture, before capturing: autotuning and compiling are not allowed while a "
+                "CUDA graph is being captured")
+
+
+def _capturing(device: torch.device) -> bool:
+    """Is ``device``'s current stream capturing a CUDA graph? (Called under its guard.)"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _autotune_key(tuner, args: tuple, kwargs: dict) -> tuple:
+    """The key ``triton.runtime.Autotuner.run`` caches its choice under (the same in
+    triton 3.6 to 3.9): the key arguments' values, then every tensor argument's dtype."""
+    named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def _check_tuned(launch: Launch) -> None:
+    tuner = _AUTOTUNED.get(launch.name) if AUTOTUNE else None
+    if tuner is None or len(tuner.configs) <= 1:
+        return
+    if _autotune_key(tuner, launch.args, launch.kwargs) not in tuner.cache:
+        named = dict(zip(tuner.arg_names, launch.args))
+        raise NotWarmedUpError(f"salt_kernels: the Triton {launch.name} kernel was never autotuned for this "
+                               f"launch (M={named['M']}, dtype {launch.args[0].dtype}): {_WARMUP_HINT}")
+
+
+def _refuse_compile(*args, **kwargs):
+    """Triton's ``jit_cache_hook``: called just before a kernel compiles (cache miss)."""
+    raise NotWarmedUpError(f"salt_kernels: Triton would compile {kwargs.get('repr', 'a kernel')} during "
+                           f"CUDA-graph capture: {_WARMUP_HINT}")
+
+
+@contextlib.contextmanager
+def _no_compile():
+    """While capturing: make any Triton compile raise instead of running."""
+    knobs = triton.knobs.runtime
+    old, knobs.jit_cache_hook = knobs.jit_cache_hook, _refuse_compile
+    try:
+        yield
+    finally:
+        knobs.jit_cache_hook = old
+
+
+def _device_guard(device: torch.device):
+    """Make ``device`` current, so Triton launches there, on its current stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _run(launches: list[Launch], device: torch.device) -> None:
+    """Launch in order (called under ``_device_guard(device)``); autotune where enabled,
+    else the first config. While capturing, refuse to autotune or compile."""
+    capturing = _capturing(device)
+    with _no_compile() if capturing else contextlib.nullcontext():
+        for launch in launches:
+            if capturing:
+                _check_tuned(launch)
+            tuner = _AUTOTUNED.get(launch.name) if AUTOTUNE else None
+            if tuner is not None:
+                tuner[launch.grid](*launch.args, **launch.kwargs)
+            else:
+                c = launch.configs[0]
+                launch.fn[launch.grid(c.kwargs)](*launch.args, **launch.config_kwargs(c))
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,7 +506,7 @@ def _launch(kernel, kernel_name, elem, grid, *args, **kwargs):
 
 def _bucket(n: int) -> int:
     """Power-of-two bucket for autotune keys (caps at 2^16 so large sizes share one tune)."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
 
 
 def rank_tiles(r: int) -> tuple[int, int]:
@@ -386,32 +524,21 @@ def block_m(M: int, R_PAD: int, elem: int) -> int:
     return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: any small number; the split path is exercised by FORCE_SPLIT
-
-
-def _plan(M: int, N: int, R_PAD: int, elem: int, device: torch.device) -> tuple[int, int, int]:
-    """(BM, split, n_per_split) for a shrink over N columns. split > 1 only when the row
-    blocks alone give fewer than _PROGRAMS_PER_SM programs per SM."""
-    M, N = int(M), int(N)  # under torch.compile: specialise on the sizes the plan depends on
+def _plan(M: int, N: int, R_PAD: int, elem: int) -> tuple[int, int, int]:
+    """(BM, split, n_per_split) for a shrink over N columns, from the sizes alone (run
+    time only: never called while tracing). split > 1 only when the row blocks alone
+    give fewer than _SPLIT_PROGRAMS programs."""
     BM = block_m(M, R_PAD, elem)
     m_blocks = triton.cdiv(M, BM)
     if FORCE_SPLIT is not None:
         split = FORCE_SPLIT
     else:
-        want = _PROGRAMS_PER_SM * _num_sms(device)
-        split = 1 if m_blocks >= want else min(triton.cdiv(want, m_blocks), triton.cdiv(N, _SPLIT_MIN_N))
+        split = 1 if m_blocks >= _SPLIT_PROGRAMS else min(triton.cdiv(_SPLIT_PROGRAMS, m_blocks),
+                                                          triton.cdiv(N, _SPLIT_MIN_N))
     split = max(1, min(split, N))
     n_per_split = triton.cdiv(N, split)
     if split > 1 and FORCE_SPLIT is None:
-        n_per_split = triton.cdiv(n_per_split, 64) * 64  # whole tiles per split
+        n_per_split = triton.cdiv(n_per_split, _SPLIT_ALIGN) * _SPLIT_ALIGN  # whole tiles per split
     split = triton.cdiv(N, n_per_split)
     return BM, split, n_per_split
 
@@ -434,17 +561,11 @@ def _int32_rank_axis(B: torch.Tensor) -> torch.Tensor:
 
 
 def _uses_kernels(t: torch.Tensor) -> bool:
-    """CUDA tensors launch the kernels (also while torch.compile traces them: wrap_triton
-    records the launches). CPU tensors launch them only eagerly under the interpreter:
-    interpreted kernels cannot be traced, so fake tensors and torch.compile on CPU take
-    the plain torch path, which is what lets a SALTLinear compile with fullgraph=True on
-    CPU. fp64 (gradcheck) always takes the torch path: tl.dot has no fp64 tensor cores."""
+    """CUDA tensors launch the kernels, CPU tensors only under the interpreter. fp64
+    (gradcheck) always takes the torch path: tl.dot has no fp64 tensor cores."""
     if t.dtype == torch.float64:
         return False
-    if t.device.type == "cuda":
-        return True
-    return (INTERPRET and t.device.type == "cpu" and not is_fake(t)
-            and not torch.compiler.is_compiling())
+    return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
@@ -463,13 +584,145 @@ def _mix_precision(dtype: torch.dtype) -> str:
     return "ieee" if INTERPRET else FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
+# The mix kernel is not autotuned: its work is tiny. Its dot operands are BM x BR fp32
+# slices, three copies of each under tf32x3, hence 16 rows for fp32 inputs (32 rows
+# spilled on sm_90 at R_PAD >= 32, and 16 rows at R_PAD = 16 on sm_80, with triton 3.9).
+
+
+def mix_tiles(R_PAD: int, elem: int) -> tuple[int, int, int]:
+    """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py)."""
+    BM = 16 if elem == 4 and R_PAD > 16 else 32
+    return BM, min(32, R_PAD), 4
+
+
+# Columns per program of the fixed-order partial sums (one fp32 element per thread at 4 warps x 4).
+SUM_BLOCK = 512
+
+
+def _fixed(warps: int, stages: int = 3) -> list:
+    return [triton.Config({}, num_warps=warps, num_stages=stages)]
+
+
+def _mix_launch(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, elem,
+                precision) -> Launch:
+    """_mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC partials
+    (dc_part has cdiv(M, BM) row blocks, BM from mix_tiles)."""
+    BM, BR, warps = mix_tiles(R_PAD, elem)
+    grid = (triton.cdiv(M, BM), R_PAD // BR)
+    return Launch("mix", _mix_kernel, lambda meta: grid,
+                  (parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
+                   dc_part, mixed, M, r),
+                  dict(BM=BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc, STORE_MIX=store_mix,
+                       PRECISION=precision), _fixed(warps))
+
+
+def _sum_launch(parts: torch.Tensor, out: torch.Tensor) -> Launch:
+    """out (flattened) = parts.sum(0) in row order (parts fp32 (P, ...) contiguous)."""
+    P, L = parts.shape[0], out.numel()
+    return Launch("sum", _sum_partials_kernel, lambda meta: (triton.cdiv(L, SUM_BLOCK),),
+                  (parts, P, L, out), dict(BLOCK=SUM_BLOCK), _fixed(4))
+
+
+def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list[Launch]]:
+    """Allocate y (M, D) and Z (M, r) and plan the forward's launches, for M, K, D >= 1
+    (the launcher's and aot.py's one source of launch arguments)."""
+    M, K = x.shape
+    D, r = U.shape
+    dev = x.device
+    y = torch.empty((M, D), dtype=x.dtype, device=dev)
+    Z = torch.empty((M, r), dtype=C.dtype, device=dev)
+    elem = x.element_size()
+    R_PAD, BR = rank_tiles(r)
+    BM, split, n_per_split = _plan(M, K, R_PAD, elem)
+    m_blocks = triton.cdiv(M, BM)
+    precision, upcast, mix_precision = _precision(x.dtype), _upcast_dot(x.dtype), _mix_precision(x.dtype)
+    Cm = C.t()  # T = Z @ C^T
+    # Unsplit, the shrink writes Z itself; split, its partials are summed (fixed order) later.
+    parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
+    launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
+                       (x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
+                        M, K, r, n_per_split, _bucket(M), _bucket(K)),
+                       dict(BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision,
+                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem))]
+    prologue = _mix_in_prologue(R_PAD, BR, elem)
+    if prologue:
+        rows = parts
+    else:
+        rows = torch.empty((M, r), dtype=torch.float32, device=dev)
+        launches.append(_mix_launch(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False,
+                                    store_mix=True, R_PAD=R_PAD, elem=elem, precision=mix_precision))
+    launches.append(Launch(
+        "expand", _expand_kernel, lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
+        (rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
+         U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
+         y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D)),
+        dict(BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
+             COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
+             MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
+        usable_configs("expand", BM, R_PAD, elem)))
+    return y, Z, launches
+
+
+def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Launch]]:
+    """Allocate dx, dC, db and plan the backward's launches, for M, K, D >= 1 and at least
+    one gradient asked for (the launcher's and aot.py's one source of launch arguments)."""
+    M, D = G.shape
+    K, r = V.shape
+    dev = G.device
+    elem = G.element_size()
+    f32 = dict(dtype=torch.float32, device=dev)
+    dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
+    dC = torch.empty((r, r), dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
+    db = torch.empty((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
+    need_dT = need_dx or need_dC
+    R_PAD, BR = rank_tiles(r)
+    BM, split, n_per_split = _plan(M, D, R_PAD, elem)
+    if not need_dT:  # db only: one pass over G, no U
+        split, n_per_split = 1, D
+    m_blocks = triton.cdiv(M, BM)
+    precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
+    prologue = _mix_in_prologue(R_PAD, BR, elem)
+    db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
+    dc_part = torch.empty((m_blocks if prologue else triton.cdiv(M, mix_tiles(R_PAD, elem)[0]), r, r), **f32) if need_dC else Z
+    parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
+    launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
+                       (G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
+                        M, D, r, n_per_split, _bucket(M), _bucket(D)),
+                       dict(BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision,
+                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem))]
+    if need_dT:
+        rows = parts
+        if not prologue:  # dZ = dT @ C: the core is applied on the right as is
+            rows = torch.empty((M, r), **f32) if need_dx else parts
+            launches.append(_mix_launch(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC,
+                                        store_mix=need_dx, R_PAD=R_PAD, elem=elem, precision=mix_precision))
+        if need_dx or (prologue and need_dC):
+            out = dx if need_dx else Z
+            launches.append(Launch(
+                "expand", _expand_kernel,
+                (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1)),
+                (rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
+                 V, V.stride(0), V.stride(1), Z, 0, out, out.stride(0) if need_dx else 0,
+                 out.stride(1) if need_dx else 0, M, K, r, _bucket(M), _bucket(K)),
+                dict(BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
+                     COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
+                     MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
+                usable_configs("expand", BM, R_PAD, elem)))
+    if need_dC:
+        launches.append(_sum_launch(dc_part, dC))
+    if need_db:
+        launches.append(_sum_launch(db_part, db))
+    return dx, dC, db, launches
+
+
 # ---------------------------------------------------------------------------------------
 # Ops (contract: salt_kernels/backends/autograd.py)
 # ---------------------------------------------------------------------------------------
 
 
 def _forward_torch(x, U, V, C, bias):
-    """fp64 inputs and CPU tensors outside the interpreter (what torch.compile traces on CPU)."""
+    """fp64 inputs, CPU tensors outside the interpreter, and layers with K or D = 0."""
     acc = C.dtype
     Z = x.to(acc) @ V.to(acc)
     T = Z @ C.t()
@@ -486,127 +739,53 @@ def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
     return dx, dC, db
 
 
-# The mix kernel is not autotuned: its work is tiny; 32 x 32 slices keep its fp32 dot
-# operands (three copies under tf32x3) in registers.
-MIX_BM, MIX_BR = 32, 32
-
-
-def mix_warps(R_PAD: int) -> int:
-    """4 warps, but 8 at R_PAD = 16, where 4 spilled with fp32 on sm_90 (and 8 spills at
-    R_PAD >= 32): both found with aot.py."""
-    return 8 if R_PAD <= 16 else 4
-
-
-def _mix_rows(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, precision):
-    """Launch _mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC
-    partials (dc_part has cdiv(M, MIX_BM) row blocks)."""
-    BR = min(MIX_BR, R_PAD)
-    wrap_triton(_mix_kernel)[(triton.cdiv(M, MIX_BM), R_PAD // BR)](
-        parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
-        dc_part, mixed, M, r, BM=MIX_BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc,
-        STORE_MIX=store_mix, PRECISION=precision, num_warps=mix_warps(R_PAD))
-
-
-@triton_op("salt_triton::forward", mutates_args=())
+@torch.library.custom_op("salt_triton::forward", mutates_args=())
 def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _uses_kernels(x):
-        return _forward_torch(x, U, V, C, bias)
     M, K = x.shape
     D, r = U.shape
-    if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
+    if not _uses_kernels(x) or K == 0 or D == 0:  # (K or D = 0: nothing for a kernel to do)
         return _forward_torch(x, U, V, C, bias)
-    U, V = _int32_rank_axis(U), _int32_rank_axis(V)
-    dev = x.device
-    y = torch.empty((M, D), dtype=x.dtype, device=dev)
-    Z = torch.empty((M, r), dtype=C.dtype, device=dev)
     if M == 0:
-        return y, Z
-    R_PAD, BR = rank_tiles(r)
-    BM, split, n_per_split = _plan(M, K, R_PAD, x.element_size(), dev)
-    m_blocks = triton.cdiv(M, BM)
-    precision, upcast, mix_precision = _precision(x.dtype), _upcast_dot(x.dtype), _mix_precision(x.dtype)
-    Cm = C.t()  # T = Z @ C^T
-    # Unsplit, the shrink writes Z itself; split, its partials are summed (fixed order) later.
-    parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
-    _launch(shrink_kernel, "shrink", x.element_size(), lambda meta: (m_blocks, split),
-            x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
-            M, K, r, n_per_split, _bucket(M), _bucket(K),
-            BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision, UPCAST_DOT=upcast)
-    prologue = _mix_in_prologue(R_PAD, BR, x.element_size())
-    if prologue:
-        rows = parts
-    else:
-        rows = torch.empty((M, r), dtype=torch.float32, device=dev)
-        _mix_rows(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False, store_mix=True,
-                  R_PAD=R_PAD, precision=mix_precision)
-    _launch(expand_kernel, "expand", x.element_size(), lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
-            rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
-            U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
-            y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D),
-            BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
-            COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
-            MIX_PRECISION=mix_precision, UPCAST_DOT=upcast)
+        return x.new_empty((0, D)), x.new_empty((0, r), dtype=C.dtype)
+    with _device_guard(x.device):
+        y, Z, launches = forward_launches(x, _int32_rank_axis(U), _int32_rank_axis(V), C, bias)
+        _run(launches, x.device)
     return y, Z
 
 
-@triton_op("salt_triton::backward", mutates_args=())
+@salt_forward.register_fake
+def _(x, U, V, C, bias):
+    # Shapes only, in terms of the (possibly symbolic) token count: no planning here.
+    return x.new_empty((x.shape[0], U.shape[0])), x.new_empty((x.shape[0], U.shape[1]), dtype=C.dtype)
+
+
+@torch.library.custom_op("salt_triton::backward", mutates_args=())
 def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
                   need_dx: bool, need_dC: bool, need_db: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not _uses_kernels(G):
-        return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
     M, D = G.shape
     K, r = V.shape
-    if K == 0 or D == 0:  # degenerate layer: nothing for a kernel to do
+    if not _uses_kernels(G) or K == 0 or D == 0:
         return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
-    U, V = _int32_rank_axis(U), _int32_rank_axis(V)
-    dev = G.device
-    dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
-    if M == 0:
-        dC = torch.zeros((r, r), dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
-        db = torch.zeros((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
+    if M == 0 or not (need_dx or need_dC or need_db):
+        dx = G.new_empty((M, K)) if need_dx else G.new_empty(0)
+        dC = C.new_zeros((r, r)) if need_dC else C.new_empty(0)
+        db = G.new_zeros((D,)) if need_db else G.new_empty(0)
         return dx, dC, db
-    need_dT = need_dx or need_dC
-    if not (need_dT or need_db):
-        return dx, C.new_empty(0), G.new_empty(0)
-    R_PAD, BR = rank_tiles(r)
-    BM, split, n_per_split = _plan(M, D, R_PAD, G.element_size(), dev)
-    if not need_dT:  # db only: one pass over G, no U
-        split, n_per_split = 1, D
-    m_blocks = triton.cdiv(M, BM)
-    precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
-    f32 = dict(dtype=torch.float32, device=dev)
-    db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
-    dc_blocks = m_blocks if _mix_in_prologue(R_PAD, BR, G.element_size()) else triton.cdiv(M, MIX_BM)
-    dc_part = torch.empty((dc_blocks, r, r), **f32) if need_dC else Z
-    parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
-    _launch(shrink_kernel, "shrink", G.element_size(), lambda meta: (m_blocks, split),
-            G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
-            M, D, r, n_per_split, _bucket(M), _bucket(D),
-            BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision, UPCAST_DOT=upcast)
-    if need_dT:
-        prologue = _mix_in_prologue(R_PAD, BR, G.element_size())
-        rows = parts
-        if not prologue:  # dZ = dT @ C: the core is applied on the right as is
-            rows = torch.empty((M, r), **f32) if need_dx else parts
-            _mix_rows(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC, store_mix=need_dx,
-                      R_PAD=R_PAD, precision=mix_precision)
-        if need_dx or (prologue and need_dC):
-            grid = (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1))
-            _launch(expand_kernel, "expand", G.element_size(), grid,
-                    rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
-                    V, V.stride(0), V.stride(1), Z, 0,
-                    dx if need_dx else Z, dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-                    M, K, r, _bucket(M), _bucket(K),
-                    BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
-                    COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
-                    MIX_PRECISION=mix_precision, UPCAST_DOT=upcast)
-    # Fixed-order reductions of the per-row-block partials (torch's sum over a fixed-size
-    # buffer uses no atomics: bitwise reproducible run to run).
-    dC = dc_part.sum(0).to(C.dtype) if need_dC else C.new_empty(0)
-    db = db_part.sum(0).to(G.dtype) if need_db else G.new_empty(0)
+    with _device_guard(G.device):
+        dx, dC, db, launches = backward_launches(G, Z, _int32_rank_axis(U), _int32_rank_axis(V), C,
+                                                 need_dx, need_dC, need_db)
+        _run(launches, G.device)
     return dx, dC, db
+
+
+@salt_backward.register_fake
+def _(G, Z, U, V, C, need_dx, need_dC, need_db):
+    M, K, D, r = G.shape[0], V.shape[0], G.shape[1], V.shape[1]
+    return (G.new_empty((M, K)) if need_dx else G.new_empty(0),
+            C.new_empty((r, r)) if need_dC else C.new_empty(0),
+            G.new_empty((D,)) if need_db else G.new_empty(0))
 
 
 register_salt_autograd(salt_forward, salt_backward)

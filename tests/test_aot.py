@@ -1,0 +1,119 @@
+"""python -m salt_kernels.aot compiles what runs: the specialisations come from the
+launcher's own launch records (triton_kernels.forward_launches / backward_launches)
+through Triton's JIT binder, so precision constexprs, stride-1 constants and
+divisibility-16 hints are those of a real launch. The full check (every specialisation,
+sm_80 and sm_90, on every supported Triton) is `.ci/aot_triton_versions.sh`, which CI
+runs after the test suite; here: the derivation, the headroom rule and a sample compile.
+
+These run in a subprocess without TRITON_INTERPRET (interpreted kernels do not compile,
+and the interpreter changes the precision constexprs)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from salt_kernels import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compiled_mode(code: str, timeout=900) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+SPEC = r"""
+import json, torch
+from salt_kernels import aot
+from salt_kernels.backends import triton_kernels as tk
+
+def spec(launch, arch=90):
+    sig, consts, attrs, opts = aot.specialization(launch, launch.configs[0], arch)
+    names = launch.fn.arg_names
+    div16 = sorted(names[i[0]] for i, a in attrs.items() if a and ["tt.divisibility", 16] in a)
+    ones = sorted(n for n in names if sig[n] == "constexpr" and n not in launch.kwargs and n not in launch.configs[0].kwargs)
+    return dict(ones=ones, div16=div16, consts={k[0] if isinstance(k, tuple) else k: v for k, v in consts.items()
+                                               if isinstance(v, (str, bool, int))}, names=names,
+                warps=opts.num_warps, stages=opts.num_stages)
+
+res = {}
+for layout in ("contiguous", "transposed", "strided"):
+    x, G, U, V, C, b = aot._tensors(torch, 64, 512, 512, 100, torch.float32, layout)
+    _, Z, fwd = tk.forward_launches(x, U, V, C, b)
+    res[layout] = {L.name: spec(L) for L in fwd}
+    *_, bwd = tk.backward_launches(G, Z, U, V, C, True, True, True)
+    res[layout + ".bwd"] = {L.name: spec(L) for L in bwd}
+print(json.dumps(res, default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return _compiled_mode(SPEC)
+
+
+def _const(spec, name):
+    return spec["consts"][str(spec["names"].index(name))]
+
+
+def test_precision_is_the_runtime_one(specs):
+    """fp32 inputs: the shrink, expand and mix compile with tf32x3, as they run."""
+    fwd = specs["contiguous"]
+    assert _const(fwd["shrink"], "PRECISION") == "tf32x3"
+    assert _const(fwd["expand"], "PRECISION") == "tf32x3"
+    assert _const(fwd["mix"], "PRECISION") == "tf32x3"  # (the old check compiled "ieee")
+    assert _const(fwd["expand"], "UPCAST_DOT") is False
+
+
+def test_stride_one_and_divisibility_follow_the_inputs(specs):
+    """Contiguous x: its column stride is the constant 1 and its row stride (512) carries
+    the divisibility-16 hint; transposed x swaps them; every other column (stride 2)
+    is a plain integer. Sizes are never specialised (one kernel for every M)."""
+    c, t, s = specs["contiguous"]["shrink"], specs["transposed"]["shrink"], specs["strided"]["shrink"]
+    assert "stride_an" in c["ones"] and "stride_am" in c["div16"]
+    assert "stride_am" in t["ones"] and "stride_an" in t["div16"]  # M = 64
+    assert "stride_an" not in s["ones"] + s["div16"] and "stride_am" in s["div16"]
+    for spec in (c, t, s):
+        assert "stride_br" in spec["ones"]  # V (K, r) contiguous
+        assert not {"M", "N", "R", "n_per_split", "M_BUCKET", "N_BUCKET"} & set(spec["ones"] + spec["div16"])
+        assert {"a_ptr", "b_ptr", "out_ptr"} <= set(spec["div16"])  # 16-byte aligned allocations
+    assert "stride_on" in specs["contiguous"]["expand"]["ones"]
+    assert "stride_am" in specs["transposed.bwd"]["shrink"]["ones"]  # G transposed too
+
+
+def test_headroom_and_spills_fail_the_check():
+    row = dict(kernel="shrink", flags="", R_PAD=64, BM=64, BN=64, warps=4, stages=3, dtype="bfloat16",
+               arch=90, regs=200, spill=0, smem=1000, error=None)
+    assert aot.check([row]) == []
+    assert "registers" in aot.check([dict(row, regs=aot.MAX_REGISTERS + 1)])[0]
+    assert "spills" in aot.check([dict(row, spill=8)])[0]
+    assert "shared memory" in aot.check([dict(row, smem=10**6)])[0]
+    assert "compile failed" in aot.check([dict(row, error="boom")])[0]
+
+
+def test_every_scenario_plans_launches():
+    """The check covers contiguous, transposed, every-other-column and stride-0 inputs,
+    decode and large M, every padded rank, and every combination of needed gradients."""
+    names = {n for n, *_ in aot._scenarios()}
+    assert {"transposed M64", "strided", "stride0"} <= names and any(n.startswith("contiguous") for n in names)
+    assert len(aot.R_PADS) == 5 and len(aot.NEEDS) == 4
+
+
+def test_sample_compiles_without_spills():
+    """A sample of the check, compiled for real: the widest fp32 forward at large M."""
+    rows = _compiled_mode(r"""
+import json
+from salt_kernels import aot
+jobs = [j for j in aot.jobs() if j["launch"].kwargs.get("R_PAD") == 256 and j["arch"] == 90
+        and "contiguous M4096" in j["scenarios"] and str(j["launch"].args[0].dtype) == "torch.float32"
+        and j["launch"].name in ("expand", "mix")][:4]
+print(json.dumps([aot.compile_one(j) for j in jobs], default=str))
+""")
+    assert rows
+    assert aot.check(rows) == [], aot.check(rows)

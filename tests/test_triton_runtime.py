@@ -1,0 +1,258 @@
+"""The triton backend's runtime contract beyond numerics: device guard, dynamic shapes
+under torch.compile, CUDA-graph capture safety, and a reduction order independent of
+the autotune config and of the GPU (docs/design.md, "Verifying GPU code without a GPU").
+
+Without a GPU the kernels run under the Triton interpreter (tests/conftest.py); the
+tests marked ``gpu`` need CUDA (and two devices for the device-guard one)."""
+
+import pytest
+import torch
+import triton
+
+import salt_kernels
+from salt_kernels.dispatch import unavailable_reason
+from salt_testing import assert_matches_ground_truth, make_salt_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REASON = unavailable_reason("triton", DEVICE)
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable on {DEVICE}: {REASON}")
+
+if REASON is None:
+    from salt_kernels.backends import triton_kernels as tk
+
+
+def _op_inputs(M=6, K=40, D=30, r=8, dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    U = torch.randn(D, r, generator=g).to(dtype).to(device) / D ** 0.5
+    V = torch.randn(K, r, generator=g).to(dtype).to(device) / K ** 0.5
+    C = torch.randn(r, r, generator=g).to(device)
+    b = torch.randn(D, generator=g).to(dtype).to(device)
+    return x, U, V, C, b
+
+
+# ---------------------------------------------------------------------------------------
+# Item: device guard
+# ---------------------------------------------------------------------------------------
+
+
+def test_launches_run_under_the_inputs_device_guard(monkeypatch):
+    """Both ops make the inputs' device current around their launches (Triton launches
+    on the current device's current stream)."""
+    entered = []
+    real_guard = tk._device_guard
+
+    def spy(device):
+        entered.append(device)
+        return real_guard(device)
+
+    monkeypatch.setattr(tk, "_device_guard", spy)
+    x, U, V, C, b = _op_inputs()
+    y, Z = tk.salt_forward(x, U, V, C, b)
+    tk.salt_backward(torch.randn_like(y), Z, U, V, C, True, True, True)
+    assert entered == [x.device, x.device]
+
+
+def test_device_guard_selects_the_tensor_device():
+    guard = tk._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(tk._device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    """x on cuda:1 while cuda:0 is current: the kernels run on cuda:1 and match."""
+    torch.cuda.set_device(0)
+    t = make_salt_inputs((33,), 300, 200, 24, 6, torch.float32, device="cuda:1")
+    y = salt_kernels.salt_linear(**t, scaling=0.7, backend="triton")
+    assert y.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    assert_matches_ground_truth(lambda **kw: salt_kernels.salt_linear(**kw, backend="triton"), t,
+                                torch.float32, scaling=0.7)
+
+
+# ---------------------------------------------------------------------------------------
+# Item: dynamic shapes (one graph for every token count)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch (no GPU needed)")
+def test_fake_path_keeps_token_count_symbolic():
+    """The ops' fake kernels never look at M's value: tracing with a symbolic M on (fake)
+    CUDA tensors adds no guard on it. (A traced launch planner would call int(M).)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch._dynamo.source import LocalSource
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env, static_shapes=False)
+
+    def fake(t, name, dynamic_rows=False):
+        dims = [DimDynamic.DYNAMIC if dynamic_rows and i == 0 else DimDynamic.STATIC for i in range(t.dim())]
+        return mode.from_tensor(t, source=LocalSource(name),
+                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    real = _op_inputs(M=64, device="cpu")
+    x, U, V, C, b = (fake(t, n, n == "x") for t, n in zip(real, "xUVCb"))
+    with mode:
+        x, U, V, C, b = (t.to("cuda") for t in (x, U, V, C, b))
+        M = x.shape[0]
+        assert isinstance(M, torch.SymInt)
+        y, Z = tk.salt_forward(x, U, V, C, b)
+        G = torch.empty_like(y)
+        dx, dC, db = tk.salt_backward(G, Z, U, V, C, True, True, True)
+    assert y.shape[0] is M or y.shape[0].node.expr == M.node.expr
+    assert dx.shape[0].node.expr == M.node.expr
+    assert not shape_env.guards, [str(g.expr) for g in shape_env.guards]
+    assert not shape_env.replacements  # M was never turned into a constant
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_compile_one_graph_for_every_token_count(how):
+    """torch.compile(fullgraph=True) of the triton op with a dynamic token count: ONE
+    graph (forward and backward through AOTAutograd) serves six token counts, and every
+    output and gradient matches eager bitwise-close."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    t = make_salt_inputs((5,), 37, 29, 9, 3, torch.float32, device=DEVICE)
+    params = [t[n] for n in ("sigma", "X", "Y", "bias")]
+    U, V = t["U"], t["V"]
+
+    def f(x):
+        return tk.salt_linear_2d(x, U, V, *params[:3], params[3], 0.7)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True if how == "dynamic=True" else None)
+    for M in (4, 7, 12, 20, 33, 64):  # (none equal to a weight dimension: no duck-sizing guard)
+        x = torch.randn(M, 37, device=DEVICE, requires_grad=True)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 0)
+        G = torch.randn(M, 29, device=DEVICE)
+        got = compiled(x)
+        g_got = torch.autograd.grad(got, [x, *params], G)
+        want = f(x)
+        g_want = torch.autograd.grad(want, [x, *params], G)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for six token counts"
+
+
+# ---------------------------------------------------------------------------------------
+# Item: CUDA-graph capture never autotunes or compiles
+# ---------------------------------------------------------------------------------------
+
+
+def test_capture_refuses_untuned_launch(monkeypatch):
+    """While capturing, a launch whose autotune key was never tuned raises a clear error
+    (the autotuner's key computed as Triton computes it); once tuned, it passes."""
+    tuner = triton.autotune(tk.SHRINK_CONFIGS, key=tk._KEY + ["NEED_ACC", "COLSUM"],
+                            prune_configs_by={"early_config_prune": tk._pruner("shrink")})(tk._shrink_kernel)
+    monkeypatch.setattr(tk, "AUTOTUNE", True)
+    monkeypatch.setitem(tk._AUTOTUNED, "shrink", tuner)
+    x, U, V, C, b = _op_inputs(M=20)
+    _, _, launches = tk.forward_launches(x, U, V, C, b)
+    shrink = launches[0]
+    with pytest.raises(tk.NotWarmedUpError, match=r"M=20.*salt_kernels\.warmup"):
+        tk._check_tuned(shrink)
+    # what Autotuner.run stores after tuning this launch
+    tuner.cache[tk._autotune_key(tuner, shrink.args, shrink.kwargs)] = tk.SHRINK_CONFIGS[0]
+    tk._check_tuned(shrink)
+    # another token-count bucket is another key
+    _, _, other = tk.forward_launches(torch.randn(200, 40), U, V, C, b)
+    with pytest.raises(tk.NotWarmedUpError):
+        tk._check_tuned(other[0])
+
+
+def test_autotune_key_matches_triton():
+    """_autotune_key reproduces the key Triton's Autotuner caches under: run the real
+    autotuner (interpreted) with a benchmark stub and compare."""
+    tuner = triton.autotune(tk.SHRINK_CONFIGS, key=tk._KEY + ["NEED_ACC", "COLSUM"],
+                            prune_configs_by={"early_config_prune": tk._pruner("shrink")})(tk._shrink_kernel)
+    tuner._bench = lambda *a, config, **k: [float(config.num_stages)]  # no timing under the interpreter
+    x, U, V, C, b = _op_inputs(M=20)
+    _, _, launches = tk.forward_launches(x, U, V, C, b)
+    shrink = launches[0]
+    tuner[shrink.grid](*shrink.args, **shrink.kwargs)
+    assert list(tuner.cache) == [tk._autotune_key(tuner, shrink.args, shrink.kwargs)]
+
+
+def test_capture_forbids_compiling(monkeypatch):
+    """While capturing, every launch runs with Triton's jit_cache_hook (called just
+    before a compile) set to raise NotWarmedUpError; outside capture it is untouched."""
+    seen = []
+    monkeypatch.setattr(tk, "_check_tuned", lambda launch: seen.append(triton.knobs.runtime.jit_cache_hook))
+    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    before = triton.knobs.runtime.jit_cache_hook
+    x, U, V, C, b = _op_inputs()
+    tk.salt_forward(x, U, V, C, b)
+    assert seen and all(h is tk._refuse_compile for h in seen)
+    assert triton.knobs.runtime.jit_cache_hook is before
+    with pytest.raises(tk.NotWarmedUpError, match="compile .*salt_kernels.warmup"):
+        tk._refuse_compile(key=None, repr="_shrink_kernel[...]", fn=None)
+    monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    seen.clear()
+    tk.salt_forward(x, U, V, C, b)
+    assert not seen
+
+
+def test_capture_query_is_per_device(monkeypatch):
+    """CPU tensors never count as capturing; CUDA ones ask torch for the current stream."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tk._capturing(torch.device("cuda", 0))
+    assert not tk._capturing(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------
+# Item: determinism independent of config and GPU
+# ---------------------------------------------------------------------------------------
+
+
+def test_split_does_not_depend_on_the_device():
+    """The split count is a function of the sizes (a fixed program target), not of the
+    SM count: decode on K = 4096 splits 16 ways on every GPU and under the interpreter."""
+    assert tk._plan(1, 4096, 32, 2) == (16, 16, 256)
+    assert tk._plan(1, 1500, 32, 4) == (16, 6, 256)
+    assert tk._plan(1 << 15, 4096, 64, 2)[1] == 1  # enough row blocks: unsplit
+
+
+def _run_all(t, G):
+    y = salt_kernels.salt_linear(**t, scaling=0.8, backend="triton")
+    grads = torch.autograd.grad(y, [t[n] for n in ("x", "sigma", "X", "Y", "bias")], G)
+    return [y, *grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [20, 100])
+def test_bitwise_equal_across_autotune_configs(monkeypatch, dtype, r):
+    """Every autotune candidate of every launch gives bitwise the same forward and
+    gradients (autotuning chooses only among reduction-order-equivalent configs)."""
+    t = make_salt_inputs((70,), 300, 150, r, 6, dtype, device=DEVICE)
+    G = torch.randn(70, 150, device=DEVICE).to(dtype)
+    monkeypatch.setattr(tk, "FORCE_SPLIT", 2)
+    base = _run_all(t, G)
+    real = tk.usable_configs
+    n_tried = 0
+    for kernel in ("shrink", "expand"):
+        for i in range(1, 4):
+            def pick(name, BM, R_PAD, elem, kernel=kernel, i=i):
+                cs = real(name, BM, R_PAD, elem)
+                return [cs[i % len(cs)]] if name == kernel else cs
+
+            monkeypatch.setattr(tk, "usable_configs", pick)
+            for a, b in zip(base, _run_all(t, G)):
+                assert torch.equal(a, b), (kernel, i)
+            n_tried += 1
+    assert n_tried == 6
+
+
+def test_shrink_candidates_share_the_reduction_order():
+    """The shrink's candidates differ only in pipeline depth: one K tile (BN: the order
+    of the K reduction) and one warp count (the layout, so the order, of db's in-tile
+    column sums) per entry. (The interpreter ignores warps and, for these shapes, sums
+    BN tiles exactly, so the bitwise test above cannot see a GPU-only order change.)"""
+    for (kernel, elem, r_max), configs in tk._CONFIG_TABLE.items():
+        if kernel == "shrink":
+            assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
+            assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
