@@ -268,6 +268,26 @@ CASES = [
     # --- available_backends
     ("available_backends", "device name", lambda t: sk.available_backends("gpu0"), RuntimeError, ["gpu0"]),
     ("available_backends", "device type", lambda t: sk.available_backends(["cpu"]), TypeError, ["device"]),
+    # --- many adapters on one base, LoRA export, warm-up
+    ("adapters", "model str", lambda t: sk.adapters("x", ["a"]).__enter__(), TypeError, ["model:", "str"]),
+    ("adapters", "names int", lambda t: sk.adapters(_salt_model(), 3).__enter__(), TypeError, ["names:", "int"]),
+    ("adapters", "unknown name", lambda t: sk.adapters(_salt_model(), ["nope"]).__enter__(), ValueError,
+     ["names:", "'nope'"]),
+    ("set_adapter", "model int", lambda t: sk.set_adapter(3, "a"), TypeError, ["model:", "int"]),
+    ("set_adapter", "unknown name", lambda t: sk.set_adapter(_salt_model(), "nope"), ValueError,
+     ["adapter_name:", "'nope'"]),
+    ("delete_adapter", "unknown name", lambda t: sk.delete_adapter(_salt_model(), "nope"), ValueError,
+     ["adapter_name:", "'nope'"]),
+    ("list_adapters", "model str", lambda t: sk.list_adapters("x"), TypeError, ["model:", "str"]),
+    ("export_lora", "model str", lambda t: sk.export_lora("x", t / "e"), TypeError, ["model:", "str"]),
+    ("export_lora", "no SALT layers", lambda t: sk.export_lora(_model(), t / "e"), ValueError,
+     ["model:", "no SALT layers"]),
+    ("export_lora", "truncated below full rank", lambda t: sk.export_lora(_salt_model(), t / "e"), ValueError,
+     ["export_lora", "truncated"]),
+    ("warmup", "model str", lambda t: sk.warmup("x", [4]), TypeError, ["model_or_layer:", "str"]),
+    ("warmup", "no token counts", lambda t: sk.warmup(_salt_model(), []), ValueError, ["token_counts:"]),
+    ("warmup", "negative token count", lambda t: sk.warmup(_salt_model(), [-1]), ValueError, ["token_counts:", "-1"]),
+    ("warmup", "dtype int", lambda t: sk.warmup(_salt_model(), [4], dtype=torch.int64), TypeError, ["dtype:", "int64"]),
 ]
 
 
