@@ -30,19 +30,12 @@ from salt_testing import TOLERANCES
 TOKEN_COUNTS = (2, 3, 5, 8, 13, 37)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# The Triton op's launch planner reads int(M) in its fake (traced) path on CUDA, so it
-# specialises on the token count there; fixed by the Triton op's own change.
-_TRITON_CUDA_XFAIL = pytest.mark.xfail(
-    strict=True, reason="triton op's fake path specialises on M (int(M) in the launch planner)")
-
-
 def _case_list():
     for device in DEVICES:
         for backend in ("reference", "cpu", "cuda", "triton"):
             if backend in ("cpu", "cuda") and backend != device:
                 continue
-            marks = [_TRITON_CUDA_XFAIL] if (backend, device) == ("triton", "cuda") else []
-            yield pytest.param(backend, device, marks=marks, id=f"{backend}-{device}")
+            yield pytest.param(backend, device, id=f"{backend}-{device}")
 
 
 def _cases():
