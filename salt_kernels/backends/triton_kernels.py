@@ -374,7 +374,7 @@ _CONFIG_TABLE = {
     # at 3 stages (triton 3.9).
     ("shrink", 4, 32): _depths(16, 8, (2,)),
     ("shrink", 4, 64): _depths(16, 8, (3, 2)),
-    ("shrink", 4, 256): _depths(16, 16, (3, 2)),  # 8 warps at 3 stages spilled (triton 3.6)
+    ("shrink", 4, 256): _depths(16, 16, (2,)),  # 3 stages spilled at 8 and 16 warps (triton 3.6, sm_90)
     # r <= 16: 64 x 4 and 256 x 8 put 16-40 B in local memory on sm_80 at any depth (triton 3.8)
     ("expand", 2, 16): [_cfg(128, 8), _cfg(64, 8), _cfg(256, 4)],
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
