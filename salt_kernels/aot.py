@@ -5,7 +5,8 @@ What is compiled is what runs. The launches come from the launcher itself:
 call) are run on CPU tensors for a set of scenarios (token counts from decode to large
 M, every padded rank, fp32 and bf16 (fp16 shares bf16's tiles and code shape),
 contiguous, transposed, non-unit-stride and stride-0 inputs (``--full`` adds odd
-sizes and transposed U/V), every combination of needed gradients). For each
+sizes and transposed U/V), every combination of needed gradients), and ``triton_multi.multi_launches`` (the
+mixed-adapter forward) for every rank and bias mode it serves. For each
 launch and each autotune candidate the specialisation is derived by Triton's own JIT
 code (``create_function_from_signature`` + ``JITFunction._pack_args``, the path
 ``JITFunction.run`` takes before it compiles), so the signature, the ``==1`` constants,
@@ -102,6 +103,44 @@ def launches(full: bool = False):
                 for needs in NEEDS:
                     *_, bwd = tk.backward_launches(G, Z, U, V, C, *needs)
                     out += [(name, L) for L in bwd]
+    return out + multi_launches()
+
+
+# Mixed-adapter forward (triton_multi): adapters in the bank, r' of each core.
+MULTI_A, MULTI_RL = 3, 8
+# bias: none, shared (D,), banked (A, D), banked with a base bias and base sigma for index -1 rows
+MULTI_BIAS = ("none", "shared", "banked", "banked+base")
+
+
+def multi_launches():
+    """Every launch the mixed-adapter Triton forward plans: both dtypes at every padded
+    rank it serves (larger ones go to the C++ op), every bias mode, contiguous and strided
+    x, at a decode and a large M: (scenario, Launch)."""
+    import torch
+
+    from .backends import triton_kernels as tk
+    from .backends import triton_multi as tm
+
+    out = []
+    for layout, M in (("contiguous", 1), ("contiguous", 4096), ("strided", 48)):
+        name = f"multi {layout} M{M}"
+        K = D = 512
+        for dtype in DTYPES:
+            dt = getattr(torch, dtype)
+            for R_PAD in R_PADS:
+                if R_PAD > tm.MAX_RANK or (dt.itemsize == 4 and R_PAD > 64):  # served by the C++ op
+                    continue
+                x, _, U, V, _, _ = _tensors(torch, M, K, D, R_PAD, dt, layout)
+                A, rl = MULTI_A, MULTI_RL
+                sigma, X, Y = (torch.empty(s, dtype=dt) for s in ((A, R_PAD), (A, R_PAD, rl), (A, rl, R_PAD)))
+                index = torch.arange(M) % (A + 1) - 1  # every adapter and the base (-1)
+                for mode in MULTI_BIAS:
+                    bias = {"none": None, "shared": torch.empty((D,), dtype=dt)}.get(mode, torch.empty((A, D), dtype=dt))
+                    base = mode == "banked+base"
+                    base_sigma = torch.empty((R_PAD,), dtype=dt) if base else None
+                    base_bias = torch.empty((D,), dtype=dt) if base else None
+                    _, launches = tm.multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, 0.5)
+                    out += [(name, L) for L in launches]
     return out
 
 
@@ -188,7 +227,7 @@ def compile_one(job):
     L, c, arch = job["launch"], job["config"], job["arch"]
     flags = ",".join([k for k, v in L.kwargs.items() if v is True] + [str(L.kwargs.get("PRECISION", ""))])
     row = dict(kernel=L.name, flags=flags, R_PAD=L.kwargs.get("R_PAD", 0), BM=L.kwargs.get("BM", 0),
-               BN=c.kwargs.get("BN", 0), warps=c.num_warps, stages=c.num_stages, dtype=_io_dtype(L), arch=arch,
+               BN=c.kwargs.get("BN", L.kwargs.get("BN", 0)), warps=c.num_warps, stages=c.num_stages, dtype=_io_dtype(L), arch=arch,
                regs=None, spill=None, smem=None, error=None, scenarios=sorted(set(job["scenarios"])))
     t0 = time.time()
     try:

@@ -117,3 +117,15 @@ print(json.dumps([aot.compile_one(j) for j in jobs], default=str))
 """)
     assert rows
     assert aot.check(rows) == [], aot.check(rows)
+
+
+def test_multi_adapter_expand_is_checked():
+    """The mixed-adapter Triton forward's expand is enumerated from its own launcher
+    (triton_multi.multi_launches) at every padded rank it serves and every bias mode."""
+    from salt_kernels.backends import triton_multi as tm
+
+    seen = {(aot._io_dtype(L), L.kwargs["R_PAD"], L.kwargs["HAS_BIAS"], L.kwargs["BANKED_BIAS"],
+             L.kwargs["HAS_BASE_BIAS"]) for _, L in aot.multi_launches() if L.fn is tm._multi_expand_kernel}
+    modes = {(False, False, False), (True, False, False), (True, True, False), (True, True, True)}
+    want = {(d, R, *m) for d, ranks in (("bfloat16", (16, 32, 64, 128)), ("float32", (16, 32, 64))) for R in ranks for m in modes}
+    assert seen == want

@@ -366,13 +366,17 @@ def _depths(BN, warps, stages=(3, 4)):
 # registers on sm_80. Lists are searched in order, so narrow rank buckets come first.
 _CONFIG_TABLE = {
     ("shrink", 2, 32): _depths(64, 4),
-    ("shrink", 2, 64): _depths(64, 4),
+    ("shrink", 2, 64): _depths(64, 8),  # 4 warps spilled with db on sm_90 at 2-4 stages (triton 3.8)
     ("shrink", 2, 128): _depths(32, 8),  # 4 warps: 255 registers on sm_80 (triton 3.6)
     ("shrink", 2, 256): _depths(32, 8),
-    # fp32, r <= 32: 3 stages spilled at 4 warps (sm_80, triton 3.8) and 8 (sm_90, 3.9)
-    ("shrink", 4, 32): _depths(16, 4, (2,)),
-    ("shrink", 4, 64): _depths(32, 8),  # 4 warps spilled (triton 3.8)
-    ("shrink", 4, 256): _depths(16, 16, (3, 2)),  # 8 warps at 3 stages spilled (triton 3.6)
+    # fp32 (tf32x3), r <= 64: 16 x 8 warps. At 16 x 4 and 32 x 4/8 some depth put 8-36 B
+    # in local memory on sm_80 or sm_90 with triton 3.8 or 3.9; at r <= 32 so does 16 x 8
+    # at 3 stages (triton 3.9).
+    ("shrink", 4, 32): _depths(16, 8, (2,)),
+    ("shrink", 4, 64): _depths(16, 8, (3, 2)),
+    ("shrink", 4, 256): _depths(16, 16, (2,)),  # 3 stages spilled at 8 and 16 warps (triton 3.6, sm_90)
+    # r <= 16: 64 x 4 and 256 x 8 put 16-40 B in local memory on sm_80 at any depth (triton 3.8)
+    ("expand", 2, 16): [_cfg(128, 8), _cfg(64, 8), _cfg(256, 4)],
     ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
     ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
     ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4)],  # (256 x 8: > 240 registers on sm_80, triton 3.6)

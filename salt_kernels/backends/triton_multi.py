@@ -18,9 +18,8 @@ registers at every tile size on sm_90) runs on the compiled C++ op (:mod:`.multi
 CUDA) or, without it, on the reference gather. Under ``TRITON_INTERPRET=1`` the same
 kernels run on CPU tensors (tests).
 
-AOT check (ptxas, sm_90, 4 warps, 3 stages, no spills): ``_multi_expand_kernel`` at
-BM = ``multi_block_m``, BN 64, RL_PAD 16, HAS_BIAS with BANKED_BIAS both ways, for bf16
-(fp16 has its shape) at R_PAD 16 / 32 / 64 / 128 and fp32 at R_PAD 16 / 32 / 64.
+``python -m salt_kernels.aot`` compiles the launches :func:`multi_launches` plans (both
+dtypes at every padded rank served here, every bias mode) for sm_80 and sm_90.
 """
 
 from __future__ import annotations
@@ -108,11 +107,11 @@ def _multi_expand_kernel(
 
 def multi_block_m(R_PAD: int, elem: int) -> int:
     """Rows per tile: 64 for fp16/bf16 up to R_PAD 64, else 32; fp32 (tf32x3 keeps three
-    copies of each mix operand) 32 up to R_PAD 32, else 16. Larger tiles spilled
-    registers on sm_90 (ptxas, compiled ahead of time)."""
+    copies of each mix operand) 16. Larger tiles spilled registers (ptxas, compiled
+    ahead of time: 32 rows at R_PAD 16 on sm_80 with triton 3.9)."""
     if elem == 2:
         return 64 if R_PAD <= 64 else 32
-    return 32 if R_PAD <= 32 else 16
+    return 16
 
 
 def _tiles(index: torch.Tensor, A: int, BM: int):
@@ -156,26 +155,36 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
     too_wide = r > MAX_RANK or (x.element_size() == 4 and R_PAD > 64)  # (spilled: see the docstring)
     if needs_grad or too_wide or not tk._uses_kernels(x) or x.shape[1] == 0 or U.shape[0] == 0:
         return _fallback()(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+    if x.shape[0] == 0:
+        return x.new_empty((0, U.shape[0]))
+    with tk._device_guard(x.device):
+        y, launches = multi_launches(x, tk._int32_rank_axis(U), tk._int32_rank_axis(V), sigma, X, Y, bias,
+                                     index, base_sigma, base_bias, scaling)
+        tk._run(launches, x.device)
+    return y
+
+
+def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float):
+    """Allocate y (M, D) and plan the launches (the shared unsplit shrink, then the
+    gathered-mix expand), for M, K, D >= 1: the launcher's and aot.py's one source of
+    launch arguments."""
     M, K = x.shape
-    D = U.shape[0]
+    D, r = U.shape
     A, rl = sigma.shape[0], X.shape[2]
     dev = x.device
+    elem = x.element_size()
+    R_PAD, _ = tk.rank_tiles(r)
     y = torch.empty((M, D), dtype=x.dtype, device=dev)
-    if M == 0:
-        return y
-    U, V = tk._int32_rank_axis(U), tk._int32_rank_axis(V)
     RL_PAD = max(16, triton.next_power_of_2(max(rl, 1)))
     # the shared shrink, unsplit: Z (M, r) fp32
     Z = torch.empty((M, r), dtype=torch.float32, device=dev)
-    elem = x.element_size()
     BM_s = tk.block_m(M, R_PAD, elem)
     shrink = tk.Launch("shrink", tk._shrink_kernel, lambda meta: (triton.cdiv(M, BM_s), 1),
                        (x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), Z, Z,
                         M, K, r, K, tk._bucket(M), tk._bucket(K)),
                        dict(BM=BM_s, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=tk._precision(x.dtype),
-                            UPCAST_DOT=tk._upcast_dot(x.dtype)),
-                       tk.usable_configs("shrink", BM_s, R_PAD, elem))
-    BM = multi_block_m(R_PAD, x.element_size())
+                            UPCAST_DOT=tk._upcast_dot(x.dtype)), tk.usable_configs("shrink", BM_s, R_PAD, elem))
+    BM = multi_block_m(R_PAD, elem)
     perm, t_start, t_rows, t_adapter, n_tiles = _tiles(index, A, BM)
     sigma_f, X_f, Y_f = sigma.to(torch.float32).contiguous(), X.to(torch.float32), Y.to(torch.float32)
     base_f = sigma_f[0] if base_sigma is None else base_sigma.to(torch.float32).contiguous()  # read by -1 rows only
@@ -183,21 +192,18 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
         bias, base_bias = bias.contiguous(), base_bias.contiguous()  # one column stride for both (D-sized)
     banked = bias is not None and bias.dim() == 2
     b = y if bias is None else bias
-    expand = tk.Launch("multi_expand", _multi_expand_kernel, lambda meta: (n_tiles, triton.cdiv(D, _BN)), (
-        Z, Z.stride(0), perm, t_start, t_rows, t_adapter,
-        sigma_f, sigma_f.stride(0), base_f,
-        X_f, X_f.stride(0), X_f.stride(1), X_f.stride(2),
-        Y_f, Y_f.stride(0), Y_f.stride(1), Y_f.stride(2),
-        U, U.stride(0), U.stride(1),
-        b, b.stride(0) if banked else 0, b.stride(-1) if bias is not None else 0,
-        y if base_bias is None else base_bias,
-        y, y.stride(0), y.stride(1), D, r, rl, float(scaling),
-    ), dict(
-        BM=BM, BN=_BN, R_PAD=R_PAD, RL_PAD=RL_PAD, HAS_BIAS=bias is not None, BANKED_BIAS=banked,
-        HAS_BASE_BIAS=base_bias is not None, PRECISION=tk._precision(x.dtype),
-        MIX_PRECISION=tk._mix_precision(x.dtype), UPCAST_DOT=tk._upcast_dot(x.dtype)), tk._fixed(4))
-    # the same launcher as the single-adapter ops: x's device guard, and no autotuning or
-    # compiling while a CUDA graph is being captured
-    with tk._device_guard(dev):
-        tk._run([shrink, expand], dev)
-    return y
+    expand = tk.Launch(
+        "multi_expand", _multi_expand_kernel, lambda meta: (n_tiles, triton.cdiv(D, _BN)),
+        (Z, Z.stride(0), perm, t_start, t_rows, t_adapter,
+         sigma_f, sigma_f.stride(0), base_f,
+         X_f, X_f.stride(0), X_f.stride(1), X_f.stride(2),
+         Y_f, Y_f.stride(0), Y_f.stride(1), Y_f.stride(2),
+         U, U.stride(0), U.stride(1),
+         b, b.stride(0) if banked else 0, b.stride(-1) if bias is not None else 0,
+         y if base_bias is None else base_bias,
+         y, y.stride(0), y.stride(1), D, r, rl, float(scaling)),
+        dict(BM=BM, BN=_BN, R_PAD=R_PAD, RL_PAD=RL_PAD, HAS_BIAS=bias is not None, BANKED_BIAS=banked,
+             HAS_BASE_BIAS=base_bias is not None, PRECISION=tk._precision(x.dtype),
+             MIX_PRECISION=tk._mix_precision(x.dtype), UPCAST_DOT=tk._upcast_dot(x.dtype)),
+        tk._fixed(4))
+    return y, [shrink, expand]
