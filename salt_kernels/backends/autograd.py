@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import accumulate_dtype, mix_matrix
+from .core import accumulate_dtype, autocast_off, mix_matrix
 
 
 def register_salt_autograd(forward_op, backward_op) -> None:
@@ -34,13 +34,8 @@ def register_salt_autograd(forward_op, backward_op) -> None:
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_y, grad_Z):
-        # The forward ran with autocast off (salt_linear casts first); a backward called
-        # inside a torch.autocast block must not have autocast re-cast its operands.
-        device_type = grad_y.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return _backward(ctx, grad_y)
-        return _backward(ctx, grad_y)
+        with autocast_off(grad_y.device.type):
+            return _backward(ctx, grad_y)
 
     def _backward(ctx, grad_y):
         # (grad_Z is always zero: Z is an internal output that salt_linear never returns.)

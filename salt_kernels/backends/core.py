@@ -7,6 +7,8 @@ and dY (docs/design.md, "Gradients") without any backend re-deriving that chain 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -23,3 +25,13 @@ def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
         C = torch.addmm(C, X.to(dtype) * scaling, Y.to(dtype))
     return C
+
+
+def autocast_off(device_type: str):
+    """A context turning autocast off on ``device_type`` if it is on (else a no-op): a
+    backward called inside a torch.autocast block must not re-cast the operands of a
+    forward that ran with autocast off (salt_linear casts first)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import accumulate_dtype
+from .core import accumulate_dtype, autocast_off
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)
@@ -72,12 +72,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_Z):
-    # The forward ran with autocast off; a backward inside torch.autocast must not re-cast.
-    device_type = grad_y.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _backward_impl(ctx, grad_y)
-    return _backward_impl(ctx, grad_y)
+    with autocast_off(grad_y.device.type):
+        return _backward_impl(ctx, grad_y)
 
 
 def _backward_impl(ctx, grad_y):
