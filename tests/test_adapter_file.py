@@ -68,15 +68,18 @@ def _kill_trials(path, write_new, old, new, tries, seed, until_bad=False):
     """Fork a process that runs ``write_new()``, SIGKILL it after a random delay within
     the time one write takes, and record what ``path`` holds afterwards; ``path`` is
     reset to the old adapter's bytes before each try."""
-    def timed_child():
-        t0 = time.perf_counter()
+    def start_writer():
         pid = os.fork()
         if pid == 0:
             try:
                 write_new()
             finally:
                 os._exit(0)
-        os.waitpid(pid, 0)
+        return pid
+
+    def timed_child():
+        t0 = time.perf_counter()
+        os.waitpid(start_writer(), 0)
         return time.perf_counter() - t0
 
     old_bytes = open(path, "rb").read()
@@ -87,12 +90,7 @@ def _kill_trials(path, write_new, old, new, tries, seed, until_bad=False):
         with open(path + ".old", "wb") as f:
             f.write(old_bytes)
         os.replace(path + ".old", path)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                write_new()
-            finally:
-                os._exit(0)
+        pid = start_writer()
         time.sleep(rng.uniform(0, span))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

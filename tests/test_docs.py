@@ -87,7 +87,7 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
 @pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
 def test_links_stay_inside_the_repository_and_resolve(path):
     text = path.read_text()
-    assert "DESIGN.md" not in text and "../shared" not in text
+    assert "DESIGN.md" not in text  # (links outside the repository fail the resolution check below)
     # user docs describe the product, not how it was built
     for phrase in ("session", "issue #", "the lead", "our machine", "earlier version"):
         assert phrase not in text.lower(), f"{path.name}: {phrase!r}"
