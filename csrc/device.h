@@ -13,6 +13,8 @@
 //  for_each_slice     parallel over threads, BLAS serial    in order on the current stream
 //                     inside (SerialBlasGuard)              (cuBLAS parallelises each call)
 //  sum_slices         partials added in slice order         one kernel, slices in order
+//  mix_rows           parallel over row blocks              one CUDA thread per row
+//                     (both run mix_row of mix_rows.h)
 //
 // Every reduction over M sums in an order that depends on the shapes only, never on the
 // thread count or the GPU model.
@@ -37,7 +39,13 @@ namespace salt_kernels {
   /* body(s) for s in [0, n); each body writes only its own slice. */                                   \
   static void for_each_slice(int64_t n, const std::function<void(int64_t)>& body);                     \
   /* out = parts[0] + parts[1] + ..., in that order (parts: (n, ...), n >= 2). */                      \
-  static void sum_slices(const at::Tensor& parts, at::Tensor& out);
+  static void sum_slices(const at::Tensor& parts, at::Tensor& out);                                   \
+  /* Mixed adapters: out[m] = mix_row(Z[m]) with adapter index[m] (-1: base_sigma only), see */        \
+  /* mix_rows.h. Z, out (M, r); sigma (A, r); P, Q (A, r', r); base_sigma (r,) or undefined; all */    \
+  /* contiguous and in one dtype; index int64 (M,), already checked to lie in [-1, A). */              \
+  static void mix_rows(const at::Tensor& Z, const at::Tensor& index, const at::Tensor& sigma,          \
+                       const at::Tensor& P, const at::Tensor& Q, const at::Tensor& base_sigma,          \
+                       double scaling, at::Tensor& out);
 
 struct CpuDevice {
   // Elements per row block where an input must be copied (converted or made BLAS-readable).

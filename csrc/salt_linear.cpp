@@ -29,6 +29,7 @@
 #include <utility>
 
 #include "device.h"
+#include "op_checks.h"
 
 namespace salt_kernels {
 namespace {
@@ -44,17 +45,6 @@ int64_t block_rows(int64_t M, int64_t width, int64_t block_elems) {
 bool blas_readable(const Tensor& t) {
   return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1)) ||
          (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(t.size(0), 1));
-}
-
-// Every tensor argument must be on the first one's device: a kernel reading another
-// device's pointers would read foreign memory (or crash).
-void check_one_device(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> args) {
-  const auto& [first_name, first] = *args.begin();
-  for (const auto& [name, t] : args) {
-    if (t == nullptr || !t->defined()) continue;
-    TORCH_CHECK(t->device() == first->device(), "salt_kernels.", op, ": ", name, " is on ", t->device(), " but ",
-                first_name, " is on ", first->device(), "; all tensor arguments must be on one device");
-  }
 }
 
 void check_shapes(const char* op, const Tensor& U, const Tensor& V, const Tensor& C, int64_t K) {

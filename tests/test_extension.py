@@ -410,6 +410,13 @@ template void instantiate<float, float>();
 template void instantiate<double, double>();
 template void instantiate<__half, float>();
 template void instantiate<__nv_bfloat16, float>();
+// the mixed-adapter mix runs in the accumulation dtype only
+template <typename A>
+void instantiate_mix() {
+  salt_cuda::launch_mix_rows<A>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 1, A(1), nullptr, nullptr);
+}
+template void instantiate_mix<float>();
+template void instantiate_mix<double>();
 """
 
 
@@ -430,8 +437,8 @@ def test_device_code_compiles_without_spills(tmp_path):
     kernels = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", log)
     assert {arch for _, arch in kernels} == {"sm_80", "sm_90"}
     per_arch = {a: sorted(n for n, arch in kernels if arch == a) for a in ("sm_80", "sm_90")}
-    # column sums for 4 input dtypes, ordered partial sums in fp32 and fp64
-    assert per_arch["sm_80"] == per_arch["sm_90"] and len(per_arch["sm_80"]) == 6, per_arch
+    # column sums for 4 input dtypes, ordered partial sums in fp32 and fp64, the mix in fp32 and fp64
+    assert per_arch["sm_80"] == per_arch["sm_90"] and len(per_arch["sm_80"]) == 8, per_arch
     props = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(props) == len(kernels)
     for (name, arch), (stack, st, ld) in zip(kernels, props):
@@ -448,7 +455,8 @@ def test_cuda_kernels_registered():
     if _nvcc() is None:
         pytest.skip("no CUDA toolkit (nvcc) found, so the CUDA part was not built")
     ext = _ext_or_skip()
-    for op in (ext.FORWARD_OP, ext.BACKWARD_OP):
+    for op in (ext.FORWARD_OP, ext.BACKWARD_OP, "salt_kernels::salt_multi_forward",
+               "salt_kernels::salt_multi_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
     if not HAS_GPU:

@@ -219,6 +219,36 @@ def test_cpu_op_checks_index_range_itself():
             multi_forward(d["x"], d["U"], d["V"], d["sigma"], d["X"], d["Y"], d["bias"], bad, None, None, 1.0)
 
 
+_CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+@pytest.mark.parametrize("moved", ["U", "V", "sigma", "X", "Y", "adapter_index", "base_sigma", "bias", "base_bias"])
+def test_ops_reject_mixed_devices(moved):
+    """Every tensor argument of the compiled ops must be on x's (G's) device; the error names
+    it. The CPU kernel is called directly with one meta tensor, as a CUDA kernel would be
+    with a CPU tensor among CUDA ones; the fake kernel checks the same."""
+    _require("cpu")
+    from salt_kernels.backends.multi_extension import multi_backward, multi_forward
+
+    t, index = make_bank((5,), 8, 6, 4, 2, 3, torch.float32, bias="banked")
+    args = {k: t[k].detach() for k in ("x", "U", "V", "sigma", "X", "Y", "bias")}
+    args.update(adapter_index=index, base_sigma=t["base_sigma"].detach(), base_bias=t["base_bias"].detach())
+    y, Z = multi_forward(*args.values(), 1.0)
+    args[moved] = args[moved].to("meta")
+    msg = f"salt_multi_forward: {moved} is on meta but x is on cpu; all tensor arguments must be on one device"
+    for call in (lambda *a: multi_forward.redispatch(_CPU_KERNEL, *a), multi_forward):
+        with pytest.raises(RuntimeError, match=msg):
+            call(*args.values(), 1.0)
+    if moved in ("bias", "base_bias"):
+        return
+    back = dict(G=torch.randn_like(y), Z=Z, **{k: args[k] for k in ("U", "V", "sigma", "X", "Y", "adapter_index",
+                                                                     "base_sigma")})
+    msg = msg.replace("salt_multi_forward", "salt_multi_backward").replace("but x is", "but G is")
+    for call in (lambda *a: multi_backward.redispatch(_CPU_KERNEL, *a), multi_backward):
+        with pytest.raises(RuntimeError, match=msg):
+            call(*back.values(), 1.0, 2, True, True, True)
+
+
 BAD_INDEX = {
     "float": (lambda M: torch.zeros(M), TypeError, "adapter_index: expected dtype torch.int64"),
     "int32": (lambda M: torch.zeros(M, dtype=torch.int32), TypeError, "adapter_index: expected dtype torch.int64"),

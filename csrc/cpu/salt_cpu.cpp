@@ -17,6 +17,7 @@
 
 #include "../device.h"
 #include "../host_output.h"  // empty_output: huge-page backed large outputs
+#include "../mix_rows.h"
 
 // MKL's C API (torch's BLAS on x86), weak so that builds against other BLAS still load.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -130,6 +131,33 @@ void CpuDevice::for_each_slice(int64_t n, const std::function<void(int64_t)>& bo
 void CpuDevice::sum_slices(const Tensor& parts, Tensor& out) {
   out.copy_(parts.select(0, 0));
   for (int64_t s = 1; s < parts.size(0); ++s) out.add_(parts.select(0, s));
+}
+
+// Rows are independent, so any split over threads gives the same bits; blocks of rows
+// keep each thread streaming through Z and out.
+void CpuDevice::mix_rows(const Tensor& Z, const Tensor& index, const Tensor& sigma, const Tensor& P,
+                         const Tensor& Q, const Tensor& base_sigma, double scaling, Tensor& out) {
+  const int64_t M = Z.size(0), r = Z.size(1), rl = P.size(1);
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "salt_mix_rows", [&] {
+    const scalar_t* z = Z.const_data_ptr<scalar_t>();
+    const int64_t* idx = index.const_data_ptr<int64_t>();
+    const scalar_t* sig = sigma.const_data_ptr<scalar_t>();
+    const scalar_t* p = P.const_data_ptr<scalar_t>();
+    const scalar_t* q = Q.const_data_ptr<scalar_t>();
+    const scalar_t* base = base_sigma.defined() ? base_sigma.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto s = static_cast<scalar_t>(scaling);
+    at::parallel_for(0, M, 256, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t a = idx[m];
+        if (a < 0) {
+          mix_row<scalar_t>(z + m * r, base, nullptr, nullptr, r, 0, s, o + m * r);
+        } else {
+          mix_row<scalar_t>(z + m * r, sig + a * r, p + a * rl * r, q + a * rl * r, r, rl, s, o + m * r);
+        }
+      }
+    });
+  });
 }
 
 }  // namespace salt_kernels

@@ -75,4 +75,17 @@ void CudaDevice::sum_slices(const Tensor& parts, Tensor& out) {
   });
 }
 
+// The per-row function is the CPU's (mix_rows.h); here one thread runs each row.
+void CudaDevice::mix_rows(const Tensor& Z, const Tensor& index, const Tensor& sigma, const Tensor& P,
+                          const Tensor& Q, const Tensor& base_sigma, double scaling, Tensor& out) {
+  auto stream = at::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "salt_mix_rows_cuda", [&] {
+    check(salt_cuda::launch_mix_rows<scalar_t>(
+        Z.const_data_ptr<scalar_t>(), index.const_data_ptr<int64_t>(), sigma.const_data_ptr<scalar_t>(),
+        P.const_data_ptr<scalar_t>(), Q.const_data_ptr<scalar_t>(),
+        base_sigma.defined() ? base_sigma.const_data_ptr<scalar_t>() : nullptr, Z.size(0), Z.size(1), P.size(1),
+        static_cast<scalar_t>(scaling), out.mutable_data_ptr<scalar_t>(), stream));
+  });
+}
+
 }  // namespace salt_kernels

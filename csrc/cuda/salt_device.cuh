@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "../mix_rows.h"
+
 namespace salt_cuda {
 
 // Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__.
@@ -78,6 +80,33 @@ cudaError_t launch_sum_partials(const Acc* partials, int64_t chunks, int64_t N, 
   if (N == 0) return cudaSuccess;
   sum_partials_kernel<Acc, TOut><<<static_cast<unsigned>(cdiv(N, kThreads)), kThreads, 0, stream>>>(
       partials, chunks, N, out);
+  return cudaGetLastError();
+}
+
+// out[m] = the core of adapter index[m] applied to Z[m] (mix_rows.h), one thread per row:
+// the per-row work is r' dots and axpys of length r, and rows of one adapter read the
+// same few KiB of factors, which stay in L1/L2.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+mix_rows_kernel(const T* __restrict__ Z, const int64_t* __restrict__ index, const T* __restrict__ sigma,
+                const T* __restrict__ P, const T* __restrict__ Q, const T* __restrict__ base, int64_t M, int64_t r,
+                int64_t rl, T s, T* __restrict__ out) {
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (m >= M) return;
+  const int64_t a = index[m];
+  if (a < 0) {
+    salt_kernels::mix_row<T>(Z + m * r, base, nullptr, nullptr, r, 0, s, out + m * r);
+  } else {
+    salt_kernels::mix_row<T>(Z + m * r, sigma + a * r, P + a * rl * r, Q + a * rl * r, r, rl, s, out + m * r);
+  }
+}
+
+template <typename T>
+cudaError_t launch_mix_rows(const T* Z, const int64_t* index, const T* sigma, const T* P, const T* Q,
+                            const T* base, int64_t M, int64_t r, int64_t rl, T s, T* out, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  mix_rows_kernel<T><<<static_cast<unsigned>(cdiv(M, kThreads)), kThreads, 0, stream>>>(Z, index, sigma, P, Q,
+                                                                                       base, M, r, rl, s, out);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,6 @@
 """The ``cpu`` and ``cuda`` backends of mixed-adapter :func:`salt_kernels.salt_linear`:
 the compiled ops ``salt_kernels::salt_multi_forward`` / ``salt_multi_backward``
-(``csrc/salt_multi.cpp``, one ATen implementation registered for CPU and CUDA), plus
+(``csrc/salt_multi.cpp``, one implementation registered for CPU and CUDA), plus
 what torch needs around them: fake kernels and autograd.
 
 Contract::
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .core import accumulate_dtype, autocast_off
+from .extension import _check_one_device
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)
@@ -42,6 +43,8 @@ multi_backward = torch.ops.salt_kernels.salt_multi_backward.default
 
 @torch.library.register_fake(FORWARD_OP)
 def _forward_fake(x, U, V, sigma, X, Y, bias, adapter_index, base_sigma, base_bias, scaling):
+    _check_one_device("salt_multi_forward", x=x, U=U, V=V, sigma=sigma, X=X, Y=Y, adapter_index=adapter_index,
+                      base_sigma=base_sigma, bias=bias, base_bias=base_bias)
     M = x.shape[0]
     return x.new_empty(M, U.shape[0]), x.new_empty(M, V.shape[1], dtype=sigma.dtype)
 
@@ -49,6 +52,8 @@ def _forward_fake(x, U, V, sigma, X, Y, bias, adapter_index, base_sigma, base_bi
 @torch.library.register_fake(BACKWARD_OP)
 def _backward_fake(G, Z, U, V, sigma, X, Y, adapter_index, base_sigma, scaling, bias_kind, need_dx,
                    need_dcore, need_db):
+    _check_one_device("salt_multi_backward", G=G, U=U, V=V, sigma=sigma, X=X, Y=Y, adapter_index=adapter_index,
+                      base_sigma=base_sigma, Z=Z)
     M, D = G.shape
     A, r = sigma.shape
     empty_acc = sigma.new_empty(0)
