@@ -49,7 +49,8 @@ _MULTI_MODULES = {
     "cuda": "salt_kernels.backends.multi_extension",
     "triton": "salt_kernels.backends.triton_multi",
 }
-_resolved: dict[tuple[str, str, int], tuple] = {}
+_resolved: dict[tuple[str, str], tuple] = {}  # (backend, device type) -> candidates
+_impls: dict = {}  # backend name -> its multi_linear_2d
 _warned: set[str] = set()
 
 
@@ -157,38 +158,50 @@ def _multi_module(name: str):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _resolve(backend: str, device_type: str, rank: int):
-    """(name, multi_linear_2d) of the backend that runs mixed-adapter calls; cached."""
-    key = (backend, device_type, rank)
+def _resolve(backend: str, device_type: str, rank):
+    """(name, multi_linear_2d) of the backend that runs mixed-adapter calls. As in
+    :mod:`salt_kernels.dispatch`: the candidates are a cached constant for torch.compile,
+    and the rank is compared with their limits in traced code."""
+    name = dispatch._pick(_multi_candidates(backend, device_type), backend, rank)
+    return name, _impls[name]
+
+
+@torch.compiler.assume_constant_result
+def _multi_candidates(backend: str, device_type: str) -> tuple:
+    key = (backend, device_type)
     if key not in _resolved:
-        _resolved[key] = _resolve_uncached(backend, device_type, rank)
+        _resolved[key] = _multi_candidates_uncached(backend, device_type)
     return _resolved[key]
 
 
-def _resolve_uncached(backend: str, device_type: str, rank: int):
+def _multi_candidates_uncached(backend: str, device_type: str) -> tuple:
+    """((name, rank limit or None), ...): the backends with mixed-adapter kernels to try."""
     if backend != "auto":
-        name = dispatch.resolve_backend(backend, device_type, rank)  # raises if unavailable
-        mod, err = _multi_module(name)
+        dispatch.resolve_backend(backend, device_type)  # raises if unavailable
+        mod, err = _multi_module(backend)
         if mod is None:
             raise dispatch.BackendUnavailableError(
                 f"backend='{backend}' has no mixed-adapter kernels ({err}); rebuild the extension or use "
                 "backend='auto'")
-        return name, mod.multi_linear_2d
+        _impls[backend] = mod.multi_linear_2d
+        return ((backend, dispatch._max_rank(backend)),)
     order = dispatch.auto_order(device_type)
+    out = []
     for name in order:
         if dispatch.unavailable_reason(name, device_type) is not None:
             continue  # (salt_linear warns about missing pieces of the plain op)
-        limit = dispatch._max_rank(name)
-        if limit is not None and rank > limit:
-            continue
         mod, err = _multi_module(name)
         if mod is not None:
-            return name, mod.multi_linear_2d
-        if err not in _warned:
+            _impls[name] = mod.multi_linear_2d
+            out.append((name, dispatch._max_rank(name)))
+        elif err not in _warned:
             _warned.add(err)
             warnings.warn(f"salt_kernels: backend '{name}' has no mixed-adapter kernels ({err}); falling "
-                          f"back to the next of {order}.", RuntimeWarning, stacklevel=6)
-    return "reference", multi_linear_2d
+                          f"back to the next of {order}.", RuntimeWarning, stacklevel=7)
+    if all(name != "reference" for name, _ in out):
+        _impls["reference"] = multi_linear_2d
+        out.append(("reference", None))
+    return tuple(out)
 
 
 def resolve_multi_backend(backend: str, device, rank: int = 1) -> str:

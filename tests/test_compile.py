@@ -220,3 +220,42 @@ def test_salt_linear_function_all_inputs_dynamic(backend, device):
             torch.testing.assert_close(a, b)
         frames = cnt.frame_count if frames is None else frames
     assert cnt.frame_count == frames
+
+
+@pytest.mark.parametrize("backend,device", _cases())
+def test_mixed_adapter_batch_one_graph(backend, device):
+    """A mixed-adapter call (bank of 4 adapters, base rows -1, banked bias) compiled with
+    dynamic=True: one graph for every token count, forward and every gradient as eager."""
+    _require(backend, device)
+    g = torch.Generator().manual_seed(5)
+    K, D, r, rl, A = 24, 20, 6, 3, 4
+
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+    U, V = rnd(D, r, grad=False), rnd(K, r, grad=False)
+    bank = dict(sigma=rnd(A, r), X=rnd(A, r, rl), Y=rnd(A, rl, r), bias=rnd(A, D), base_sigma=rnd(r),
+                base_bias=rnd(D))
+
+    def f(x, index):
+        return salt_kernels.salt_linear(x, U, V, bank["sigma"], bank["X"], bank["Y"], bank["bias"], scaling=0.7,
+                                        backend=backend, adapter_index=index, base_sigma=bank["base_sigma"],
+                                        base_bias=bank["base_bias"])
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=cnt, dynamic=True)
+    tol = TOLERANCES[torch.float32]
+    frames_after_first = None
+    for M in TOKEN_COUNTS:
+        x = rnd(M, K)
+        index = torch.randint(-1, A, (M,), generator=g).to(device)
+        grad_out = rnd(M, D, grad=False)
+        wrt = [x, *bank.values()]
+        y_c, y_e = compiled(x, index), f(x, index)
+        torch.testing.assert_close(y_c, y_e, rtol=tol, atol=tol)
+        for gc, ge in zip(torch.autograd.grad(y_c, wrt, grad_out), torch.autograd.grad(y_e, wrt, grad_out)):
+            torch.testing.assert_close(gc, ge, rtol=tol, atol=tol)
+        if frames_after_first is None:
+            frames_after_first = cnt.frame_count
+    assert cnt.frame_count == frames_after_first, f"recompiled: {cnt.frame_count} frames"
+    assert counters["stats"]["unique_graphs"] == 1
