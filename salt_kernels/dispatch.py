@@ -6,10 +6,10 @@ table, :data:`AUTO_POLICY`:
 * CUDA: ``triton`` -> ``cuda`` -> ``reference`` (a default, not yet measured on a GPU:
   the fused Triton kernels first; the ``cuda`` extension runs the chain on cuBLAS, so it
   is never far from ``reference`` and saves memory)
-* CPU:  ``reference`` up to M = 16 tokens, where the extension's fixed cost per call
-  outweighs what it saves (measured); above, ``cpu`` -> ``reference`` (the extension
-  runs the same GEMMs as the reference chain, with fewer passes over the M-sized tensors
-  and its autograd in C++)
+* CPU:  ``reference`` up to M = 1024 tokens, where both run the same GEMMs and the
+  extension's fixed cost per call made it 0.90-0.98x the reference (measured); above,
+  ``cpu`` -> ``reference`` (the extension's large outputs on huge pages, fewer passes
+  over the M-sized tensors, its autograd in C++, Z saved instead of x)
 
 Optional pieces (Triton, the compiled extension) may be missing: ``auto`` then falls
 back and warns once per reason. An explicitly requested backend that cannot run raises
@@ -42,10 +42,11 @@ _BACKEND_MODULES = {
 # size-dependent row would otherwise specialise the graph on M.
 AUTO_POLICY: dict[str, tuple[tuple[int | None, tuple[str, ...]], ...]] = {
     "cuda": ((None, ("triton", "cuda", "reference")),),  # GPU default until measured
-    # M <= 16 (decode): the extension's fixed cost per call outweighs what it saves;
-    # salt-bench --presets auto-vs-reference, idle 2-core AMD EPYC, fp32: cpu was
-    # 0.78-0.94x reference at M = 16 on all three shapes, 0.96-1.79x from M = 256 on.
-    "cpu": ((16, ("reference",)), (None, ("cpu", "reference"))),
+    # salt-bench --presets auto-vs-reference, idle 2-core AMD EPYC, fp32, the three
+    # shapes: cpu was 0.80-0.90x reference at M = 16, 0.95-0.99x forward at M = 256 and
+    # 1024 (the same GEMMs plus its fixed cost per call); at M = 4096 0.99-1.22x forward,
+    # 1.03-1.25x forward+backward.
+    "cpu": ((1024, ("reference",)), (None, ("cpu", "reference"))),
 }
 
 

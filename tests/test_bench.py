@@ -400,7 +400,7 @@ def test_auto_choice_names_what_auto_resolves_to(monkeypatch):
     """The backend `auto` picks, passed the sizes a size policy asks for; unknown
     (None) rather than a guess when resolve_backend wants more."""
     shape = bench.PRESETS["smoke"][0]
-    assert bench.auto_choice("cpu", shape) == dispatch.resolve_backend("auto", "cpu", rank=shape.r)
+    assert bench.auto_choice("cpu", shape) == dispatch.resolve_backend("auto", "cpu", rank=shape.r, M=shape.M)
     seen = {}
 
     def by_size(backend, device, rank=1, M=None, K=None):

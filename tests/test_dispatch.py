@@ -19,7 +19,8 @@ def missing_cpu_backend(monkeypatch):
 
 
 def test_auto_falls_back_with_one_warning(missing_cpu_backend):
-    t = make_salt_inputs((40,), 8, 6, 3, 1)  # M above the CPU policy's decode row (reference there)
+    M = dispatch.AUTO_POLICY["cpu"][0][0] + 1  # above the CPU policy's first row (reference there)
+    t = make_salt_inputs((M,), 8, 6, 3, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y1 = salt_kernels.salt_linear(**t)

@@ -227,8 +227,9 @@ def test_missing_extension_falls_back_with_one_warning():
         from salt_kernels import BackendUnavailableError
         assert salt_kernels.available_backends("cpu")[0] == "reference", salt_kernels.available_backends("cpu")
         assert "cpu" not in salt_kernels.available_backends("cpu")
-        # 40 rows: above the CPU policy's decode row, where auto would not try the extension
-        x, U, V, s = torch.randn(40, 5), torch.randn(4, 2), torch.randn(5, 2), torch.rand(2)
+        # above the CPU policy's first row, where auto would not try the extension
+        M = salt_kernels.dispatch.AUTO_POLICY["cpu"][0][0] + 1
+        x, U, V, s = torch.randn(M, 5), torch.randn(4, 2), torch.randn(5, 2), torch.rand(2)
         X, Y = torch.randn(2, 1), torch.randn(1, 2)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
