@@ -111,10 +111,16 @@ def check_adapter_index(adapter_index, x, num_adapters: int, allow_base: bool, *
     if tuple(adapter_index.shape) not in (lead, (M,)):
         raise ValueError(f"adapter_index: expected one index per row of x, shape {lead} or ({M},), "
                          f"got {tuple(adapter_index.shape)}")
-    if not check_range or adapter_index.numel() == 0 or torch.compiler.is_compiling():
+    if not check_range or adapter_index.numel() == 0:
+        return
+    low = -1 if allow_base else 0
+    if torch.compiler.is_compiling():
+        # Traced: no host read of the values (it would break the graph); the check runs on
+        # the device, in the graph (a CUDA device assert, a RuntimeError on CPU).
+        torch._assert_async(((adapter_index >= low) & (adapter_index < num_adapters)).all(),
+                            f"adapter_index: expected values in [{low}, {num_adapters})")
         return
     lo, hi = (int(v) for v in torch.aminmax(adapter_index))  # one host sync on CUDA
-    low = -1 if allow_base else 0
     if lo < low or hi >= num_adapters:
         bad = lo if lo < low else hi
         base = "" if allow_base else " (-1, the base layer, needs base_sigma)"

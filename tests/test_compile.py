@@ -259,3 +259,26 @@ def test_mixed_adapter_batch_one_graph(backend, device):
             frames_after_first = cnt.frame_count
     assert cnt.frame_count == frames_after_first, f"recompiled: {cnt.frame_count} frames"
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend,device", _cases())
+def test_mixed_adapter_bad_index_fails_in_the_graph(backend, device):
+    """Compiled for inference (no gradients: the Triton multi-adapter op itself), the
+    result equals eager, and the index range is checked inside the graph (no host read): a
+    -1 row without base_sigma, or an index past the bank, raises instead of picking a
+    wrong row."""
+    _require(backend, device)
+    K, D, r, rl, A = 12, 10, 6, 3, 4
+    U, V = torch.randn(D, r, device=device), torch.randn(K, r, device=device)
+    sigma, X, Y = (torch.rand(A, r, device=device), torch.randn(A, r, rl, device=device),
+                   torch.randn(A, rl, r, device=device))
+    compiled = torch.compile(lambda x, i: salt_kernels.salt_linear(x, U, V, sigma, X, Y, None, backend=backend,
+                                                                   adapter_index=i),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    x = torch.randn(5, K, device=device)
+    good = torch.tensor([0, 1, 2, 3, 0], device=device)
+    torch.testing.assert_close(compiled(x, good), salt_kernels.salt_linear(x, U, V, sigma, X, Y, None, backend=backend,
+                                                                           adapter_index=good))
+    for bad in ([0, 1, -1, 3, 0], [0, 4, 2, 3, 0]):
+        with pytest.raises(RuntimeError, match=r"adapter_index: expected values in \[0, 4\)"):
+            compiled(x, torch.tensor(bad, device=device))

@@ -155,6 +155,15 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
     too_wide = r > MAX_RANK or (x.element_size() == 4 and R_PAD > 64)  # (spilled: see the docstring)
     if needs_grad or too_wide or not tk._uses_kernels(x) or x.shape[1] == 0 or U.shape[0] == 0:
         return _fallback()(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+    return multi_forward(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+
+
+# An op (opaque to torch.compile, planned at run time like the plain Triton ops); inference
+# only: calls that need gradients take the C++ op above.
+@torch.library.custom_op("salt_triton::multi_forward", mutates_args=())
+def multi_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, X: torch.Tensor,
+                  Y: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, base_sigma: torch.Tensor | None,
+                  base_bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_empty((0, U.shape[0]))
     with tk._device_guard(x.device):
@@ -162,6 +171,11 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
                                      index, base_sigma, base_bias, scaling)
         tk._run(launches, x.device)
     return y
+
+
+@multi_forward.register_fake
+def _(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling):
+    return x.new_empty((x.shape[0], U.shape[0]))
 
 
 def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float):
