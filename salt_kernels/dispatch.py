@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from ._validate import validate_salt_args
+from .backends.core import autocast_active
 
 # backend name -> module implementing it (imported lazily: optional pieces may be absent)
 _BACKEND_MODULES = {
@@ -226,7 +227,7 @@ def _autocast_dtype(x):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
         return None
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_active(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._sharding import full
-from .backends.core import accumulate_dtype, mix_matrix
+from .backends.core import accumulate_dtype, autocast_active, mix_matrix
 from ._validate import BACKENDS, FLOAT_DTYPES, _check_tensor
 from .dispatch import salt_linear
 
@@ -153,8 +153,7 @@ class SALTAdapterMixin:
     def _check_input_dtype(self, x: torch.Tensor) -> None:
         """x must have the layer's dtype, as for nn.Linear (autocast casts, so any dtype
         is fine under it). Checked here so that the error names x, not U."""
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != self.U.dtype and not autocast:
+        if x.dtype != self.U.dtype and not autocast_active(x.device.type):
             raise TypeError(f"x: expected dtype {self.U.dtype} (the layer's dtype), got {x.dtype}")
 
     # --- initialisation -------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 
 from . import dispatch
 from ._validate import _check_shape, _check_tensor, validate_salt_args
-from .backends.core import accumulate_dtype
+from .backends.core import accumulate_dtype, autocast_active
 
 # backend -> module with ``multi_linear_2d`` (imported lazily: optional pieces may be absent)
 _MULTI_MODULES = {
@@ -137,8 +137,7 @@ def salt_linear_multi(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, 
     validate_multi_args(x, U, V, sigma, X, Y, bias, scaling, backend, adapter_index, base_sigma, base_bias,
                         check_range=check_range)
     device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast and x.dtype != torch.float64:
+    if autocast_active(device_type) and x.dtype != torch.float64:
         # As salt_linear: compute in the autocast dtype, as nn.Linear would.
         dtype = torch.get_autocast_dtype(device_type)
         x, U, V = x.to(dtype), U.to(dtype), V.to(dtype)

@@ -455,7 +455,7 @@ def test_triton_inference_runs_the_kernels(monkeypatch):
     _require("triton")
     from salt_kernels.backends import triton_multi
 
-    def no_fallback():
+    def no_fallback(*args):
         raise AssertionError("fell back")
 
     monkeypatch.setattr(triton_multi, "_fallback", no_fallback)

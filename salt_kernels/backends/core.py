@@ -27,11 +27,24 @@ def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     return C
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    # A constant for torch.compile: the Dynamo of torch 2.11 cannot trace
+    # torch.amp.is_autocast_available (a graph break, fatal under fullgraph=True).
+    return torch.amp.is_autocast_available(device_type)
+
+
+def autocast_active(device_type: str) -> bool:
+    """Whether a torch.autocast region is active for ``device_type`` (False for device
+    types without autocast)."""
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_off(device_type: str):
     """A context turning autocast off on ``device_type`` if it is on (else a no-op): a
     backward called inside a torch.autocast block must not re-cast the operands of a
     forward that ran with autocast off (salt_linear casts first)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_active(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -136,7 +136,9 @@ def _tiles(index: torch.Tensor, A: int, BM: int):
     return perm, start, rows, seg - 1, n_tiles
 
 
-def _fallback():
+def _find_fallback():
+    """What runs calls the kernels do not take (gradients, wide ranks): the C++ op, or the
+    reference gather without the extension."""
     try:
         from . import multi_extension
 
@@ -147,6 +149,11 @@ def _fallback():
         return multi_linear_2d
 
 
+# Resolved on import (outside any torch.compile trace: a failing import inside a traced
+# function is a graph break).
+_fallback = _find_fallback()
+
+
 def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float):
     r = U.shape[1]
     needs_grad = torch.is_grad_enabled() and any(
@@ -154,7 +161,7 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
     R_PAD, _ = tk.rank_tiles(r)
     too_wide = r > MAX_RANK or (x.element_size() == 4 and R_PAD > 64)  # (spilled: see the docstring)
     if needs_grad or too_wide or not tk._uses_kernels(x) or x.shape[1] == 0 or U.shape[0] == 0:
-        return _fallback()(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+        return _fallback(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
     return multi_forward(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
 
 
