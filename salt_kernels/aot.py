@@ -57,7 +57,8 @@ def _scenarios(full: bool = False):
     "transposed" (x and G stored column-major), "strided" (every other column of a
     wider x / G), "stride0" (G an expanded scalar, as from y.sum()); with ``full`` also
     "odd" (sizes, so row strides, not multiples of 16), "transposed" at an odd M and
-    "basis_t" (U and V stored transposed; the layers keep them contiguous)."""
+    "basis_t" (U and V stored transposed: the ops copy them to a unit rank stride, so this
+    checks that path plans the contiguous specialisations)."""
     out = [(f"contiguous M{M}", M, K, D, "contiguous") for M, K, D in SIZES]
     out += [("transposed M64", 64, 512, 512, "transposed"), ("strided", 48, 512, 512, "strided"),
             ("stride0", 48, 512, 512, "stride0")]
@@ -97,6 +98,7 @@ def launches(full: bool = False):
         for dtype in DTYPES:
             for R_PAD in R_PADS:
                 x, G, U, V, C, bias = _tensors(torch, M, K, D, R_PAD, getattr(torch, dtype), layout)
+                U, V = tk.basis_for_kernels(U), tk.basis_for_kernels(V)  # as the ops do
                 for b in (bias, None):
                     _, Z, fwd = tk.forward_launches(x, U, V, C, b)
                     out += [(name, L) for L in fwd]

@@ -256,3 +256,32 @@ def test_shrink_candidates_share_the_reduction_order():
         if kernel == "shrink":
             assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
             assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
+
+
+# ---------------------------------------------------------------------------------------
+# The basis layout the kernels see
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other_rank", "rank1_odd_stride"])
+def test_kernels_see_a_unit_stride_basis(layout, monkeypatch):
+    """U and V reach the kernels with a unit rank stride whatever the caller passed (a
+    transposed basis, e.g. V = Vh.t() from torch.linalg.svd, spilled in some configs);
+    a contiguous basis is passed through without a copy, and results are unchanged."""
+    x, U, V, C, b = _op_inputs()
+    make = {"contiguous": lambda B: B,
+            "transposed": lambda B: B.t().contiguous().t(),
+            "every_other_rank": lambda B: torch.repeat_interleave(B, 2, dim=1)[:, ::2],
+            "rank1_odd_stride": lambda B: B[:, :1].t().contiguous().t().expand(B.shape[0], 1)}[layout]
+    U2, V2 = make(U), make(V)
+    for B in (U2, V2):
+        out = tk.basis_for_kernels(B)
+        assert out.stride(1) == 1 and torch.equal(out, B)
+        assert (out.data_ptr() == B.data_ptr()) == (B.stride(1) == 1)
+    seen = []
+    real = tk.forward_launches
+    monkeypatch.setattr(tk, "forward_launches", lambda x, U, V, *a: seen.append((U.stride(1), V.stride(1))) or real(x, U, V, *a))
+    y, _ = tk.salt_forward(x, U2, V2, C, b)
+    assert seen == [(1, 1)]
+    y_ref, _ = tk.salt_forward(x, U2.contiguous(), V2.contiguous(), C, b)
+    torch.testing.assert_close(y, y_ref)

@@ -554,14 +554,16 @@ def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
     return R_PAD == BR and elem == 2
 
 
-def _int32_rank_axis(B: torch.Tensor) -> torch.Tensor:
-    """Offsets that scale with M, K or D are int64 inside the kernels; the rank-axis
-    offsets (index < 256 times the stride) stay int32 to save registers. A U or V whose
-    rank-axis stride would overflow that (stride >= 2^31 / r, only for exotic views) is
-    copied: it is small (D x r or K x r). x and G are never copied."""
-    if B.shape[1] * max(B.stride(1), 1) >= 2**31:
-        return B.contiguous()
-    return B
+def basis_for_kernels(B: torch.Tensor) -> torch.Tensor:
+    """U or V as the kernels read it: rank axis at unit stride. Any other layout (e.g.
+    ``V = Vh.t()`` straight from torch.linalg.svd) is copied: it is small (D x r or
+    K x r), and the unit-stride specialisation is the one checked to compile without
+    spills (transposed bases spilled 8-36 B in some configs, ``aot.py --full``). It also
+    keeps the rank-axis offsets, int32 inside the kernels to save registers, in range.
+    x and G are never copied."""
+    if B.stride(1) == 1:
+        return B
+    return torch.empty(B.shape, dtype=B.dtype, device=B.device).copy_(B)
 
 
 def _uses_kernels(t: torch.Tensor) -> bool:
@@ -753,7 +755,7 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
     if M == 0:
         return x.new_empty((0, D)), x.new_empty((0, r), dtype=C.dtype)
     with _device_guard(x.device):
-        y, Z, launches = forward_launches(x, _int32_rank_axis(U), _int32_rank_axis(V), C, bias)
+        y, Z, launches = forward_launches(x, basis_for_kernels(U), basis_for_kernels(V), C, bias)
         _run(launches, x.device)
     return y, Z
 
@@ -778,7 +780,7 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
         db = G.new_zeros((D,)) if need_db else G.new_empty(0)
         return dx, dC, db
     with _device_guard(G.device):
-        dx, dC, db, launches = backward_launches(G, Z, _int32_rank_axis(U), _int32_rank_axis(V), C,
+        dx, dC, db, launches = backward_launches(G, Z, basis_for_kernels(U), basis_for_kernels(V), C,
                                                  need_dx, need_dC, need_db)
         _run(launches, G.device)
     return dx, dC, db

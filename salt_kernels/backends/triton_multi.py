@@ -174,7 +174,7 @@ def multi_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, sigma: torc
     if x.shape[0] == 0:
         return x.new_empty((0, U.shape[0]))
     with tk._device_guard(x.device):
-        y, launches = multi_launches(x, tk._int32_rank_axis(U), tk._int32_rank_axis(V), sigma, X, Y, bias,
+        y, launches = multi_launches(x, tk.basis_for_kernels(U), tk.basis_for_kernels(V), sigma, X, Y, bias,
                                      index, base_sigma, base_bias, scaling)
         tk._run(launches, x.device)
     return y
