@@ -210,13 +210,30 @@ def test_autotune_switch(value, autotuned):
     assert out.stdout.split() == [str(autotuned)] * 3
 
 
-def test_rank_axis_guard_copies_only_overflowing_basis():
-    """U/V views whose rank-axis stride could overflow int32 rank offsets are copied (they
-    are small); ordinary views are passed through as they are."""
+def test_basis_with_a_non_unit_rank_stride_is_copied():
+    """U/V reach the kernels with a unit rank stride: a contiguous basis passes through,
+    any other view is copied (small: D x r), including one whose rank-axis stride would
+    overflow the kernels' int32 rank offsets."""
     U = torch.randn(5, 3)
-    assert tk._int32_rank_axis(U) is U
-    Ut = U.t().contiguous().t()  # rank-axis stride 5: fine
-    assert tk._int32_rank_axis(Ut) is Ut
+    assert tk.basis_for_kernels(U) is U
+    Ut = U.t().contiguous().t()  # rank-axis stride 5
+    assert tk.basis_for_kernels(Ut).stride() == (3, 1) and torch.equal(tk.basis_for_kernels(Ut), U)
     # a rank-axis stride of 2^30 (meta tensor: no 4 GB allocation) gets copied
     wide = torch.empty((2, 3), device="meta").as_strided((2, 3), (1, 2**30))
-    assert tk._int32_rank_axis(wide).stride() == (3, 1)
+    assert tk.basis_for_kernels(wide).stride() == (3, 1)
+
+
+@pytest.mark.parametrize("dtype,D,expected", [(torch.float32, 517, 16), (torch.float32, 512, 32),
+                                              (torch.bfloat16, 517, 64), (torch.bfloat16, 512, 64)])
+def test_fp32_expand_takes_16_rows_when_output_rows_are_unaligned(dtype, D, expected):
+    """The expand's row tile: 16 for fp32 when D (forward) or K (dx) is not a multiple of
+    16 (32 rows sat at 255 registers or spilled there, aot.py --full); otherwise the
+    shrink's tile (which bf16's prologue mix must share)."""
+    M, K, r = 4096, 1031 if D % 16 else 1024, 64
+    x, G = torch.empty(M, K, dtype=dtype), torch.empty(M, D, dtype=dtype)
+    U, V, C = torch.empty(D, r, dtype=dtype), torch.empty(K, r, dtype=dtype), torch.empty(r, r)
+    _, Z, fwd = tk.forward_launches(x, U, V, C, None)
+    *_, bwd = tk.backward_launches(G, Z, U, V, C, True, False, False)
+    for launches in (fwd, bwd):
+        (expand,) = [L for L in launches if L.name == "expand"]
+        assert expand.kwargs["BM"] == expected

@@ -375,9 +375,11 @@ _CONFIG_TABLE = {
     ("shrink", 4, 32): _depths(16, 8, (2,)),
     ("shrink", 4, 64): _depths(16, 8, (3, 2)),
     ("shrink", 4, 256): _depths(16, 16, (2,)),  # 3 stages spilled at 8 and 16 warps (triton 3.6, sm_90)
-    # r <= 16: 64 x 4 and 256 x 8 put 16-40 B in local memory on sm_80 at any depth (triton 3.8)
-    ("expand", 2, 16): [_cfg(128, 8), _cfg(64, 8), _cfg(256, 4)],
-    ("expand", 2, 64): [_cfg(128, 8), _cfg(64, 4), _cfg(256, 8)],
+    # r <= 16: 64 x 4 and 256 x 8 put 16-40 B in local memory on sm_80 at any depth (triton 3.8).
+    # With odd sizes (rows not 16-aligned, aot.py --full) 256 x 4 (r <= 16) and 256 x 8
+    # (r <= 32) on sm_90 and 64 x 4 (r <= 64) on sm_80 spilled or hit 255 registers (triton 3.6).
+    ("expand", 2, 16): [_cfg(128, 8), _cfg(64, 8)],
+    ("expand", 2, 64): [_cfg(128, 8)],
     ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
     ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4)],  # (256 x 8: > 240 registers on sm_80, triton 3.6)
     # fp32 (tf32x3 keeps three copies of each operand): 64 x 4 warps and 32 x 4 sat at
@@ -547,6 +549,18 @@ def _plan(M: int, N: int, R_PAD: int, elem: int) -> tuple[int, int, int]:
     return BM, split, n_per_split
 
 
+def expand_block_m(BM: int, elem: int, prologue: bool, out_row_stride: int) -> int:
+    """The expand's rows per program: the shrink's BM, except 16 for fp32 inputs whose
+    output rows are not 16-element aligned (D or K not a multiple of 16). Unaligned rows
+    defeat the vectorised stores, and at 32 rows the tf32x3 tile then sat at 255
+    registers or spilled 8-28 B with every BN / warps / stages tried (aot.py --full).
+    Only without the prologue mix (always so for fp32) can the expand pick its own BM: it
+    then reads the mix kernel's (M, r) output, not the shrink's BM-sized partials."""
+    if elem == 4 and not prologue and out_row_stride % 16:
+        return min(BM, 16)
+    return BM
+
+
 def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
     """Mix in the expand prologue for r <= 64 with fp16/bf16 inputs. With fp32 inputs the
     prologue's tf32x3 mix (three copies of each fp32 operand) spilled at every tile we
@@ -657,15 +671,17 @@ def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list
         rows = torch.empty((M, r), dtype=torch.float32, device=dev)
         launches.append(_mix_launch(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False,
                                     store_mix=True, R_PAD=R_PAD, elem=elem, precision=mix_precision))
+    eBM = expand_block_m(BM, elem, prologue, y.stride(0))
+    e_blocks = triton.cdiv(M, eBM)
     launches.append(Launch(
-        "expand", _expand_kernel, lambda meta: (m_blocks, triton.cdiv(D, meta["BN"])),
+        "expand", _expand_kernel, lambda meta: (e_blocks, triton.cdiv(D, meta["BN"])),
         (rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
          U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
          y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D)),
-        dict(BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
+        dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
              COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
              MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
-        usable_configs("expand", BM, R_PAD, elem)))
+        usable_configs("expand", eBM, R_PAD, elem)))
     return y, Z, launches
 
 
@@ -705,16 +721,18 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
                                         store_mix=need_dx, R_PAD=R_PAD, elem=elem, precision=mix_precision))
         if need_dx or (prologue and need_dC):
             out = dx if need_dx else Z
+            eBM = expand_block_m(BM, elem, prologue, dx.stride(0) if need_dx else 16)
+            e_blocks = triton.cdiv(M, eBM)
             launches.append(Launch(
                 "expand", _expand_kernel,
-                (lambda meta: (m_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (m_blocks, 1)),
+                (lambda meta: (e_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (e_blocks, 1)),
                 (rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
                  V, V.stride(0), V.stride(1), Z, 0, out, out.stride(0) if need_dx else 0,
                  out.stride(1) if need_dx else 0, M, K, r, _bucket(M), _bucket(K)),
-                dict(BM=BM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
+                dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
                      COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
                      MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
-                usable_configs("expand", BM, R_PAD, elem)))
+                usable_configs("expand", eBM, R_PAD, elem)))
     if need_dC:
         launches.append(_sum_launch(dc_part, dC))
     if need_db:
