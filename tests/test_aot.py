@@ -132,15 +132,15 @@ def test_multi_adapter_expand_is_checked():
 
 
 def test_every_launch_compiles_on_the_installed_triton():
-    """python -m salt_kernels.aot on the Triton this environment has: every launch the
-    host can plan compiles for sm_80 and sm_90 with no spills, at most MAX_REGISTERS
-    registers and shared memory within the limit (no GPU needed). A process without
-    TRITON_INTERPRET: interpreted kernels cannot compile. The other supported Triton
-    versions: bash .ci/aot_triton_versions.sh."""
+    """python -m salt_kernels.aot --full on the Triton this environment has: every launch
+    the host can plan (odd sizes and transposed bases included) compiles for sm_80 and
+    sm_90 with no spills, at most MAX_REGISTERS registers and shared memory within the
+    limit (no GPU needed). A process without TRITON_INTERPRET: interpreted kernels cannot
+    compile. The other supported Triton versions: bash .ci/aot_triton_versions.sh."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "salt_kernels.aot", "--jobs", "2"], env=env,
+    out = subprocess.run([sys.executable, "-m", "salt_kernels.aot", "--full", "--jobs", "2"], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "): OK" in out.stdout and "sm_80:" in out.stdout and "sm_90:" in out.stdout
