@@ -29,9 +29,11 @@ def _compiled_mode(code: str, timeout=900) -> dict:
 
 
 SPEC = r"""
-import json, torch
+import json, torch, triton
 from salt_kernels import aot
 from salt_kernels.backends import triton_kernels as tk
+
+triton.knobs.language.default_fp_fusion = False  # Triton 3.10's default: the launches must not depend on it
 
 def spec(launch, arch=90):
     sig, consts, attrs, opts = aot.specialization(launch, launch.configs[0], arch)
@@ -40,7 +42,7 @@ def spec(launch, arch=90):
     ones = sorted(n for n in names if sig[n] == "constexpr" and n not in launch.kwargs and n not in launch.configs[0].kwargs)
     return dict(ones=ones, div16=div16, consts={k[0] if isinstance(k, tuple) else k: v for k, v in consts.items()
                                                if isinstance(v, (str, bool, int))}, names=names,
-                warps=opts.num_warps, stages=opts.num_stages)
+                warps=opts.num_warps, stages=opts.num_stages, fp_fusion=opts.enable_fp_fusion)
 
 res = {}
 for layout in ("contiguous", "transposed", "strided"):
@@ -69,6 +71,12 @@ def test_precision_is_the_runtime_one(specs):
     assert _const(fwd["expand"], "PRECISION") == "tf32x3"
     assert _const(fwd["mix"], "PRECISION") == "tf32x3"  # (the old check compiled "ieee")
     assert _const(fwd["expand"], "UPCAST_DOT") is False
+
+
+def test_fp_fusion_is_on_whatever_the_default(specs):
+    """Every launch asks for FP fusion (the AOT check compiles what runs), also with
+    Triton's default turned off as Triton 3.10 does."""
+    assert all(spec["fp_fusion"] is True for launches in specs.values() for spec in launches.values())
 
 
 def test_stride_one_and_divisibility_follow_the_inputs(specs):

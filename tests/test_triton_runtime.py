@@ -174,8 +174,30 @@ def test_autotune_key_matches_triton():
     x, U, V, C, b = _op_inputs(M=20)
     _, _, launches = tk.forward_launches(x, U, V, C, b)
     shrink = launches[0]
-    tuner[shrink.grid](*shrink.args, **shrink.kwargs)
+    tuner[shrink.grid](*shrink.args, **shrink.kwargs, **tk.COMPILE_OPTIONS)  # as _run launches it
     assert list(tuner.cache) == [tk._autotune_key(tuner, shrink.args, shrink.kwargs)]
+
+
+def test_every_launch_passes_the_compile_options(monkeypatch):
+    """Autotuned or not, forward and backward, every launch passes COMPILE_OPTIONS (FP
+    fusion on: Triton 3.10 turns its default off), so all supported Tritons compile alike."""
+    seen = []
+
+    class Recorder:  # stands in for a kernel or an autotuner: kernel[grid](*args, **kwargs)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    monkeypatch.setattr(tk, "AUTOTUNE", True)
+    monkeypatch.setitem(tk._AUTOTUNED, "shrink", Recorder())
+    monkeypatch.setitem(tk._AUTOTUNED, "expand", Recorder())
+    x, U, V, C, b = _op_inputs()
+    _, Z, fwd = tk.forward_launches(x, U, V, C, b)
+    *_, bwd = tk.backward_launches(torch.randn(6, 30), Z, U, V, C, True, True, True)
+    launches = [L._replace(fn=Recorder()) for L in fwd + bwd]
+    assert {L.name for L in launches} >= {"shrink", "expand", "mix"}
+    tk._run(launches, x.device)
+    assert len(seen) == len(launches)
+    assert all(kwargs["enable_fp_fusion"] is True for kwargs in seen)
 
 
 def test_capture_forbids_compiling(monkeypatch):

@@ -417,6 +417,12 @@ if AUTOTUNE:
                                            prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
 
 
+# Compile options every launch passes. FP fusion (FMA contraction) is on by default in
+# Triton 3.6 to 3.9 and off from 3.10 (3.9 warns about it); passing it keeps one numerics
+# and one register budget (what the AOT check measured) on every supported Triton.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 class Launch(NamedTuple):
     """One kernel launch as the host plans it: the bare kernel, its grid (a function of
     the config's meta-parameters), the arguments and host-chosen constexprs, and the
@@ -430,7 +436,8 @@ class Launch(NamedTuple):
 
     def config_kwargs(self, config) -> dict:
         """Every keyword a launch at ``config`` passes (what Triton specialises on)."""
-        return {**self.kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        return {**self.kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                **COMPILE_OPTIONS}
 
 
 class NotWarmedUpError(RuntimeError):
@@ -499,7 +506,7 @@ def _run(launches: list[Launch], device: torch.device) -> None:
                 _check_tuned(launch)
             tuner = _AUTOTUNED.get(launch.name) if AUTOTUNE else None
             if tuner is not None:
-                tuner[launch.grid](*launch.args, **launch.kwargs)
+                tuner[launch.grid](*launch.args, **launch.kwargs, **COMPILE_OPTIONS)
             else:
                 c = launch.configs[0]
                 launch.fn[launch.grid(c.kwargs)](*launch.args, **launch.config_kwargs(c))
