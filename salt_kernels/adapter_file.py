@@ -104,23 +104,16 @@ def _new_file_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
-def write_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
-    """Atomically write ``tensors`` (CPU, contiguous) and ``metadata`` to ``path`` with
-    checksums added. Returns the file size in bytes."""
-    from safetensors.torch import save_file
-
+def atomic_write(path, write) -> None:
+    """Write ``path`` all at once or not at all: ``write(tmp)`` fills a hidden temp file in
+    the same directory, which is fsynced, given the target's permissions and renamed over
+    ``path``; on any error (also KeyboardInterrupt) the temp file is removed."""
     path = os.fspath(path)
     parent = check_target(path)
-    metadata = dict(metadata)
-    metadata[CHECKSUM_KEY] = json.dumps({
-        "algorithm": "sha256",
-        "metadata": _metadata_digest(metadata),
-        "tensors": {name: tensor_digest(name, t) for name, t in sorted(tensors.items())},
-    })
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as f:
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), _new_file_mode(path))
@@ -134,6 +127,22 @@ def write_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
             pass
         raise
     _fsync_dir(parent)
+
+
+def write_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Atomically write ``tensors`` (CPU, contiguous) and ``metadata`` to ``path`` with
+    checksums added. Returns the file size in bytes."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    check_target(path)
+    metadata = dict(metadata)
+    metadata[CHECKSUM_KEY] = json.dumps({
+        "algorithm": "sha256",
+        "metadata": _metadata_digest(metadata),
+        "tensors": {name: tensor_digest(name, t) for name, t in sorted(tensors.items())},
+    })
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return os.path.getsize(path)
 
 

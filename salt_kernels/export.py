@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from .adapter_file import atomic_write
 from .backends.core import accumulate_dtype
 
 CONFIG_NAME = "adapter_config.json"
@@ -87,21 +87,6 @@ def _base_name(model: nn.Module):
         if isinstance(path, str) and path:
             return path
     return None
-
-
-def _write_atomic(path: str, write) -> None:
-    """Write through a temp file in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def export_lora(
@@ -187,11 +172,11 @@ def export_lora(
     directory = os.fspath(save_directory)
     os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, WEIGHTS_NAME)
-    _write_atomic(weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_config(p):
         with open(p, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 
-    _write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
+    atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
     return {"path": directory, "rank": rank, "num_layers": len(updates), "file_bytes": os.path.getsize(weights)}

@@ -66,6 +66,26 @@ def test_apply_salt_residual_model_with_mixed_ranks(tmp_path):
     assert max_rel_err(lora_outputs(base, tmp_path, x), y.double()) <= 1e-5
 
 
+def test_failed_export_keeps_the_previous_files(tmp_path, monkeypatch):
+    """Each file is written atomically: an export that fails while writing the weights
+    (here: interrupted) leaves the previous adapter whole and no temporary file."""
+    import safetensors.torch
+
+    model = perturb(apply_salt(toy(), rank=0.5, lora_rank=2, residual=True, progress=False))
+    export_lora(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_lora(perturb(model), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_full_rank_truncated_model_exports_at_full_rank(tmp_path):
     base = toy()
     model = perturb(apply_salt(copy.deepcopy(base), rank=1.0, lora_rank=2, progress=False))
