@@ -37,8 +37,10 @@ _BACKEND_MODULES = {
 
 # The auto policy: device type -> rows (largest M the row covers, or None for any M;
 # backends in order of preference). The first row whose bound covers M applies. Rows are
-# filled from benchmark measurements (salt-bench / benchmarks/bench_cpu_backend.py), never
-# guessed; a device with one row never looks at M. Under torch.compile the last row
+# filled from benchmark measurements, never guessed: salt-bench prints the rows a run
+# supports (bench.measured_policy; the GPU check reports them for CUDA), and a test
+# checks the CPU rows against docs/bench-cpu/auto-vs-reference. A device with one row
+# never looks at M. Under torch.compile the last row
 # applies whatever M is, so one graph serves every token count (dynamic shapes): a
 # size-dependent row would otherwise specialise the graph on M.
 AUTO_POLICY: dict[str, tuple[tuple[int | None, tuple[str, ...]], ...]] = {

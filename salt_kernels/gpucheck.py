@@ -450,8 +450,13 @@ def step_bench(ctx: Context) -> dict:
         s["max_pct_hbm_roofline"] = 100 * max(rf) if rf else None
     plots = sorted(str(p.relative_to(ctx.out)) for p in out.glob("*.png"))
     status = "pass" if rc == 0 and rows else "fail"
+    # what AUTO_POLICY["cuda"] should say, from these timings (it holds a default until measured)
+    from .bench.report import measured_policy
+    from .dispatch import AUTO_POLICY
+
+    policy = measured_policy(rows)
     return _result(status, f"salt-bench rc={rc}, {len(rows)} rows", argv=argv[1:], rows=rows, by_method=summary,
-                   plots=plots)
+                   plots=plots, measured_auto_policy=policy, auto_policy=AUTO_POLICY.get(ctx.device.split(":")[0]))
 
 
 STEPS = [
@@ -530,6 +535,11 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _policy_repr(policy) -> str:
+    """An AUTO_POLICY row tuple as Python source, also after a JSON round trip (lists)."""
+    return repr(tuple((bound, tuple(order)) for bound, order in policy))
+
+
 def write_report(ctx: Context, records: list, wall: float) -> bool:
     ok = all(r["status"] != "fail" for r in records)
     report = dict(ok=ok, dry_run=ctx.dry_run, wall_s=round(wall, 1), total_budget_s=TOTAL_BUDGET_S,
@@ -562,6 +572,12 @@ def write_report(ctx: Context, records: list, wall: float) -> bool:
             md.append(f"| {row['backend']} | {row['preset']} | {row['layer']} | {row['M']} | {row['r']} | "
                       f"{row['mode']} | {row['time_ms'] or '–'} | {row['speedup_vs_reference'] or '–'} | "
                       f"{_fmt(rf and 100 * rf)} |")
+        if bench["figures"].get("measured_auto_policy"):
+            md += ["", "The `auto` policy these timings support (`dispatch.AUTO_POLICY` format; a backend goes "
+                   "ahead of `reference` at a token count only where its geomean speed-up there is >= 1):", "",
+                   f"    {_policy_repr(bench['figures']['measured_auto_policy'])}", "",
+                   f"The table in `dispatch.AUTO_POLICY` for this device: "
+                   f"`{_policy_repr(bench['figures'].get('auto_policy') or ())}`."]
         md += [""] + [f"![{Path(p).stem}]({p})" for p in bench["figures"].get("plots", [])]
     spills = [s for r in records for s in r.get("figures", {}).get("triton_spills", []) or []]
     if spills:

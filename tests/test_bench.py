@@ -322,6 +322,7 @@ def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "auto vs reference" in out and "fwd+bwd  worst" in out and f"of {len(tiny)} shapes" in out
+    assert "auto policy these timings support" in out and "dispatch.AUTO_POLICY['cpu'] is" in out
     data = json.loads(out_json.read_text())
     assert data["command"] == ["salt-bench", *argv] and data["environment"]["device"] == "cpu"
     names = set(dispatch.available_backends("cpu")) - {"triton"}
@@ -341,6 +342,34 @@ def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
     csv_rows = _csv_rows(tmp_path / "results.csv")
     assert len(csv_rows) == len(rows) and (tmp_path / "speedup_vs_reference.png").exists()
     assert not (tmp_path / "speedup_vs_official.png").exists()  # the official baseline was not run
+
+
+def _rec(backend, M, speedup, mode="fwd", kind="salt"):
+    return dict(backend=backend, kind=kind, M=M, mode=mode, speedup_vs_reference=speedup)
+
+
+def test_measured_policy_rule():
+    """A backend goes ahead of reference at a token count only where its geometric mean
+    speed-up there (shapes x modes) is >= 1; equal orders merge; the last row is open."""
+    recs = [_rec("reference", M, 1.0) for M in (16, 256, 4096)] + [
+        _rec("auto", 16, 3.0),  # auto and the baselines never vote
+        _rec("dense nn.Linear", 16, 5.0, kind="baseline"),
+        _rec("cpu", 16, 1.2), _rec("cpu", 16, 0.7, "fwd+bwd"),  # geomean 0.92: behind reference
+        _rec("cpu", 256, "0.9"), _rec("cpu", 256, "0.95", "fwd+bwd"),  # CSV strings
+        _rec("cpu", 4096, 1.3), _rec("cpu", 4096, 0.8, "fwd+bwd"),  # geomean 1.02: ahead
+        _rec("triton", 4096, 2.0), _rec("triton", 4096, ""),  # an empty cell is skipped
+    ]
+    assert bench.measured_policy(recs) == ((256, ("reference",)), (None, ("triton", "cpu", "reference")))
+    assert bench.measured_policy([_rec("cpu", 16, 1.1)]) == ((None, ("cpu", "reference")),)
+    assert bench.measured_policy([_rec("reference", 16, 1.0)]) == ()
+
+
+def test_cpu_auto_policy_is_the_measured_one():
+    """dispatch.AUTO_POLICY['cpu'] is what its documented measurement supports
+    (docs/bench-cpu/auto-vs-reference: salt-bench --presets auto-vs-reference)."""
+    rows = _csv_rows(Path(__file__).resolve().parents[1] / "docs/bench-cpu/auto-vs-reference/results.csv")
+    assert {r["device"] for r in rows} == {"cpu"}
+    assert bench.measured_policy(rows) == dispatch.AUTO_POLICY["cpu"]
 
 
 def test_skipped_baseline_is_reported(tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from salt_kernels import gpucheck
+from salt_kernels.dispatch import AUTO_POLICY
 from salt_kernels.gpucheck import STEPS, Step, run_check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,11 +56,16 @@ def test_dry_run_figures(dry_run):
     assert ref["geomean_speedup_vs_reference"] == pytest.approx(1.0)
     assert any(m["geomean_speedup_vs_reference"] for k, m in bench["by_method"].items() if k != "reference fwd")
     assert bench["plots"] and all((out / p).stat().st_size > 0 for p in bench["plots"])
+    # the auto policy the timings support (what fills AUTO_POLICY["cuda"] on a GPU), next to the table's
+    policy = bench["measured_auto_policy"]
+    assert policy and policy[-1][0] is None and all(order[-1] == "reference" for _, order in policy)
+    assert [list(o) for _, o in bench["auto_policy"]] == [list(o) for _, o in AUTO_POLICY["cpu"]]
     md = (out / "report.md").read_text()
     assert md.startswith("# salt_kernels GPU check: PASS")
     for s in STEPS:
         assert f"| {s.name} |" in md
     assert "speed-up vs the reference chain" in md and "![" in md
+    assert "policy these timings support" in md and "(None, ('" in md
 
 
 def _cmd(code):

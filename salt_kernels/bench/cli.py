@@ -17,7 +17,7 @@ from .methods import AUTO, BASELINE_NAMES, REFERENCE, auto_choice, build_methods
     make_input_sets, make_step
 from .plots import write_plots
 from .presets import BASELINES, FULL_PRESETS, PRESETS, Shape, preset_baselines, select_shapes
-from .report import MODES, Row, add_ratios, auto_summary, format_table, write_csv, write_json
+from .report import MODES, Row, add_ratios, auto_summary, format_table, policy_summary, write_csv, write_json
 from .timing import describe, environment, load_note, peak_bandwidth_gbps, peak_memory_bytes, time_steps
 from .verify import verification_passed, verify_backends
 
@@ -251,9 +251,9 @@ def main(argv=None) -> int:
              if device.type == "cpu" else ", ratio of medians")
           + "; auto (x): the backend auto picked; fwd under no_grad; peak MiB: memory allocated by one fwd+bwd "
           "above its inputs" + ("; % BW: minimum bytes / time as a share of peak bandwidth" if bandwidth else ""))
-    summary = auto_summary(rows)
-    if summary:
-        print(summary)
+    for summary in (auto_summary(rows), policy_summary(rows, device.type)):
+        if summary:
+            print(summary)
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         csv_path = os.path.join(args.output, "results.csv")

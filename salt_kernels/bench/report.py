@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 
 from .methods import AUTO, DENSE, OFFICIAL, REFERENCE, Method
@@ -136,6 +137,50 @@ def auto_summary(rows: list[Row], target: float = 0.95) -> str | None:
         lines.append(f"  {mode:8s} worst {fmt_ratio(worst)}x at {shape.label}; "
                      f">= {target:g}x at {held} of {len(ratios)} shapes")
     return "auto vs reference (median of paired ratios ± half their IQR):\n" + "\n".join(lines)
+
+
+def measured_policy(records: list[dict]) -> tuple:
+    """The ``dispatch.AUTO_POLICY`` rows that these measurements support, in its format:
+    ``((largest M, backends in order of preference), ..., (None, backends))``.
+
+    records: one dict per row (``row_record``, or the rows of results.csv / results.json),
+    read for backend, kind, M, mode and speedup_vs_reference. At each measured token count
+    M, a backend goes ahead of ``reference`` only where the geometric mean of its speed-up
+    over ``reference``, over every shape and both modes timed at that M, is at least 1
+    (ahead of each other by that mean). Consecutive token counts with the same order make
+    one row; the last row covers any larger M. Empty when no SALT backend besides
+    ``reference`` was timed.
+    """
+    logs: dict[int, dict[str, list[float]]] = {}
+    for rec in records:
+        name, speedup = rec.get("backend"), rec.get("speedup_vs_reference")
+        if rec.get("kind") != "salt" or name in (AUTO, REFERENCE) or speedup in (None, ""):
+            continue
+        logs.setdefault(int(rec["M"]), {}).setdefault(name, []).append(math.log(float(speedup)))
+    rows: list[tuple] = []
+    for M in sorted(logs):
+        means = {name: sum(v) / len(v) for name, v in logs[M].items()}
+        ahead = sorted((n for n, m in means.items() if m >= 0), key=lambda n: -means[n])
+        order = (*ahead, REFERENCE)
+        if rows and rows[-1][1] == order:
+            rows[-1] = (M, order)
+        else:
+            rows.append((M, order))
+    return tuple(rows[:-1]) + ((None, rows[-1][1]),) if rows else ()
+
+
+def policy_summary(rows: list[Row], device_type: str) -> str | None:
+    """The auto policy these timings support, next to the one ``auto`` uses now; None
+    when no SALT backend besides ``reference`` was timed."""
+    from ..dispatch import AUTO_POLICY
+
+    policy = measured_policy([row_record(r, {}, {}) for r in rows])
+    if not policy:
+        return None
+    current = AUTO_POLICY.get(device_type)
+    return (f"auto policy these timings support (by token count; a backend ahead of reference only where its "
+            f"geomean speed-up at that M is >= 1):\n  {policy!r}\n  dispatch.AUTO_POLICY[{device_type!r}] is "
+            f"{current!r}" + (" (the same)" if current == policy else ""))
 
 
 CSV_FIELDS = ["device", "device_name", "dtype", "threads", "torch", "triton", "salt_kernels", "backend", "kind",
