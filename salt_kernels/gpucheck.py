@@ -97,6 +97,27 @@ def _echo(cmd, **kw) -> int:
     return subprocess.run(cmd, **kw).returncode
 
 
+def _echo_until(cmd, deadline_s: float, **kw) -> tuple[int, bool]:
+    """``_echo`` with a deadline: past it the command gets SIGINT (pytest then stops, prints
+    its summary and writes its report) and, 30 s later, SIGKILL. (returncode, stopped)."""
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    proc = subprocess.Popen(cmd, **kw)
+    try:
+        return proc.wait(timeout=max(deadline_s, 1)), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=30), True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(), True
+
+
+def _budget(name: str, ctx: Context) -> int:
+    step = next(s for s in STEPS if s.name == name)
+    return step.dry_budget_s if ctx.dry_run else step.budget_s
+
+
 # ----------------------------------------------------------------------------- steps
 
 def step_environment(ctx: Context) -> dict:
@@ -175,7 +196,8 @@ GPU_TEST_ARGS = ["tests/test_triton.py", "tests/test_salt_linear.py", "tests/tes
                  "-k", "(test_triton.py or test_salt_linear.py or cuda or gpu) and not aot and not build"]
 # Dry run: a few of the same tests under the interpreter.
 DRY_TEST_ARGS = ["tests/test_triton.py::test_single_row_decode",
-                 "tests/test_compile.py::test_one_graph_for_every_token_count"]
+                 "tests/test_compile.py::test_one_graph_for_every_token_count",
+                 "-k", "triton-cpu-dynamic or test_single_row_decode"]
 
 
 def step_tests(ctx: Context) -> dict:
@@ -186,12 +208,14 @@ def step_tests(ctx: Context) -> dict:
     if not ctx.dry_run:
         env["SALT_KERNELS_AUTOTUNE"] = "0"  # one config per launch: compile time; bench autotunes
     args = DRY_TEST_ARGS if ctx.dry_run else GPU_TEST_ARGS
-    if ctx.dry_run:
-        args = args + ["-k", "triton-cpu-dynamic or test_single_row_decode"]
-    rc = _echo([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args],
-               cwd=REPO, env=env)
+    # Stopped 25 s before the step's budget, pytest still writes its report: the tests that
+    # ran are counted, not lost with a killed step.
+    started = time.perf_counter()
+    rc, stopped = _echo_until([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                               *args], _budget("tests", ctx) - 25, cwd=REPO, env=env)
     if not junit.exists():
-        return _result("fail", f"pytest rc={rc}, no report")
+        return _result("fail", f"pytest rc={rc}, no report" + (" (stopped at the budget)" if stopped else ""),
+                       stopped=stopped)
     counts = dict(tests=0, failures=0, errors=0, skipped=0)
     failed = []
     for suite in ET.parse(junit).getroot().iter("testsuite"):
@@ -202,10 +226,10 @@ def step_tests(ctx: Context) -> dict:
                 failed.append(f"{case.get('classname')}::{case.get('name')}")
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     figs = dict(passed=passed, failed=counts["failures"] + counts["errors"], skipped=counts["skipped"],
-                failed_tests=failed, pytest_rc=rc)
-    ok = rc == 0 and passed > 0
-    return _result("pass" if ok else "fail", f"{passed} passed, {figs['failed']} failed, {counts['skipped']} skipped",
-                   **figs)
+                failed_tests=failed, pytest_rc=rc, stopped=stopped, pytest_s=round(time.perf_counter() - started, 1))
+    ok = rc == 0 and passed > 0 and not stopped
+    return _result("pass" if ok else "fail", f"{passed} passed, {figs['failed']} failed, {counts['skipped']} skipped"
+                   + (f"; stopped at the budget after {figs['pytest_s']} s" if stopped else ""), **figs)
 
 
 def _max_rel(a, b) -> float:

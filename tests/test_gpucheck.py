@@ -96,3 +96,19 @@ def test_budgets_fit_the_gpu_time():
 def test_unknown_step_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         gpucheck.main(["--out", str(tmp_path), "--steps", "nope"])
+
+
+def test_tests_step_stops_before_its_budget_and_counts_what_ran(tmp_path, monkeypatch):
+    """A test run that would overrun the step's budget is interrupted 25 s before it;
+    pytest still writes its report, so the tests that ran are counted (and it fails)."""
+    suite = tmp_path / "suite" / "test_slow.py"
+    suite.parent.mkdir()
+    suite.write_text("import time\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n\n"
+                     "def test_c():\n    time.sleep(120)\n")
+    monkeypatch.setattr(gpucheck, "DRY_TEST_ARGS", [str(suite)])
+    monkeypatch.setattr(gpucheck, "STEPS", [Step("tests", "tests", 60, 35)])  # stopped at 35 - 25 = 10 s
+    result = gpucheck.step_tests(gpucheck.Context(tmp_path / "out", dry_run=True))
+    figs = result["figures"]
+    assert result["status"] == "fail" and figs["stopped"] is True, result
+    assert figs["passed"] == 2 and "stopped at the budget" in result["summary"]
+    assert figs["pytest_s"] < 40
