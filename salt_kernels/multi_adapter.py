@@ -21,8 +21,11 @@ Arguments (validated here, before any backend runs):
   no bias on those rows). With a shared ``(D,)`` bias every row, ``-1`` included, uses it.
 
 The range of ``adapter_index`` is checked on every call: free on CPU, one device-to-host
-synchronisation on CUDA (the C++ path needs the segment boundaries on the host anyway).
-Inside ``torch.compile`` the host check is skipped and the kernels' own checks apply.
+synchronisation on CUDA (the C++ path needs the segment boundaries on the host anyway;
+the Triton path itself reads nothing on the host). ``check_range=False`` skips it (the
+model-level :func:`salt_kernels.adapters` block does, its index is built from checked
+names). Inside ``torch.compile`` and during CUDA-graph capture the check is a device-side
+assert instead.
 
 Backends: ``reference`` gathers each row's core (plain PyTorch, autograd); ``cpu`` and
 ``cuda`` run the compiled ``salt_multi_forward`` / ``salt_multi_backward`` (rows
@@ -98,6 +101,10 @@ def validate_multi_args(x, U, V, sigma, X, Y, bias, scaling, backend, adapter_in
     check_adapter_index(adapter_index, x, A, base_sigma is not None, check_range=check_range)
 
 
+def _capturing(x) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_adapter_index(adapter_index, x, num_adapters: int, allow_base: bool, *, check_range: bool = True) -> None:
     """Type, dtype, device, shape and (``check_range``) value range of ``adapter_index``."""
     if not isinstance(adapter_index, torch.Tensor):
@@ -114,9 +121,10 @@ def check_adapter_index(adapter_index, x, num_adapters: int, allow_base: bool, *
     if not check_range or adapter_index.numel() == 0:
         return
     low = -1 if allow_base else 0
-    if torch.compiler.is_compiling():
-        # Traced: no host read of the values (it would break the graph); the check runs on
-        # the device, in the graph (a CUDA device assert, a RuntimeError on CPU).
+    if torch.compiler.is_compiling() or _capturing(x):
+        # Traced, or a CUDA graph being captured: no host read of the values (it would break
+        # the graph, or fail the capture); the check runs on the device (a CUDA device
+        # assert, a RuntimeError on CPU).
         torch._assert_async(((adapter_index >= low) & (adapter_index < num_adapters)).all(),
                             f"adapter_index: expected values in [{low}, {num_adapters})")
         return

@@ -464,3 +464,43 @@ def test_triton_inference_runs_the_kernels(monkeypatch):
         sk.salt_linear(**t, backend="triton", adapter_index=index)
     with pytest.raises(AssertionError, match="fell back"):
         sk.salt_linear(**t, backend="triton", adapter_index=index)
+
+
+def test_triton_tiles_read_no_index_values_on_the_host():
+    """The mixed-batch tile plan is built on the device: it runs on meta tensors, which
+    have no values (bincount, which reads min/max on the host, a CUDA sync, does not), and
+    every row lands in exactly one tile of its own adapter, at most BM rows a tile."""
+    _require("triton")
+    import triton
+
+    from salt_kernels.backends.triton_multi import _tiles
+
+    perm, start, rows, adapter, n = _tiles(torch.empty(37, dtype=torch.int64, device="meta"), 5, 16)
+    assert perm.shape == (37,) and start.shape == rows.shape == adapter.shape == (n,) == (triton.cdiv(37, 16) + 6,)
+    g = torch.Generator().manual_seed(3)
+    for M, A, BM in [(1, 1, 16), (37, 5, 16), (200, 3, 64), (64, 9, 16)]:
+        index = torch.randint(-1, A, (M,), generator=g)
+        index[: M // 3] = A - 1  # one large segment spanning several tiles
+        perm, start, rows, adapter, n = _tiles(index, A, BM)
+        seen = torch.zeros(M, dtype=torch.int64)
+        for j in range(n):
+            members = perm[start[j]: start[j] + rows[j]]
+            assert rows[j] <= BM and (index[members] == adapter[j]).all()
+            seen[members] += 1
+        assert (seen == 1).all(), (M, A, BM)
+
+
+def test_range_check_during_cuda_graph_capture_stays_on_the_device(monkeypatch):
+    """While a CUDA graph is being captured the index range cannot be read on the host (a
+    sync is an error there): the check becomes a device-side assert, as under compile."""
+    from salt_kernels import multi_adapter
+
+    calls = []
+    monkeypatch.setattr(multi_adapter, "_capturing", lambda x: True)
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: pytest.fail("read the range on the host"))
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: calls.append((bool(cond), msg)))
+    t, index = make_bank((6,), 8, 6, 4, 2, 3, torch.float32)
+    multi_adapter.check_adapter_index(index, t["x"], 3, True)
+    multi_adapter.check_adapter_index(torch.full((6,), 3), t["x"], 3, True)
+    assert calls == [(True, "adapter_index: expected values in [-1, 3)"),
+                     (False, "adapter_index: expected values in [-1, 3)")]

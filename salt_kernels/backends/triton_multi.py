@@ -120,9 +120,11 @@ def _tiles(index: torch.Tensor, A: int, BM: int):
     cdiv(M, BM) + A + 1 tiles, unused ones with rows = 0."""
     M = index.numel()
     dev = index.device
-    _, perm = torch.sort(index, stable=True)
-    counts = torch.bincount(index + 1, minlength=A + 1)  # slot 0: base rows (-1)
-    seg_start = torch.cumsum(counts, 0) - counts
+    sorted_index, perm = torch.sort(index, stable=True)
+    # Segment bounds by binary search in the sorted index (bincount would read the index's
+    # min and max on the host: two syncs on CUDA, and no CUDA-graph capture).
+    edges = torch.searchsorted(sorted_index, torch.arange(-1, A + 1, device=dev))  # slot 0: base rows (-1)
+    seg_start, counts = edges[:-1], edges[1:] - edges[:-1]
     seg_tiles = (counts + BM - 1) // BM
     tiles_end = torch.cumsum(seg_tiles, 0)
     n_tiles = triton.cdiv(M, BM) + A + 1  # >= sum(seg_tiles) whatever the index
