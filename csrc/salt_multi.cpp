@@ -13,13 +13,14 @@
 // FLOPs a row, no sorting, no gather or scatter of rows. Only the backward's per-adapter
 // reductions (dsigma, dX, dY, a banked db) group the rows by adapter (a stable sort) and
 // reduce each adapter's segment on one thread with single-threaded BLAS, so the result
-// does not depend on the thread count. The index range is checked with one aminmax (on
-// CUDA: one host synchronisation per call).
+// does not depend on the thread count. The index range is checked with one aminmax on the
+// CPU and a device-side assert on CUDA: the forward reads nothing on the host.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -58,9 +59,18 @@ Segments segment_rows(const Tensor& index) {
   return seg;
 }
 
-// Every index in [-1, A), -1 only with a base_sigma; returns whether any row is -1.
-bool check_index_range(const Tensor& index, int64_t A, bool has_base) {
-  if (index.numel() == 0) return false;
+// Every index in [-1, A), -1 only with a base_sigma. On the CPU the values are read here;
+// on a GPU that read would be a host synchronisation, so the check is a device-side assert
+// (the Python entry point has already checked the range on the host, unless told not to).
+void check_index_range(const Tensor& index, int64_t A, bool has_base) {
+  if (index.numel() == 0) return;
+  if (!index.is_cpu()) {
+    const int64_t low = has_base ? -1 : 0;
+    at::_assert_async(at::logical_and(index >= low, index < A).all(),
+                      "salt_kernels: adapter_index: expected values in [" + std::to_string(low) + ", " +
+                          std::to_string(A) + ")");
+    return;
+  }
   const auto [lo, hi] = at::aminmax(index);
   const Tensor bounds = at::stack({lo, hi}).cpu();
   const int64_t l = bounds[0].item<int64_t>(), h = bounds[1].item<int64_t>();
@@ -68,7 +78,6 @@ bool check_index_range(const Tensor& index, int64_t A, bool has_base) {
               l, " to ", h);
   TORCH_CHECK(l >= 0 || has_base,
               "salt_kernels: adapter_index has rows -1 (the base layer) but no base_sigma was given");
-  return l < 0;
 }
 
 // Shapes and dtypes (sizes of x / G are checked by the callers), and one device for all.
@@ -128,18 +137,21 @@ std::tuple<Tensor, Tensor> salt_multi_forward(const Tensor& x, const Tensor& U, 
 
   const Tensor Z = at::mm(x, V).to(acc);  // shrink; saved for the backward
   if (M == 0) return {at::empty({0, D}, x.options()), Z};
-  const bool base_rows = check_index_range(adapter_index, A, has_base);
+  check_index_range(adapter_index, A, has_base);
   const Tensor T = mix<Dev>(Z, adapter_index, sigma, X, Y, base_sigma, scaling, false).to(x.scalar_type());
 
-  // Expand, bias fused: a shared bias through addmm; a banked one gathered into y first
-  // (base rows: base_bias or zero), then the GEMM accumulates onto it.
+  // Expand, bias fused: a shared bias through addmm; a banked one gathered into y first,
+  // then the GEMM accumulates onto it. With a base_sigma, rows -1 take row A of the bank
+  // extended by base_bias (or zero): which rows are -1 is never read on the host.
   Tensor y = Dev::empty_output({M, D}, x.options());
   if (!has_bias) return {at::mm_out(y, T, U.t()), Z};
   if (!banked_bias) return {at::addmm_out(y, *bias, T, U.t()), Z};
-  at::index_select_out(y, *bias, 0, adapter_index.clamp_min(0));
-  if (base_rows) {
+  if (has_base) {
     const bool has_base_bias = base_bias.has_value() && base_bias->defined();
-    y.index_put_({adapter_index < 0}, has_base_bias ? *base_bias : at::zeros({D}, x.options()));
+    const Tensor base_row = has_base_bias ? base_bias->reshape({1, D}).to(bias->scalar_type()) : at::zeros({1, D}, bias->options());
+    at::index_select_out(y, at::cat({*bias, base_row}, 0), 0, at::where(adapter_index < 0, A, adapter_index));
+  } else {
+    at::index_select_out(y, *bias, 0, adapter_index);
   }
   y.addmm_(T, U.t());
   return {y, Z};

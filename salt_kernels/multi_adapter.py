@@ -21,8 +21,8 @@ Arguments (validated here, before any backend runs):
   no bias on those rows). With a shared ``(D,)`` bias every row, ``-1`` included, uses it.
 
 The range of ``adapter_index`` is checked on every call: free on CPU, one device-to-host
-synchronisation on CUDA (the C++ path needs the segment boundaries on the host anyway;
-the Triton path itself reads nothing on the host). ``check_range=False`` skips it (the
+synchronisation on CUDA (the forwards themselves read nothing on the host; the C++
+backward reads the adapter segments there). ``check_range=False`` skips it (the
 model-level :func:`salt_kernels.adapters` block does, its index is built from checked
 names). Inside ``torch.compile`` and during CUDA-graph capture the check is a device-side
 assert instead.

@@ -141,6 +141,17 @@ def test_float64_and_no_base_rows(backend, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_base_rows_without_base_bias_get_no_bias(backend):
+    """A banked bias with base rows and no base_bias: the -1 rows get no bias (the C++ op
+    gathers them from a zero row appended to the bank)."""
+    _require(backend)
+    t, index = make_bank((19,), 14, 15, 6, 3, 4, torch.float64, bias="banked", seed=5)
+    t["base_bias"] = None
+    assert (index < 0).any() and (index >= 0).any()
+    check_against_truth(t, index, torch.float64, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_equals_single_adapter_runs(backend, dtype):
     """The mixed batch row by row equals each adapter's rows through the plain op."""
