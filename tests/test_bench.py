@@ -323,6 +323,7 @@ def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "auto vs reference" in out and "fwd+bwd  worst" in out and f"of {len(tiny)} shapes" in out
     assert "auto policy these timings support" in out and "dispatch.AUTO_POLICY['cpu'] is" in out
+    assert "0.005 s per measurement is short and noisy" in out
     data = json.loads(out_json.read_text())
     assert data["command"] == ["salt-bench", *argv] and data["environment"]["device"] == "cpu"
     names = set(dispatch.available_backends("cpu")) - {"triton"}

@@ -251,9 +251,12 @@ def main(argv=None) -> int:
              if device.type == "cpu" else ", ratio of medians")
           + "; auto (x): the backend auto picked; fwd under no_grad; peak MiB: memory allocated by one fwd+bwd "
           "above its inputs" + ("; % BW: minimum bytes / time as a share of peak bandwidth" if bandwidth else ""))
-    for summary in (auto_summary(rows), policy_summary(rows, device.type)):
-        if summary:
-            print(summary)
+    summaries = [s for s in (auto_summary(rows), policy_summary(rows, device.type)) if s]
+    for summary in summaries:
+        print(summary)
+    if summaries and min_time < 1 and device.type == "cpu":
+        print(f"  ({min_time:g} s per measurement is short and noisy on a CPU: ratios within about 0.2 of 1 are "
+              "ties; for the policy, run --presets auto-vs-reference --min-time 1 on an idle machine)")
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         csv_path = os.path.join(args.output, "results.csv")
