@@ -373,6 +373,38 @@ def test_cpu_auto_policy_is_the_measured_one():
     assert bench.measured_policy(rows) == dispatch.AUTO_POLICY["cpu"]
 
 
+def test_backends_past_their_rank_limit_are_skipped():
+    """On a GPU the llama7b preset's r = 410 is past Triton's limit (256): that backend's
+    rows say so instead of the run raising; auto and reference are timed."""
+    methods = {m.name: m for m in bench.build_methods("cuda", ["triton", "reference"], auto=True)}
+    wide, narrow = (presets.Shape("t", "wide", 16, 64, 64, r, 8) for r in (410, 64))
+    assert methods["triton"].skip_reason(wide) == "skipped: rank 410 > 256, triton's limit"
+    assert methods["triton"].skip_reason(narrow) is None
+    assert methods["reference"].skip_reason(wide) is None and methods["auto"].skip_reason(wide) is None
+
+
+def test_a_failing_method_is_reported_and_the_others_timed(capsys):
+    """A method that raises gets a 'failed: ...' row in both modes; the others are timed."""
+    def boom(**args):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    shape = bench.PRESETS["smoke"][1]
+    ref = next(m for m in bench.build_methods("cpu", ["reference"]) if m.name == "reference")
+    bad = bench.Method("broken", "salt", bench.salt_inputs, boom)
+    rows = bench.run_benchmarks([shape], [ref, bad], "cpu", torch.float32, min_time=0.005, progress=False)
+    by = {(r.method.name, r.mode): r for r in rows}
+    assert by[("reference", "fwd")].timing and by[("reference", "fwd+bwd")].timing
+    assert by[("broken", "fwd")].skip == "failed: RuntimeError: kernel exploded" and not by[("broken", "fwd")].timing
+
+
+def test_one_input_copy_when_the_device_flushes_its_cache():
+    """On CUDA do_bench flushes L2 before each call: target_bytes 0 there, one copy."""
+    shape = bench.PRESETS["smoke"][1]
+    ref = bench.build_methods("cpu", ["reference"])[0]
+    assert len(bench.make_input_sets(ref, shape, torch.float32, "cpu", target_bytes=0)) == 1
+    assert len(bench.make_input_sets(ref, shape, torch.float32, "cpu")) == 8  # tiny shape: 64 MiB is never reached
+
+
 def test_skipped_baseline_is_reported(tmp_path, capsys):
     """A baseline skipped for its cost: the reason in the table and in CSV/JSON."""
     argv = FAST + ["--official-max-gflop", "0.0001", "--json", str(tmp_path / "r.json")]

@@ -73,7 +73,8 @@ def official_salt_params(weight: torch.Tensor, rank: int, lora_rank: int, *, gen
     U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
 
     def randn(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.01).to(device=dev, dtype=dt)
+        where = generator.device if generator is not None else "cpu"
+        return (torch.randn(*shape, generator=generator, device=where) * 0.01).to(device=dev, dtype=dt)
 
     return dict(
         U_full=U.to(dt), S_full=S.to(dt), Vh_full=Vh.to(dt),

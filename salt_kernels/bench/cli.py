@@ -77,8 +77,11 @@ def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=N
         for mode in MODES:
             bar.set_postfix_str(f"{shape.layer} M={shape.M} r={shape.r} {mode}", refresh=True)
             steps = {m.name: make_step(m, sets[m.name], mode) for m in active}
-            timings = time_steps(steps, device, min_time)
-            for m in active:
+            for m, error in _failing_steps(steps, active):  # reported, not timed
+                rows.append(Row(shape, m, mode, skip=f"failed: {error}"))
+                del steps[m.name]
+            timings = time_steps(steps, device, min_time) if steps else {}
+            for m in (m for m in active if m.name in steps):
                 row = Row(shape, m, mode, timing=timings[m.name], resolves_to=picked if m.name == AUTO else None)
                 if mode == "fwd+bwd":
                     row.peak_bytes = peak_memory_bytes(steps[m.name], device)
@@ -95,6 +98,18 @@ def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=N
     rows.sort(key=lambda r: (order[(r.shape, r.method.name)], r.mode != "fwd"))
     add_ratios(rows)
     return rows
+
+
+def _failing_steps(steps: dict, methods) -> list:
+    """Run each step once (a warm-up as well): (method, error) for those whose step
+    raises, so that one failing method leaves the others' timings and the report intact."""
+    failed = []
+    for m in methods:
+        try:
+            steps[m.name]()
+        except Exception as exc:  # reported in the row; the run's exit status is 1
+            failed.append((m, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]))
+    return failed
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -244,6 +259,11 @@ def main(argv=None) -> int:
           + (f"; roofline at {bandwidth:g} GB/s" if bandwidth else ""))
     rows = run_benchmarks(shapes, methods, device, dtype, min_time=min_time, bandwidth_gbps=bandwidth,
                           progress=not args.no_progress)
+    failed = [r for r in rows if r.skip and r.skip.startswith("failed")]
+    if failed:
+        ok = False
+        print(f"salt-bench: {len(failed)} timings failed (their rows say why), e.g. {failed[0].method.name} at "
+              f"{failed[0].shape.label} {failed[0].mode}: {failed[0].skip}", file=sys.stderr)
     print()
     print(format_table(rows, markdown=args.markdown, with_roofline=bool(bandwidth)))
     print("\n×ref, ×official: speed-up over the reference chain / the official SALT way (> 1 is faster)"

@@ -49,7 +49,13 @@ class Method:
 
 
 def _randn(g, device, dtype, *shape, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+    # drawn where the generator lives (on a GPU: the device; a CPU draw of the large
+    # presets' inputs took about a minute)
+    return (torch.randn(*shape, generator=g, device=g.device) * scale).to(device=device, dtype=dtype)
+
+
+def _rand(g, device, dtype, *shape):
+    return torch.rand(*shape, generator=g, device=g.device).to(device=device, dtype=dtype)
 
 
 def _trained(a: dict, names, grad_out) -> Inputs:
@@ -65,7 +71,7 @@ def salt_inputs(s: Shape, dtype, device, g) -> Inputs:
         x=_randn(g, device, dtype, s.M, s.K),
         U=_randn(g, device, dtype, s.D, s.r, scale=s.D ** -0.5),
         V=_randn(g, device, dtype, s.K, s.r, scale=s.K ** -0.5),
-        sigma=(torch.rand(s.r, generator=g) + 0.5).to(device=device, dtype=dtype),
+        sigma=_rand(g, device, dtype, s.r) + 0.5,
         X=_randn(g, device, dtype, s.r, s.rl, scale=0.5),
         Y=_randn(g, device, dtype, s.rl, s.r, scale=0.5),
         bias=_randn(g, device, dtype, s.D, scale=0.1),
@@ -86,7 +92,7 @@ def _official_inputs(s: Shape, dtype, device, g) -> Inputs:
     a = dict(
         x=_randn(g, device, dtype, s.M, s.K),
         U_full=_randn(g, device, dtype, s.D, R, scale=s.D ** -0.5),
-        S_full=(torch.rand(R, generator=g) + 0.5).to(device=device, dtype=dtype),
+        S_full=_rand(g, device, dtype, R) + 0.5,
         Vh_full=_randn(g, device, dtype, R, s.K, scale=s.K ** -0.5),
         scale=torch.ones(s.r, device=device, dtype=dtype),
         shift=torch.zeros(s.r, device=device, dtype=dtype),
@@ -125,6 +131,15 @@ def auto_choice(device, shape: Shape) -> str | None:
         return None
 
 
+def rank_skip_reason(backend: str, shape: Shape) -> str | None:
+    """Why backend ``backend`` is not timed at ``shape`` (its rank is past the backend's
+    limit: ``auto`` picks another there), or None."""
+    limit = None if backend == AUTO else dispatch._max_rank(backend)
+    if limit is not None and shape.r > limit:
+        return f"skipped: rank {shape.r} > {limit}, {backend}'s limit"
+    return None
+
+
 def official_skip_reason(shape: Shape, max_gflop: float | None) -> str | None:
     """Why the official baseline is not timed at ``shape`` (its dense rebuild is too
     costly), or None."""
@@ -140,7 +155,8 @@ def build_methods(device, backends, official_max_gflop: float | None = None, *, 
     baselines (``"dense"``, ``"official"``)."""
     names = ([AUTO] if auto else []) + [b for b in backends if not is_interpreted(b, device)]
     notes = {REFERENCE: "plain PyTorch chain", AUTO: "what backend='auto' runs"}
-    methods = [Method(b, "salt", salt_inputs, _salt_forward(b), note=notes.get(b, "")) for b in names]
+    methods = [Method(b, "salt", salt_inputs, _salt_forward(b), note=notes.get(b, ""),
+                      skip_reason=lambda s, b=b: rank_skip_reason(b, s)) for b in names]
     if "dense" in baselines:
         methods.append(Method(DENSE, "baseline", _dense_inputs, dense_linear, note="full fine-tuning"))
     if "official" in baselines:
@@ -153,11 +169,12 @@ def build_methods(device, backends, official_max_gflop: float | None = None, *, 
 def make_input_sets(method: Method, shape: Shape, dtype, device, *, seed=0, target_bytes=None) -> list[Inputs]:
     """Several independent copies of the inputs, cycled through by the timed step, so
     that a small problem is not served from cache every call (up to 8 copies, enough to
-    exceed ``target_bytes``: 256 MiB on CUDA, 64 MiB on CPU)."""
+    exceed ``target_bytes``: 64 MiB on CPU; one copy on CUDA, where ``do_bench`` flushes
+    the L2 cache before every call). Drawn on the device."""
     device = torch.device(device)
     if target_bytes is None:
-        target_bytes = (256 if device.type == "cuda" else 64) * 2 ** 20
-    g = torch.Generator().manual_seed(seed)
+        target_bytes = 0 if device.type == "cuda" else 64 * 2 ** 20
+    g = torch.Generator(device=device).manual_seed(seed)
     first = method.make_inputs(shape, dtype, device, g)
     n = max(1, min(8, math.ceil(target_bytes / max(first.nbytes(), 1))))
     return [first] + [method.make_inputs(shape, dtype, device, g) for _ in range(n - 1)]
