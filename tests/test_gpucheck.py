@@ -89,7 +89,8 @@ def test_failing_or_overrunning_step_fails_the_check(tmp_path):
 
 
 def test_budgets_fit_the_gpu_time():
-    assert sum(s.budget_s for s in STEPS) <= gpucheck.TOTAL_BUDGET_S <= 8 * 60
+    # one command on the lent GPU machine runs at most 10 minutes, the wheel install included
+    assert sum(s.budget_s for s in STEPS) <= gpucheck.TOTAL_BUDGET_S <= 9.5 * 60
     assert len({s.name for s in STEPS}) == len(STEPS)
 
 
@@ -112,3 +113,23 @@ def test_tests_step_stops_before_its_budget_and_counts_what_ran(tmp_path, monkey
     assert result["status"] == "fail" and figs["stopped"] is True, result
     assert figs["passed"] == 2 and "stopped at the budget" in result["summary"]
     assert figs["pytest_s"] < 40
+
+
+def test_triton_spills_finds_compiled_kernels(monkeypatch):
+    """Registers and spills are read from every kernel cache of both Triton modules; a
+    JITFunction (which has a .fn, the Python function) is read itself, an Autotuner
+    through its .fn."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from salt_kernels.backends import triton_kernels, triton_multi
+
+    def jit(name, regs):
+        kernel = SimpleNamespace(n_regs=regs, n_spills=0)
+        return SimpleNamespace(__name__=name, fn=lambda: None, device_caches={0: ({"key": kernel}, None)})
+
+    monkeypatch.setattr(triton_kernels, "_fake_jit", jit("_fake_jit", 100), raising=False)
+    monkeypatch.setattr(triton_kernels, "_fake_tuned", SimpleNamespace(fn=jit("_fake_tuned", 120)), raising=False)
+    monkeypatch.setattr(triton_multi, "_fake_multi", jit("_fake_multi", 90), raising=False)
+    found = {s["kernel"]: s["n_regs"] for s in gpucheck.triton_spills()}
+    assert {"_fake_jit": 100, "_fake_tuned": 120, "_fake_multi": 90}.items() <= found.items()
