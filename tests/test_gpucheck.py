@@ -133,3 +133,14 @@ def test_triton_spills_finds_compiled_kernels(monkeypatch):
     monkeypatch.setattr(triton_multi, "_fake_multi", jit("_fake_multi", 90), raising=False)
     found = {s["kernel"]: s["n_regs"] for s in gpucheck.triton_spills()}
     assert {"_fake_jit": 100, "_fake_tuned": 120, "_fake_multi": 90}.items() <= found.items()
+
+
+def test_offline_script_brings_every_module_the_check_needs():
+    """.ci/gpu_check.sh installs (from prepared wheels) each module the environment step
+    requires, then runs the check from this checkout."""
+    text = (ROOT / ".ci" / "gpu_check.sh").read_text()
+    pkgs = next(line for line in text.splitlines() if line.startswith("PKGS=")).split("=", 1)[1].strip('"').split()
+    assert set(gpucheck.NEEDED_MODULES) <= set(pkgs)
+    assert "-m salt_kernels.gpucheck --out" in text
+    proc = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
