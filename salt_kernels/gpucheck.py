@@ -208,7 +208,7 @@ def step_build(ctx: Context) -> dict:
 # Numerics first (a run stopped at the budget loses the slow compile tests, not these);
 # a file that fails to import does not take the others with it.
 GPU_TEST_ARGS = ["tests/test_triton.py", "tests/test_extension.py", "tests/test_salt_linear.py",
-                 "tests/test_model.py", "tests/test_conformance.py", "tests/test_compile.py",
+                 "tests/test_model.py", "tests/test_conformance.py", "tests/test_compile.py", "tests/test_warmup.py",
                  "-k", "(test_triton.py or test_salt_linear.py or cuda or gpu) and not aot and not build",
                  "--continue-on-collection-errors", "--durations=30"]
 # Dry run: a few of the same tests under the interpreter.
