@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The ahead-of-time compile check (python -m salt_kernels.aot: every launch specialisation,
+# The ahead-of-time compile check (python -m salt_kernels.tools.aot: every launch specialisation,
 # sm_80 and sm_90, no spills, register headroom) on every supported Triton. Each version
 # gets a small venv (a CPU torch and that Triton), created once and reused; the check runs
 # on this source tree (PYTHONPATH), so no other environment is needed. Extra arguments go
-# to salt_kernels.aot (e.g. --jobs 1, --full).
+# to salt_kernels.tools.aot (e.g. --jobs 1, --full).
 #   SALT_AOT_TRITONS  versions to check (default: the supported range's ends and middle)
 #   SALT_AOT_VENVS    where the venvs live
 #   SALT_AOT_TORCH    the torch requirement installed next to each Triton
@@ -24,4 +24,4 @@ for v in $VERSIONS; do
     args+=(--triton-venv "$d")
     driver=${driver:-"$d/bin/python"}
 done
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$driver" -m salt_kernels.aot "${args[@]}" "$@"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$driver" -m salt_kernels.tools.aot "${args[@]}" "$@"

@@ -20,4 +20,4 @@ python=${PYTHON:-python3}
 if [ -d .whl ]; then
   "$python" -m pip install --no-index --find-links .whl $PKGS
 fi
-exec "$python" -m salt_kernels.gpucheck --out "${1:-gpucheck-report}"
+exec "$python" -m salt_kernels.tools.gpucheck --out "${1:-gpucheck-report}"

@@ -4,11 +4,11 @@
     PYTHONPATH=. python benchmarks/bench_cpu_backend.py --shape 4096,768,768,64,8   # one shape M,K,D,r,r'
 
 float32 by default. Four ways to compute the same layer, timed by the benchmark
-toolkit (``salt_kernels.bench.timing``: warm-up, then interleaved rounds, so a noisy
+toolkit (``salt_kernels.tools.bench.timing``: warm-up, then interleaved rounds, so a noisy
 neighbour slows all alike; inputs rotated through several copies):
 
 * ``chain``: the plain autograd chain ``z = x@V; t = z*σ + (z@Yᵀ)@Xᵀ; y = t@Uᵀ + b``
-  (``salt_kernels.bench.baselines.unfused_salt_chain``);
+  (``salt_kernels.tools.bench.baselines.unfused_salt_chain``);
 * ``reference``: our ``reference`` backend, the same chain with bias and mix fused
   through ``addmm`` (a stronger baseline);
 * ``cpu``: the extension;
@@ -17,7 +17,7 @@ neighbour slows all alike; inputs rotated through several copies):
   speed-up over the baselines bounds the speed-up any such implementation can reach.
 
 Forward runs under ``no_grad``; forward+backward takes the gradients of x, σ, X, Y and b.
-Reported (``salt_kernels.bench.report``): min and median per call, the speed-ups over
+Reported (``salt_kernels.tools.bench.report``): min and median per call, the speed-ups over
 both baselines (median of the per-round paired ratios ± half their interquartile
 range), achieved GFLOP/s of ``cpu`` as a fraction of a square matmul (in the dtype the
 ``cpu`` kernel's GEMMs run in) timed in the same rounds, and the peak extra resident
@@ -39,9 +39,9 @@ import torch
 
 import salt_kernels
 from salt_kernels.backends import extension, reference
-from salt_kernels.bench import (Method, Shape, Timing, format_columns, layer_step, make_input_sets, paired_ratio,
+from salt_kernels.tools.bench import (Method, Shape, Timing, format_columns, layer_step, make_input_sets, paired_ratio,
                                 salt_inputs, time_steps)
-from salt_kernels.bench.baselines import unfused_salt_chain
+from salt_kernels.tools.bench.baselines import unfused_salt_chain
 
 # Shapes as Shape(preset, layer, M, K, D, r, r')
 SHAPES = [

@@ -4,7 +4,7 @@
     PYTHONPATH=.:/path/to/peft python benchmarks/bench_multi_adapter.py model [--batch 64]
 
 ``layer``: one SALT layer, fp32, forward (no_grad, serving), M = 4096 rows. Steps timed
-in interleaved rounds (``salt_kernels.bench``'s sampler): ``single`` is the plain op on
+in interleaved rounds (``salt_kernels.tools.bench``'s sampler): ``single`` is the plain op on
 one adapter (backend ``cpu``); ``N=n`` runs the same rows spread uniformly at random
 (unsorted) over n adapters through the mixed-adapter op (backend ``cpu``). Shapes
 ViT-B 768->768 and 768->3072, LLM 4096->4096, r = 64 and 128.
@@ -25,7 +25,7 @@ import statistics
 
 import torch
 
-from salt_kernels.bench import sample_steps  # the package's interleaved timing helper
+from salt_kernels.tools.bench import sample_steps  # the package's interleaved timing helper
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -103,7 +103,7 @@ def bench_model(args):
                          target_modules=targets, progress=False)
     layers = [m for m in salt.modules() if isinstance(m, sk.SALTLinear)]
     salt_numbers = sum(m.rank + 2 * m.rank * m.lora_rank for m in layers)
-    from salt_kernels.adapters import add_layer_adapter
+    from salt_kernels.model.bank import add_layer_adapter
 
     g = torch.Generator().manual_seed(0)
     for m in layers:

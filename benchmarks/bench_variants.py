@@ -1,6 +1,6 @@
 """CPU timings of the SALT layer variants against the dense layers they replace,
 forward and forward+backward (gradients of the input and of every trainable
-parameter), timed by the benchmark toolkit (``salt_kernels.bench.timing``: warm-up,
+parameter), timed by the benchmark toolkit (``salt_kernels.tools.bench.timing``: warm-up,
 then interleaved rounds; speed-ups are medians of per-round paired ratios).
 
     PYTHONPATH=. python benchmarks/bench_variants.py [--threads N] [--min-time S] [--rows M]
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from salt_kernels import SALTConv2d, SALTLinear
-from salt_kernels.bench import format_columns, layer_step, paired_ratio, time_steps
+from salt_kernels.tools.bench import format_columns, layer_step, paired_ratio, time_steps
 
 
 def time_group(modules: dict, x, min_time: float) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """pytest-benchmark suite: the comparisons of ``salt-bench`` (every available backend,
 ``auto``, the reference chain, dense ``nn.Linear`` and the official SALT way; forward and
-forward+backward), built from :mod:`salt_kernels.bench` so the inputs, baselines and
+forward+backward), built from :mod:`salt_kernels.tools.bench` so the inputs, baselines and
 timed steps are the CLI's own.
 
     pytest benchmarks/ --benchmark-only                       # the "quick" preset
@@ -18,7 +18,8 @@ import os
 import pytest
 import torch
 
-from salt_kernels import available_backends, bench
+from salt_kernels import available_backends
+from salt_kernels.tools import bench
 
 if os.environ.get("SALT_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["SALT_BENCH_THREADS"]))

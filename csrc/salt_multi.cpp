@@ -1,6 +1,6 @@
 // Many SALT adapters on one base in one batch: salt_kernels::salt_multi_forward /
 // salt_multi_backward, one implementation over the device structs of device.h,
-// registered for CPU and CUDA. Contract (and autograd): salt_kernels/backends/multi_extension.py.
+// registered for CPU and CUDA. Contract (and autograd): salt_kernels/backends/extension/multi.py.
 //
 // Row m uses adapter a = adapter_index[m] (-1: the base layer, core diag(base_sigma)):
 //

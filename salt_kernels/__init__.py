@@ -3,25 +3,30 @@
     y = U_r (diag(sigma) + scaling * X @ Y) V_r^T x + b
 
 computed without ever building the dense weight. See README.md and docs/design.md.
+
+The package is layered (docs/design.md, "Architecture"); imports flow one way:
+``backends`` -> ``ops`` -> ``nn`` -> ``model``, ``peft``; ``tools`` use the library.
+This module only re-exports the public API.
 """
 
-from .dispatch import BackendUnavailableError, available_backends, salt_linear
-from .adapter_file import AdapterFileError, AdapterFileWarning
-from .conv import SALTConv2d
-from .export import export_lora
-from .layers import SALTLinear, truncated_svd
 from .model import (
+    AdapterFileError,
+    AdapterFileWarning,
+    adapters,
     apply_salt,
+    delete_adapter,
+    export_lora,
+    list_adapters,
     load_salt,
     merge_salt,
     print_trainable_parameters,
     read_salt_config,
     save_salt,
+    set_adapter,
     trainable_parameters,
 )
-from .regularizer import salt_regularizer
-from .adapters import adapters, delete_adapter, list_adapters, set_adapter
-from .warmup import warmup
+from .nn import SALTConv2d, SALTLinear, salt_regularizer, truncated_svd, warmup
+from .ops import BackendUnavailableError, available_backends, salt_linear
 
 __version__ = "0.1.0"
 

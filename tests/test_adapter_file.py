@@ -15,7 +15,7 @@ from torch import nn
 
 import salt_kernels
 from salt_kernels import AdapterFileError, AdapterFileWarning, apply_salt, load_salt, read_salt_config, save_salt
-from salt_kernels import adapter_file
+from salt_kernels.model import adapter_file
 
 
 def _base(seed=0, width=48, depth=3):

@@ -1,5 +1,5 @@
-"""python -m salt_kernels.aot compiles what runs: the specialisations come from the
-launcher's own launch records (triton_kernels.forward_launches / backward_launches)
+"""python -m salt_kernels.tools.aot compiles what runs: the specialisations come from the
+launcher's own launch records (backends.triton.kernels.forward_launches / backward_launches)
 through Triton's JIT binder, so precision constexprs, stride-1 constants and
 divisibility-16 hints are those of a real launch. The full check (every specialisation,
 sm_80 and sm_90, on every supported Triton) is `.ci/aot_triton_versions.sh`, which CI
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from salt_kernels import aot
+from salt_kernels.tools import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +30,8 @@ def _compiled_mode(code: str, timeout=900) -> dict:
 
 SPEC = r"""
 import json, torch, triton
-from salt_kernels import aot
-from salt_kernels.backends import triton_kernels as tk
+from salt_kernels.tools import aot
+from salt_kernels.backends.triton import kernels as tk
 
 triton.knobs.language.default_fp_fusion = False  # Triton 3.10's default: the launches must not depend on it
 
@@ -117,7 +117,7 @@ def test_sample_compiles_without_spills():
     """A sample of the check, compiled for real: the widest fp32 forward at large M."""
     rows = _compiled_mode(r"""
 import json
-from salt_kernels import aot
+from salt_kernels.tools import aot
 jobs = [j for j in aot.jobs() if j["launch"].kwargs.get("R_PAD") == 256 and j["arch"] == 90
         and "contiguous M4096" in j["scenarios"] and str(j["launch"].args[0].dtype) == "torch.float32"
         and j["launch"].name in ("expand", "mix")][:4]
@@ -129,8 +129,8 @@ print(json.dumps([aot.compile_one(j) for j in jobs], default=str))
 
 def test_multi_adapter_expand_is_checked():
     """The mixed-adapter Triton forward's expand is enumerated from its own launcher
-    (triton_multi.multi_launches) at every padded rank it serves and every bias mode."""
-    from salt_kernels.backends import triton_multi as tm
+    (backends.triton.multi.multi_launches) at every padded rank it serves and every bias mode."""
+    from salt_kernels.backends.triton import multi as tm
 
     seen = {(aot._io_dtype(L), L.kwargs["R_PAD"], L.kwargs["HAS_BIAS"], L.kwargs["BANKED_BIAS"],
              L.kwargs["HAS_BASE_BIAS"]) for _, L in aot.multi_launches() if L.fn is tm._multi_expand_kernel}
@@ -140,7 +140,7 @@ def test_multi_adapter_expand_is_checked():
 
 
 def test_every_launch_compiles_on_the_installed_triton():
-    """python -m salt_kernels.aot --full on the Triton this environment has: every launch
+    """python -m salt_kernels.tools.aot --full on the Triton this environment has: every launch
     the host can plan (odd sizes and transposed bases included) compiles for sm_80 and
     sm_90 with no spills, at most MAX_REGISTERS registers and shared memory within the
     limit (no GPU needed). A process without TRITON_INTERPRET: interpreted kernels cannot
@@ -148,7 +148,7 @@ def test_every_launch_compiles_on_the_installed_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "salt_kernels.aot", "--full", "--jobs", "2"], env=env,
+    out = subprocess.run([sys.executable, "-m", "salt_kernels.tools.aot", "--full", "--jobs", "2"], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "): OK" in out.stdout and "sm_80:" in out.stdout and "sm_90:" in out.stdout

@@ -62,7 +62,7 @@ def _file(tmp, data: bytes, name="f.safetensors"):
 
 def _nan_file(tmp, name):
     """An adapter with valid checksums whose tensor ``name`` holds NaN."""
-    from salt_kernels import adapter_file
+    from salt_kernels.model import adapter_file
 
     path = _saved(tmp)
     config, tensors = adapter_file.read_adapter(path)

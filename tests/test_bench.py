@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salt_kernels import bench, dispatch
+from salt_kernels.ops import dispatch
+from salt_kernels.tools import bench
 from salt_kernels.backends import reference
-from salt_kernels.bench import plots, presets, timing
-from salt_kernels.bench.baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
+from salt_kernels.tools.bench import plots, presets, timing
+from salt_kernels.tools.bench.baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
                                           unfused_salt_chain)
-from salt_kernels.bench.report import Row
+from salt_kernels.tools.bench.report import Row
 from salt_testing import TOLERANCES, make_salt_inputs
 
 # One thread: on a shared 2-core CI machine, two intra-op threads can wait on each other
@@ -277,10 +278,10 @@ def _import_script(name):
 
 def test_benchmark_scripts_use_the_toolkit():
     """No script under benchmarks/ times on its own: no perf_counter, timeit or
-    torch.utils.benchmark, and each imports salt_kernels.bench."""
+    torch.utils.benchmark, and each imports salt_kernels.tools.bench."""
     for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
         text = path.read_text()
-        assert "salt_kernels.bench" in text or "from salt_kernels import" in text and "bench" in text, path
+        assert "salt_kernels.tools.bench" in text or "from salt_kernels import" in text and "bench" in text, path
         for own_timer in ("perf_counter", "timeit", "torch.utils.benchmark", "time.time("):
             assert own_timer not in text, (path.name, own_timer)
 
@@ -295,8 +296,8 @@ def test_help_is_plain_text_and_every_option_has_help():
 
 
 def test_help_runs_as_a_module():
-    """``python -m salt_kernels.bench --help`` (what the console script runs)."""
-    out = subprocess.run([sys.executable, "-m", "salt_kernels.bench", "--help"], capture_output=True, text=True,
+    """``python -m salt_kernels.tools.bench --help`` (what the console script runs)."""
+    out = subprocess.run([sys.executable, "-m", "salt_kernels.tools.bench", "--help"], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.startswith("usage: salt-bench") and "--json FILE" in out and "--device DEVICE" in out
 

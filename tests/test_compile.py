@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 import salt_kernels
 from salt_kernels import SALTLinear
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import TOLERANCES
 
 TOKEN_COUNTS = (2, 3, 5, 8, 13, 37)

@@ -24,7 +24,7 @@ from torch import nn
 
 import salt_kernels
 from salt_kernels import SALTConv2d, SALTLinear
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import (TOLERANCES, assert_layer_matches_ground_truth, assert_matches_ground_truth,
                           dense_layer_f64, make_salt_inputs, max_rel_err, perturb)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import salt_kernels
-from salt_kernels import SALTLinear, dispatch
+from salt_kernels import SALTLinear
+from salt_kernels.ops import dispatch
 from salt_testing import make_salt_inputs
 
 
@@ -75,7 +76,7 @@ def test_autocast_cpu_bfloat16_like_linear():
 def test_rank_above_a_backends_limit():
     """Triton kernels support rank <= 256: asked for explicitly, a larger rank is a clear
     error; under "auto" the next backend in the order takes it."""
-    from salt_kernels.dispatch import unavailable_reason
+    from salt_kernels.ops.dispatch import unavailable_reason
 
     if unavailable_reason("triton", "cpu") is not None:
         pytest.skip(f"triton unavailable here: {unavailable_reason('triton', 'cpu')}")
@@ -87,7 +88,7 @@ def test_rank_above_a_backends_limit():
 def test_auto_skips_backends_whose_rank_limit_is_exceeded(monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", ((None, ("triton", "reference")),))
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device: None)
-    monkeypatch.setattr(dispatch, "_max_rank", lambda name: 256 if name == "triton" else None)
+    monkeypatch.setattr(dispatch, "_max_rank", lambda name, *need: 256 if name == "triton" else None)
     dispatch.clear_backend_cache()
     try:
         assert dispatch.resolve_backend("auto", "cpu", rank=256) == "triton"
@@ -129,8 +130,9 @@ def test_auto_follows_size_policy(size_policy, monkeypatch):
     assert dispatch.resolve_backend("auto", "cpu", rank=3) == big  # M unknown: the last row
     calls = []
     for name in {"reference", big}:
-        monkeypatch.setitem(dispatch._IMPLS, name,
-                            lambda *a, _n=name, _f=dispatch._IMPLS[name]: calls.append(_n) or _f(*a))
+        key = (name, dispatch.PLAIN)
+        monkeypatch.setitem(dispatch._IMPLS, key,
+                            lambda *a, _n=name, _f=dispatch._IMPLS[key]: calls.append(_n) or _f(*a))
     for lead in [(2, 4), (9,)]:  # M = 8 and M = 9 (leading dims flattened)
         salt_kernels.salt_linear(**make_salt_inputs(lead, 6, 5, 3, 1))
     assert calls == ["reference", big]

@@ -1,4 +1,4 @@
-"""The C++/CUDA extension (backends "cpu" and "cuda", salt_kernels/backends/extension.py).
+"""The C++/CUDA extension (backends "cpu" and "cuda", salt_kernels/backends/extension/).
 
 Numerics of salt_linear on these backends (every shape, dtype and gradient vs float64)
 are in test_salt_linear.py; here: the ops themselves (opcheck), gradcheck, bitwise
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import salt_kernels
-from salt_kernels.dispatch import resolve_backend, unavailable_reason
+from salt_kernels.ops.dispatch import resolve_backend, unavailable_reason
 from salt_testing import TOLERANCES, assert_matches_ground_truth, ground_truth, make_salt_inputs, max_rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ HAS_GPU = torch.cuda.is_available()
 
 def _ext_or_skip():
     try:
-        from salt_kernels.backends import extension
+        from salt_kernels.backends.extension import ops as extension
     except ImportError as exc:
         pytest.skip(f"extension not built: {exc}")
     return extension
@@ -228,7 +228,7 @@ def test_missing_extension_falls_back_with_one_warning():
         assert salt_kernels.available_backends("cpu")[0] == "reference", salt_kernels.available_backends("cpu")
         assert "cpu" not in salt_kernels.available_backends("cpu")
         # above the CPU policy's first row, where auto would not try the extension
-        M = salt_kernels.dispatch.AUTO_POLICY["cpu"][0][0] + 1
+        M = salt_kernels.ops.dispatch.AUTO_POLICY["cpu"][0][0] + 1
         x, U, V, s = torch.randn(M, 5), torch.randn(4, 2), torch.randn(5, 2), torch.rand(2)
         X, Y = torch.randn(2, 1), torch.randn(1, 2)
         with warnings.catch_warnings(record=True) as w:
@@ -275,7 +275,7 @@ def _build_copy(tmp_path, env_extra):
 
 _CHECK_BUILT = textwrap.dedent("""
     import torch, salt_kernels
-    from salt_kernels.backends import extension as ext
+    from salt_kernels.backends.extension import ops as ext
     x = torch.randn(3000, 40, requires_grad=True)  # several db/dC blocks
     U, V = torch.randn(30, 8), torch.randn(40, 8)
     s, X, Y = torch.rand(8), torch.randn(8, 2), torch.randn(2, 8)
@@ -369,7 +369,7 @@ def test_cpu_bf16_fp32_gemm_path():
         import sys
         sys.path.insert(0, "tests")
         import torch, salt_kernels
-        from salt_kernels.backends import extension as ext
+        from salt_kernels.backends.extension import ops as ext
         from salt_testing import assert_matches_ground_truth, make_salt_inputs
         assert ext.cpu_gemm_dtype(torch.bfloat16) == torch.float32
         fn = lambda **t: salt_kernels.salt_linear(**t, backend="cpu")

@@ -1,4 +1,4 @@
-"""python -m salt_kernels.gpucheck: the dry run (the same steps on CPU under the Triton
+"""python -m salt_kernels.tools.gpucheck: the dry run (the same steps on CPU under the Triton
 interpreter, tiny sizes) end to end, and the runner's handling of failing and overrunning
 steps."""
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from salt_kernels import gpucheck
-from salt_kernels.dispatch import AUTO_POLICY
-from salt_kernels.gpucheck import STEPS, Step, run_check
+from salt_kernels.tools import gpucheck
+from salt_kernels.tools.gpucheck import steps
+from salt_kernels.ops.dispatch import AUTO_POLICY
+from salt_kernels.tools.gpucheck import STEPS, Step, run_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpucheck")
-    proc = subprocess.run([sys.executable, "-m", "salt_kernels.gpucheck", "--dry-run", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "salt_kernels.tools.gpucheck", "--dry-run", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     return out, proc
 
@@ -106,9 +107,9 @@ def test_tests_step_stops_before_its_budget_and_counts_what_ran(tmp_path, monkey
     suite.parent.mkdir()
     suite.write_text("import time\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n\n"
                      "def test_c():\n    time.sleep(120)\n")
-    monkeypatch.setattr(gpucheck, "DRY_TEST_ARGS", [str(suite)])
-    monkeypatch.setattr(gpucheck, "STEPS", [Step("tests", "tests", 60, 35)])  # stopped at 35 - 25 = 10 s
-    result = gpucheck.step_tests(gpucheck.Context(tmp_path / "out", dry_run=True))
+    monkeypatch.setattr(steps, "DRY_TEST_ARGS", [str(suite)])
+    monkeypatch.setattr(steps, "STEPS", [Step("tests", "tests", 60, 35)])  # stopped at 35 - 25 = 10 s
+    result = steps.step_tests(gpucheck.Context(tmp_path / "out", dry_run=True))
     figs = result["figures"]
     assert result["status"] == "fail" and figs["stopped"] is True, result
     assert figs["passed"] == 2 and "stopped at the budget" in result["summary"]
@@ -122,7 +123,7 @@ def test_triton_spills_finds_compiled_kernels(monkeypatch):
     from types import SimpleNamespace
 
     pytest.importorskip("triton")
-    from salt_kernels.backends import triton_kernels, triton_multi
+    from salt_kernels.backends.triton import kernels as triton_kernels, multi as triton_multi
 
     def jit(name, regs):
         kernel = SimpleNamespace(n_regs=regs, n_spills=0)
@@ -131,7 +132,7 @@ def test_triton_spills_finds_compiled_kernels(monkeypatch):
     monkeypatch.setattr(triton_kernels, "_fake_jit", jit("_fake_jit", 100), raising=False)
     monkeypatch.setattr(triton_kernels, "_fake_tuned", SimpleNamespace(fn=jit("_fake_tuned", 120)), raising=False)
     monkeypatch.setattr(triton_multi, "_fake_multi", jit("_fake_multi", 90), raising=False)
-    found = {s["kernel"]: s["n_regs"] for s in gpucheck.triton_spills()}
+    found = {s["kernel"]: s["n_regs"] for s in steps.triton_spills()}
     assert {"_fake_jit": 100, "_fake_tuned": 120, "_fake_multi": 90}.items() <= found.items()
 
 
@@ -140,7 +141,7 @@ def test_offline_script_brings_every_module_the_check_needs():
     requires, then runs the check from this checkout."""
     text = (ROOT / ".ci" / "gpu_check.sh").read_text()
     pkgs = next(line for line in text.splitlines() if line.startswith("PKGS=")).split("=", 1)[1].strip('"').split()
-    assert set(gpucheck.NEEDED_MODULES) <= set(pkgs)
-    assert "-m salt_kernels.gpucheck --out" in text
+    assert set(steps.NEEDED_MODULES) <= set(pkgs)
+    assert "-m salt_kernels.tools.gpucheck --out" in text
     proc = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

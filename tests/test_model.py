@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import salt_kernels
-import salt_kernels.layers as layers_mod
+import salt_kernels.nn.linear as layers_mod
 from salt_kernels import (
     SALTLinear,
     apply_salt,

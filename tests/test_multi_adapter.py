@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import salt_kernels as sk
-from salt_kernels.dispatch import BackendUnavailableError
-from salt_kernels.multi_adapter import resolve_multi_backend
+from salt_kernels.ops.dispatch import BackendUnavailableError
+from salt_kernels.ops.dispatch import MIXED, resolve_backend
 from salt_testing import TOLERANCES, max_rel_err, perturb
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -23,7 +23,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _require(backend):
     try:
-        resolve_multi_backend(backend, "cpu", 8)
+        resolve_backend(backend, "cpu", 8, need=MIXED)
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
 
@@ -220,7 +220,7 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
 def test_cpu_op_checks_index_range_itself():
     """The compiled op refuses a bad index even when called directly (no Python checks)."""
     _require("cpu")
-    from salt_kernels.backends.multi_extension import multi_forward
+    from salt_kernels.backends.extension.multi import multi_forward
 
     t, _ = make_bank((5,), 8, 6, 4, 2, 3, torch.float32, base=False)
     d = {k: (None if v is None else v.detach()) for k, v in t.items()}
@@ -239,7 +239,7 @@ def test_ops_reject_mixed_devices(moved):
     it. The CPU kernel is called directly with one meta tensor, as a CUDA kernel would be
     with a CPU tensor among CUDA ones; the fake kernel checks the same."""
     _require("cpu")
-    from salt_kernels.backends.multi_extension import multi_backward, multi_forward
+    from salt_kernels.backends.extension.multi import multi_backward, multi_forward
 
     t, index = make_bank((5,), 8, 6, 4, 2, 3, torch.float32, bias="banked")
     args = {k: t[k].detach() for k in ("x", "U", "V", "sigma", "X", "Y", "bias")}
@@ -388,7 +388,7 @@ def test_mixed_batch_trains_the_active_adapter():
     layer = perturb(sk.SALTLinear(10, 7, 5, 3))
     model = nn.Sequential(layer)
     other = {k: v.detach() + 0.1 for k, v in (("sigma", layer.sigma), ("X", layer.X), ("Y", layer.Y))}
-    from salt_kernels.adapters import add_layer_adapter
+    from salt_kernels.model.bank import add_layer_adapter
 
     add_layer_adapter(layer, "other", other)
     x = torch.randn(6, 10)
@@ -461,20 +461,27 @@ def contrastive_loss_on(model, pairs, embed):
 
 
 def test_triton_inference_runs_the_kernels(monkeypatch):
-    """Without grads the triton backend runs its own kernels (no fallback); with grads it
-    hands the call to the C++ op / reference, which carry the backward."""
+    """Without grads the triton backend runs its own kernels (no fallback); with grads the
+    dispatcher hands the call to the C++ op / reference, which carry the backward (triton
+    declares no mixed backward)."""
     _require("triton")
-    from salt_kernels.backends import triton_multi
+    from salt_kernels.ops import dispatch
 
-    def no_fallback(*args):
-        raise AssertionError("fell back")
+    real, ran = dispatch.implementation, []
 
-    monkeypatch.setattr(triton_multi, "_fallback", no_fallback)
+    def only_triton(name, need):
+        ran.append(name)
+        if name != "triton":
+            raise AssertionError(f"fell back to {name}")
+        return real(name, need)
+
+    monkeypatch.setattr(dispatch, "implementation", only_triton)
     t, index = make_bank((9, 5), 24, 40, 16, 4, 6, torch.float16, bias="banked", seed=7)
     with torch.no_grad():
         sk.salt_linear(**t, backend="triton", adapter_index=index)
     with pytest.raises(AssertionError, match="fell back"):
         sk.salt_linear(**t, backend="triton", adapter_index=index)
+    assert ran[0] == "triton" and ran[1] in ("cpu", "reference")
 
 
 def test_triton_tiles_read_no_index_values_on_the_host():
@@ -484,7 +491,7 @@ def test_triton_tiles_read_no_index_values_on_the_host():
     _require("triton")
     import triton
 
-    from salt_kernels.backends.triton_multi import _tiles
+    from salt_kernels.backends.triton.multi import _tiles
 
     perm, start, rows, adapter, n = _tiles(torch.empty(37, dtype=torch.int64, device="meta"), 5, 16)
     assert perm.shape == (37,) and start.shape == rows.shape == adapter.shape == (n,) == (triton.cdiv(37, 16) + 6,)
@@ -504,7 +511,7 @@ def test_triton_tiles_read_no_index_values_on_the_host():
 def test_range_check_during_cuda_graph_capture_stays_on_the_device(monkeypatch):
     """While a CUDA graph is being captured the index range cannot be read on the host (a
     sync is an error there): the check becomes a device-side assert, as under compile."""
-    from salt_kernels import multi_adapter
+    from salt_kernels.ops import multi_adapter
 
     calls = []
     monkeypatch.setattr(multi_adapter, "_capturing", lambda x: True)

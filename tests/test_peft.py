@@ -326,7 +326,7 @@ def test_save_load_bit_identical_and_file_contents(tmp_path):
 
 
 def test_load_undoes_svd_sign_flips_and_refuses_another_base(tmp_path, monkeypatch):
-    import salt_kernels.layers as layers
+    import salt_kernels.nn.linear as layers
 
     base = toy()
     model = perturb(get_peft_model(copy.deepcopy(base), SaltConfig(rank=4, lora_rank=2, target_modules=["a"])))

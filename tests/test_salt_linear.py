@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import salt_kernels
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import TOLERANCES, assert_matches_ground_truth, make_salt_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

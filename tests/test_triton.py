@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import salt_kernels
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import TOLERANCES, assert_matches_ground_truth, make_salt_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +26,7 @@ REASON = unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable on {DEVICE}: {REASON}")
 
 if REASON is None:
-    from salt_kernels.backends import triton_kernels as tk
+    from salt_kernels.backends.triton import kernels as tk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -189,7 +189,7 @@ def test_configs_pruned_never_empty():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (auto picks triton only for CUDA tensors)")
 def test_auto_picks_triton_on_cuda():
-    from salt_kernels.dispatch import resolve_backend
+    from salt_kernels.ops.dispatch import resolve_backend
 
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
 
@@ -202,7 +202,7 @@ def test_autotune_switch(value, autotuned):
     env["SALT_KERNELS_AUTOTUNE"] = value
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    code = ("import triton; from salt_kernels.backends import triton_kernels as tk; "
+    code = ("import triton; from salt_kernels.backends.triton import kernels as tk; "
             "print(tk.AUTOTUNE, isinstance(tk._AUTOTUNED.get('shrink'), triton.runtime.Autotuner), "
             "isinstance(tk._AUTOTUNED.get('expand'), triton.runtime.Autotuner))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import torch
 import triton
 
 import salt_kernels
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import assert_matches_ground_truth, make_salt_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,7 +18,7 @@ REASON = unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable on {DEVICE}: {REASON}")
 
 if REASON is None:
-    from salt_kernels.backends import triton_kernels as tk
+    from salt_kernels.backends.triton import kernels as tk
 
 
 def _op_inputs(M=6, K=40, D=30, r=8, dtype=torch.float32, device=DEVICE):

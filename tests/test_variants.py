@@ -8,7 +8,7 @@ from torch import nn
 
 import salt_kernels
 from salt_kernels import SALTConv2d, SALTLinear, salt_regularizer
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import TOLERANCES, assert_layer_matches_ground_truth, max_rel_err, perturb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +141,7 @@ def test_state_dict_round_trip_variants(sigma_mode, residual):
 def test_residual_accumulates_into_the_salt_output(monkeypatch):
     """Lossless mode returns the SALT output itself, with W_res x added in place (bias
     already fused there): no second output-sized tensor."""
-    import salt_kernels.layers as layers_mod
+    import salt_kernels.nn.linear as layers_mod
 
     layer = SALTLinear.from_linear(_linear(16, 12), 4, 2, residual=True, backend="reference")
     produced, real = [], layers_mod.salt_linear

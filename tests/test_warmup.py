@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import salt_kernels
-from salt_kernels.dispatch import unavailable_reason
+from salt_kernels.ops.dispatch import unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REASON = unavailable_reason("triton", DEVICE)
@@ -28,7 +28,7 @@ def _model(backend="triton", dtype=torch.float32):
 
 @needs_triton
 def test_warmup_runs_every_layer_at_every_token_count(monkeypatch):
-    from salt_kernels.backends import triton_kernels as tk
+    from salt_kernels.backends.triton import kernels as tk
 
     calls = []
     fwd, bwd = tk.forward_launches, tk.backward_launches
@@ -82,7 +82,7 @@ def test_warmup_under_autocast_dtype():
 def test_cuda_graph_capture_after_warmup(dtype):
     """Warm up, capture a forward + backward in a CUDA graph, replay on new data: matches
     eager. Capturing a token count that was not warmed up raises NotWarmedUpError."""
-    from salt_kernels.backends.triton_kernels import NotWarmedUpError
+    from salt_kernels.backends.triton.kernels import NotWarmedUpError
 
     model = _model(dtype=dtype)
     M = 37

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import types
 
 import torch
 from torch import nn
 
-from .layers import SALTLinear
-from .multi_adapter import salt_linear_multi
+from ..nn import SALT_MODULE_TYPES, SALTLinear
+from ..ops import salt_linear_multi
+from . import adapter_file
+from .basis import CHECK_PREFIX, basis_signs
 
 _BANK = "salt_bank_"
 _DEFAULT_NAME = "default"
@@ -50,8 +51,6 @@ _DEFAULT_NAME = "default"
 
 
 def _salt_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from .model import SALT_MODULE_TYPES
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SALT_MODULE_TYPES)]
@@ -281,44 +280,13 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def _basis_signs(name: str, layer, spec: dict, tensors: dict) -> torch.Tensor:
-    """+-1 per singular pair: how the layer's basis relates to the one the adapter was
-    trained in (an SVD is unique up to those signs; model.load_salt explains)."""
-    from .model import _CHECK_PREFIX, _align_basis
-
-    r = layer.rank
-    if spec.get("basis_stored"):
-        U_file = tensors[f"{name}.U"].to(torch.float32)
-        dots = (U_file * layer.U.detach().float().cpu()).sum(0)
-        if ((dots.abs() - 1).abs() > 1e-2).any():
-            raise ValueError(f"load_salt: layer {name!r}: the model's basis U is not the adapter's (up to signs); "
-                             "adapters in one model must share one base")
-        return torch.where(dots < 0, -1.0, 1.0)
-    # _align_basis flips the pairs of what it is given: give it a copy and compare.
-    probe = types.SimpleNamespace(U=layer.U.detach().clone(), V=torch.empty(0, r, device=layer.U.device))
-    _align_basis(name, probe, tensors[f"{_CHECK_PREFIX}{name}.row"], tensors[f"{_CHECK_PREFIX}{name}.value"])
-    flipped = (probe.U != layer.U).any(0)  # a flip negates the whole column
-    return torch.where(flipped.cpu(), -1.0, 1.0)
-
-
 @torch.no_grad()
-def load_adapter(model: nn.Module, path, adapter_name: str, *, progress=None) -> nn.Module:
-    """``load_salt(model, path, adapter_name=...)``: add the adapter in ``path`` to
-    ``model`` under ``adapter_name``. A model without SALT layers is converted first
-    (the adapter becomes the active one); otherwise the adapter joins every layer's bank
-    and the active adapter is unchanged. All adapters must have been trained on the same
-    base with the same layers, ranks, scaling and sigma_mode."""
-    from . import adapter_file
-    from .model import _CHECK_PREFIX, load_salt
-
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise TypeError(f"adapter_name: expected a non-empty str, got {adapter_name!r}")
+def load_adapter(model: nn.Module, path, adapter_name: str) -> nn.Module:
+    """Add the adapter in ``path`` to the bank of every SALT layer of ``model`` (which has
+    SALT layers: ``load_salt(model, path, adapter_name=...)`` converts a plain base
+    first) under ``adapter_name``; the active adapter is unchanged. All adapters must have
+    been trained on the same base with the same layers, ranks, scaling and sigma_mode."""
     layers = dict(_salt_layers(model))
-    if not layers:
-        load_salt(model, path, progress=progress)
-        for _, layer in _salt_layers(model):
-            layer.active_adapter_name = adapter_name
-        return model
     if adapter_name in list_adapters(model):
         raise ValueError(f"adapter_name: {adapter_name!r} is already loaded ({list_adapters(model)})")
     config, tensors = adapter_file.read_adapter(path)  # checksums verified: AdapterFileError names the path
@@ -335,13 +303,13 @@ def load_adapter(model: nn.Module, path, adapter_name: str, *, progress=None) ->
             if have != want:
                 raise ValueError(f"load_salt: layer {name!r} has {key}={have!r}, the adapter {key}={want!r}; "
                                  "adapters in one bank must share it")
-        signs = _basis_signs(name, layer, spec, tensors)
+        signs = basis_signs(name, layer, spec, tensors)
         own = {p: tensors.pop(f"{name}.{p}") for p in (*_core_names(layer), "bias") if f"{name}.{p}" in tensors}
         if "X" in own:
             own["X"] = own["X"] * signs[:, None].to(own["X"].dtype)  # C -> S C S
             own["Y"] = own["Y"] * signs[None, :].to(own["Y"].dtype)
         per_layer[name] = {k: v.to(layers[name].U.device) for k, v in own.items()}
-        for key in (f"{name}.U", f"{name}.V", f"{_CHECK_PREFIX}{name}.row", f"{_CHECK_PREFIX}{name}.value"):
+        for key in (f"{name}.U", f"{name}.V", f"{CHECK_PREFIX}{name}.row", f"{CHECK_PREFIX}{name}.value"):
             tensors.pop(key, None)
     if tensors:
         raise ValueError(f"load_salt: the adapter has trained tensors outside its SALT layers ({sorted(tensors)[:3]}); "

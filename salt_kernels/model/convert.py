@@ -1,35 +1,13 @@
-"""Model-level SALT in the style of PEFT: convert a pretrained model's ``nn.Linear``
-layers in place, count what trains, merge back, and save / load only the trained
-tensors.
+"""Convert a pretrained model's ``nn.Linear`` (and named ``nn.Conv2d``) layers to SALT
+layers in place, in the style of PEFT, and merge them back.
 
     model = apply_salt(model, rank=0.5, lora_rank=8, target_modules=["query", "value"])
-    print_trainable_parameters(model)
-    ... train ...
-    save_salt(model, "adapter.safetensors")        # trained tensors + conversion config
-    fresh = load_salt(fresh_base, "adapter.safetensors")   # plain or pre-converted base
+    ... train; save_salt / load_salt (:mod:`.checkpoint`) ...
     plain = merge_salt(model)                      # every SALTLinear -> nn.Linear
 
-File format (safetensors):
-
-* tensors: every parameter that requires grad, under its name in the model (the SALT
-  ``sigma``/``X``/``Y`` and anything else the user unfroze, e.g. a task head); with
-  ``include_basis=True`` also each SALT layer's frozen ``U`` and ``V``; and per SALT
-  layer a tiny *basis check* (``r`` row indices and the entries of ``U`` there) that
-  ``load_salt`` uses to undo SVD sign flips and to refuse a base model that is not the
-  one the adapter was trained on.
-* metadata ``"salt_config"``: JSON with the conversion options and, per converted
-  layer, its type, sizes, rank, lora_rank, scaling, svd method and any extra
-  constructor options, so that a plain base can be converted again on load.
-* metadata ``"salt_checksum"``: SHA-256 digests of every tensor and of the config,
-  verified on load (see :mod:`salt_kernels.adapter_file`: atomic writes, integrity).
-
-Why the basis check: trained ``X``, ``Y`` live in the singular basis ``U``, ``V``. An
-SVD is unique only up to the sign of each singular pair, and two LAPACK builds may
-disagree; ``truncated_svd`` fixes a convention, but the argmax it relies on can tie.
-Loading compares the recomputed ``U`` with the stored entries and flips pairs that
-disagree (``U_i, V_i -> -U_i, -V_i`` leaves the base weight unchanged), so the trained
-model is reproduced whatever sign the SVD returned. Randomised ``svd="lowrank"`` is not
-reproducible beyond signs, so its basis is always stored.
+The conversion config (options and per-layer ranks) is kept in ``model.salt_config``;
+:mod:`.checkpoint` saves it with the trained tensors and converts a plain base again
+from it on load (``_make_salt_layer`` is the one place a layer is constructed).
 """
 
 from __future__ import annotations
@@ -37,19 +15,17 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import re
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from . import _sharding, adapter_file
+from ..nn import SALT_MODULE_TYPES, SALTConv2d, SALTLinear
+from ..nn.linear import SVD_METHODS, TRAINABLE_NAMES
+from ..nn import sharding
 from .adapter_file import FORMAT_NAME, FORMAT_VERSION
-from .conv import SALTConv2d
-from .layers import SVD_METHODS, TRAINABLE_NAMES, SALTLinear
 
-_CHECK_PREFIX = "__salt_basis_check__."
 _CONFIG_ATTR = "salt_config"
 # Show a progress bar over layers when converting at least this many (big models).
 _PROGRESS_MIN_LAYERS = 32
@@ -60,7 +36,6 @@ _KINDS = {
     "SALTLinear": (nn.Linear, SALTLinear.from_linear, "to_linear"),
     "SALTConv2d": (nn.Conv2d, SALTConv2d.from_conv2d, "to_conv2d"),
 }
-SALT_MODULE_TYPES: tuple[type, ...] = (SALTLinear, SALTConv2d)
 _BASE_TYPES: tuple[type, ...] = tuple(base for base, _, _ in _KINDS.values())
 
 
@@ -345,27 +320,6 @@ def apply_salt(
     return model
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` element counts. ``total`` is every parameter, the frozen
-    SALT bases (``U``, ``V``, a residual: frozen parameters) included, each tied or
-    shared tensor once. ``sigma0`` (a buffer: the singular values at conversion, kept
-    for the regulariser) is bookkeeping and not counted. On a model sharded by FSDP2
-    the counts are of the full (unsharded) tensors."""
-    _check_model(model)
-    params = {id(p): p for p in model.parameters()}  # tied weights once
-    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-    total = sum(p.numel() for p in params.values())
-    return trainable, total
-
-
-def print_trainable_parameters(model: nn.Module) -> None:
-    """Print ``trainable params: N || all params: M || trainable%: P`` (and return None,
-    as PEFT does; :func:`trainable_parameters` returns the numbers)."""
-    trainable, total = trainable_parameters(model)
-    pct = 100.0 * trainable / total if total else 0.0
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}")
-
-
 @torch.no_grad()
 def merge_salt(model: nn.Module) -> nn.Module:
     """Replace every SALT layer by a plain ``nn.Linear`` / ``nn.Conv2d`` holding its merged weight
@@ -381,7 +335,7 @@ def merge_salt(model: nn.Module) -> nn.Module:
     salt_layers = [(n, m) for n, m in model.named_modules() if _is_salt(m)]
     if not salt_layers:
         raise ValueError("model: has no SALT layers to merge (apply_salt or load_salt converts a model)")
-    if _sharding.is_sharded(model):
+    if sharding.is_sharded(model):
         raise ValueError(
             "model: merge_salt needs an unsharded model (it builds each dense weight); load the "
             "adapter into an unsharded copy of the base with load_salt and merge that"
@@ -397,219 +351,3 @@ def merge_salt(model: nn.Module) -> nn.Module:
     return model
 
 
-def _basis_check(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column of U: the row of its largest entry and that entry (float32)."""
-    Uf = U.detach().float().cpu()
-    idx = Uf.abs().argmax(dim=0)
-    return idx, Uf[idx, torch.arange(Uf.shape[1])]
-
-
-def _refuse_non_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise ValueError(
-            f"save_salt: parameter {name!r} holds NaN or inf (did training diverge?); "
-            "nothing was written, the file at path is unchanged"
-        )
-
-
-def save_salt(model: nn.Module, path, *, include_basis: bool | None = None) -> dict:
-    """Save the trained tensors and the conversion config of a SALT model to a
-    safetensors file. Returns ``{"path", "file_bytes", "num_tensors", "num_elements"}``.
-
-    include_basis: also store every SALT layer's frozen ``U``, ``V`` (a bigger file that
-        does not depend on recomputing the SVD). Default: only for layers converted with
-        ``svd="lowrank"``, whose randomised SVD is not reproducible.
-
-    The write is atomic (temporary file in the same directory, fsync, rename): a crash
-    leaves the old file or the new one, never a mix. The directory must exist.
-    A model sharded by FSDP2 (``fully_shard``): call on every rank (the tensors are
-    gathered, a collective); rank 0 writes one full file.
-    """
-    _check_model(model)
-    if include_basis is not None and not isinstance(include_basis, bool):
-        raise TypeError(f"include_basis: expected None or a bool, got {type(include_basis).__name__}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
-    salt_layers = {n: m for n, m in model.named_modules() if _is_salt(m)}
-    if not salt_layers:
-        raise ValueError("model: has no SALT layers; call apply_salt first")
-    sharded, writes = _sharding.writer_rank(model)
-    # a bad path fails on every rank before any collective work
-    _sharding.share_outcome(sharded, writes, lambda: adapter_file.check_target(path))
-    config = dict(getattr(model, _CONFIG_ATTR, None) or {})
-    known = config.get("layers", {})
-    layers = {}
-    for name, layer in salt_layers.items():
-        old = known.get(name, {})
-        layers[name] = _layer_spec(name, layer, old.get("svd", "exact"), old.get("kwargs", {}))
-    config.update(format=FORMAT_NAME, version=FORMAT_VERSION, layers=layers)
-
-    # _sharding.full gathers a sharded tensor: every rank runs this same sequence, and
-    # only the writing rank keeps the gathered copies (the others keep their shapes).
-    # Copies: serialising goes through numpy, which pins a storage (FSDP2 must be able
-    # to free a parameter's unsharded storage afterwards).
-    def keep(t):
-        if writes:
-            return t.to("cpu", copy=True).contiguous()
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-    tensors = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            tensors[name] = keep(_sharding.full(p.detach()))
-    for name, layer in salt_layers.items():
-        store = include_basis if include_basis is not None else layers[name]["svd"] == "lowrank"
-        layers[name]["basis_stored"] = bool(store)
-        U = _sharding.full(layer.U.detach())
-        if store:
-            tensors[f"{name}.U"] = keep(U)
-            tensors[f"{name}.V"] = keep(_sharding.full(layer.V.detach()))
-        idx, val = _basis_check(U) if writes else (U[0].long(), U[0].float())
-        tensors[f"{_CHECK_PREFIX}{name}.row"] = keep(idx)
-        tensors[f"{_CHECK_PREFIX}{name}.value"] = keep(val)
-        del U
-    metadata = {"salt_config": json.dumps(config), "format": FORMAT_NAME}
-
-    def write():
-        for name, t in tensors.items():
-            _refuse_non_finite(name, t)
-        return adapter_file.write_adapter(path, tensors, metadata)
-
-    file_bytes = _sharding.share_outcome(sharded, writes, write)
-    return {
-        "path": path,
-        "file_bytes": file_bytes,
-        "num_tensors": len(tensors),
-        "num_elements": sum(t.numel() for t in tensors.values()),
-    }
-
-
-def read_salt_config(path) -> dict:
-    """The conversion config stored in a file written by :func:`save_salt`. A file that
-    is not a (valid) adapter raises :class:`~salt_kernels.AdapterFileError` naming it."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    return adapter_file.read_config(path)
-
-
-@torch.no_grad()
-def _align_basis(name: str, layer: nn.Module, row: torch.Tensor, value: torch.Tensor, *,
-                 caller: str = "load_salt", remedy: str = "save with include_basis=True") -> int:
-    """Flip singular pairs of ``layer`` whose sign differs from the saved ones; refuse a
-    basis that differs by more than a sign (the error names ``caller`` and suggests
-    ``remedy``). Returns the number of flipped pairs."""
-    U = _sharding.full(layer.U.detach()).float().cpu()
-    cols = torch.arange(U.shape[1])
-    now = U[row, cols]
-    # The stored entry is the largest of a unit column (>= 1/sqrt(D)); the recomputed
-    # one must match it in magnitude up to the layer dtype's rounding.
-    tol = 2e-2 * value.abs() + 1e-4
-    bad = ((now.abs() - value.abs()).abs() > tol).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(
-            f"{caller}: layer {name!r}: the base model's singular vector {i} does not match the "
-            f"adapter's (U[{int(row[i])}, {i}] = {now[i].item():.6g}, saved {value[i].item():.6g}). "
-            "Is this the base model the adapter was trained on? If it is (e.g. nearly repeated "
-            f"singular values), {remedy}."
-        )
-    flip = (torch.sign(now) != torch.sign(value)).nonzero().flatten()
-    if flip.numel():
-        # on the full tensors: a sharded U, V takes back its own shard
-        for basis in (layer.U, layer.V):
-            flipped = _sharding.full(basis).clone()
-            flipped[:, flip.to(flipped.device)] *= -1
-            _sharding.assign(basis, flipped)
-    return int(flip.numel())
-
-
-@torch.no_grad()
-def load_salt(model: nn.Module, path, *, progress: bool | None = None, adapter_name: str | None = None) -> nn.Module:
-    """Load a file written by :func:`save_salt` into ``model`` in place and return it.
-
-    ``model`` is a fresh copy of the base model the adapter was trained on, either plain
-    (its layers are converted from the stored config) or already converted with the same
-    config. Afterwards exactly the saved trained tensors require grad.
-
-    ``adapter_name``: load the file as a named adapter; a model that already has SALT
-    layers keeps its adapters and gains this one (several adapters on one base, see
-    :mod:`salt_kernels.adapters`).
-
-    Every checksum is verified first: a malformed or corrupted file raises
-    :class:`~salt_kernels.AdapterFileError` naming the path (and the first bad tensor)
-    before the model is touched. A model sharded by FSDP2 must already be converted
-    (``apply_salt`` before ``fully_shard``); call on every rank.
-    """
-    _check_model(model)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    if adapter_name is not None:
-        from .adapters import load_adapter
-
-        return load_adapter(model, path, adapter_name, progress=progress)
-    config, tensors = adapter_file.read_adapter(path)
-    layers = config["layers"]
-
-    modules = dict(model.named_modules())
-    to_convert = []
-    for name, spec in layers.items():
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"load_salt: the adapter has layer {name!r} but the model has no module of that name")
-        if not _is_salt(module) and _kind_of_base(module) != spec["type"]:
-            base = _KINDS.get(spec["type"], (nn.Module,))[0].__name__
-            raise TypeError(
-                f"load_salt: layer {name!r} is a {type(module).__name__}, expected nn.{base} or a {spec['type']}"
-            )
-        if _is_salt(module) and type(module).__name__ != spec["type"]:
-            raise TypeError(f"load_salt: layer {name!r} is a {type(module).__name__}, the adapter has a {spec['type']}")
-        expected = {k: spec[k] for k in _geometry(module) if k in spec}
-        if _geometry(module) != expected:
-            raise ValueError(
-                f"load_salt: layer {name!r} ({type(module).__name__}) has {_geometry(module)} but the "
-                f"adapter was saved with {expected}"
-            )
-        if _is_salt(module):
-            for key in ("rank", "lora_rank"):
-                if getattr(module, key) != spec[key]:
-                    raise ValueError(
-                        f"load_salt: layer {name!r} has {key}={getattr(module, key)} but the adapter "
-                        f"was saved with {key}={spec[key]}"
-                    )
-        elif _sharding.is_sharded(module):
-            raise ValueError(
-                f"load_salt: layer {name!r} is sharded but not converted: a sharded model must be "
-                "converted before sharding (apply_salt, then fully_shard, then load_salt)"
-            )
-        else:
-            to_convert.append((name, module, spec))
-
-    for name, module, spec in _progress(to_convert, progress, "load_salt"):
-        _replace_module(model, name, _make_salt_layer(module, spec))
-
-    for name, spec in layers.items():
-        layer = model.get_submodule(name)
-        if spec.get("basis_stored"):
-            _sharding.assign(layer.U, tensors.pop(f"{name}.U"))
-            _sharding.assign(layer.V, tensors.pop(f"{name}.V"))
-            tensors.pop(f"{_CHECK_PREFIX}{name}.row")
-            tensors.pop(f"{_CHECK_PREFIX}{name}.value")
-        else:
-            _align_basis(name, layer, tensors.pop(f"{_CHECK_PREFIX}{name}.row"),
-                         tensors.pop(f"{_CHECK_PREFIX}{name}.value"))
-
-    params = dict(model.named_parameters())
-    missing = [k for k in tensors if k not in params]
-    if missing:
-        raise ValueError(f"load_salt: the adapter has tensors the model lacks: {missing[:5]}")
-    for p in params.values():
-        p.requires_grad_(False)
-    for key, value in tensors.items():
-        p = params[key]
-        if tuple(p.shape) != tuple(value.shape):
-            raise ValueError(f"load_salt: {key}: model has shape {tuple(p.shape)}, adapter {tuple(value.shape)}")
-        _sharding.assign(p, value)
-        p.requires_grad_(True)
-    setattr(model, _CONFIG_ATTR, config)
-    return model

@@ -21,8 +21,9 @@ import os
 import torch
 from torch import nn
 
+from ..backends.core import accumulate_dtype
+from ..nn import SALT_MODULE_TYPES, SALTLinear
 from .adapter_file import atomic_write
-from .backends.core import accumulate_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,9 +43,6 @@ def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _salt_updates(model: nn.Module, adapter_name):
     """(name in the original model, SALT core, residual?) for every SALT layer of an
     ``apply_salt`` model or of a PEFT model built with ``SaltConfig``."""
-    from .layers import SALTLinear
-    from .model import SALT_MODULE_TYPES
-
     found = []
     for name, module in model.named_modules():
         cores = getattr(module, "salt_core", None)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .backends.core import accumulate_dtype
-from .layers import SVD_METHODS, SALTAdapterMixin, _check_finite, _check_ranks
+from ..backends.core import accumulate_dtype
+from .linear import SVD_METHODS, SALTAdapterMixin, _check_finite, _check_ranks
 
 
 class SALTConv2d(SALTAdapterMixin, nn.Module):

@@ -9,7 +9,7 @@ The variants of the official SALT layer live here too, all feeding the same op:
   equals the pretrained one at init for any rank (lossless, the PiSSA idea).
 
 :class:`SALTAdapterMixin` holds what :class:`SALTLinear` and
-:class:`~salt_kernels.conv.SALTConv2d` share.
+:class:`~salt_kernels.SALTConv2d` share.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numbers
 import torch
 from torch import nn
 
-from ._sharding import full
-from .backends.core import accumulate_dtype, autocast_active, mix_matrix
-from ._validate import BACKENDS, FLOAT_DTYPES, _check_tensor
-from .dispatch import salt_linear
+from ..backends.core import accumulate_dtype, autocast_active, mix_matrix
+from ..ops import salt_linear
+from ..ops.validate import BACKENDS, FLOAT_DTYPES, _check_tensor
+from .sharding import full
 
 SVD_METHODS = ("exact", "lowrank")
 SIGMA_MODES = ("direct", "scale_shift")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import SALTAdapterMixin
+from .linear import SALTAdapterMixin
 
 
 def salt_regularizer(model: nn.Module) -> torch.Tensor:

@@ -1,7 +1,16 @@
-"""The one place that chooses a backend for :func:`salt_linear`.
+"""The one place that chooses a backend, for every call of :func:`salt_kernels.salt_linear`,
+plain or mixed-adapter.
 
-``backend="auto"`` picks by the device of ``x`` and the token count M, from one policy
-table, :data:`AUTO_POLICY`:
+A call is resolved from three things:
+
+* the device of ``x`` and, for plain calls, the token count M: one policy table,
+  :data:`AUTO_POLICY`, gives the ``auto`` order;
+* what the call needs (:data:`NEEDS`): the plain forward, or a mixed-adapter forward
+  without gradients, with gradients for x and the bank, or with gradients for U and V too;
+* what each backend declares it implements (``salt_kernels.backends``: its functions,
+  ``MULTI_BACKWARD``, rank limits).
+
+The ``auto`` order per device:
 
 * CUDA: ``triton`` -> ``cuda`` -> ``reference`` (a default, not yet measured on a GPU:
   the fused Triton kernels first; the ``cuda`` extension runs the chain on cuBLAS, so it
@@ -11,9 +20,14 @@ table, :data:`AUTO_POLICY`:
   ``cpu`` -> ``reference`` (the extension's large outputs on huge pages, fewer passes
   over the M-sized tensors, its autograd in C++, Z saved instead of x)
 
-Optional pieces (Triton, the compiled extension) may be missing: ``auto`` then falls
-back and warns once per reason. An explicitly requested backend that cannot run raises
-:class:`BackendUnavailableError` saying why and how to get it.
+The M rows were measured on plain calls: mixed-adapter calls use the device's last row
+(the mixed-batch figures are measured at large M). A backend that does not implement
+what a call needs (e.g. ``triton`` has no mixed backward) hands it to the next backend
+of the order that does, ending at ``reference``; so does a backend asked for explicitly
+in a mixed call (the documented fallback). Optional pieces (Triton, the compiled
+extension) may be missing: ``auto`` then falls back and warns once per reason. An
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError`
+saying why and how to get it.
 """
 
 from __future__ import annotations
@@ -24,13 +38,10 @@ import warnings
 
 import torch
 
-from ._validate import validate_salt_args
-from .backends.core import autocast_active
-
-# backend name -> module implementing it (imported lazily: optional pieces may be absent)
+# backend name -> module declaring it (imported lazily: optional pieces may be absent)
 _BACKEND_MODULES = {
     "reference": "salt_kernels.backends.reference",
-    "triton": "salt_kernels.backends.triton_kernels",
+    "triton": "salt_kernels.backends.triton",
     "cuda": "salt_kernels.backends.extension",
     "cpu": "salt_kernels.backends.extension",
 }
@@ -51,6 +62,17 @@ AUTO_POLICY: dict[str, tuple[tuple[int | None, tuple[str, ...]], ...]] = {
     # 1.03-1.25x forward+backward.
     "cpu": ((1024, ("reference",)), (None, ("cpu", "reference"))),
 }
+
+# What a call needs from a backend.
+PLAIN = "plain"  # salt_linear_2d: every backend has it, differentiable in every input
+MIXED = "mixed"  # multi_linear_2d, no gradient needed
+MIXED_BACKWARD = "mixed+backward"  # ... differentiable in x, the bank and the biases (MULTI_BACKWARD)
+MIXED_BASIS_BACKWARD = "mixed+basis"  # ... and in U, V (MULTI_BASIS_BACKWARD)
+NEEDS = (PLAIN, MIXED, MIXED_BACKWARD, MIXED_BASIS_BACKWARD)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run on this machine or device."""
 
 
 def auto_order(device_type: str, M: int | None = None) -> tuple[str, ...]:
@@ -75,11 +97,8 @@ def _policy_row(device_type: str, M=None, x=None) -> int:
         M = math.prod(x.shape[:-1])
     return next(i for i, (bound, _) in enumerate(rows) if bound is None or M <= bound)
 
-_warned: set[str] = set()
 
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was requested that cannot run on this machine or device."""
+# --------------------------------------------------------------------------- declarations
 
 
 def _module(name: str):
@@ -108,60 +127,129 @@ def available_backends(device="cpu") -> list[str]:
     return [b for b in order if unavailable_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device, rank: int = 1, M: int | None = None) -> str:
-    """The concrete backend that ``backend`` ("auto" or a name) runs on ``device`` for
-    a layer of rank ``rank`` at M tokens (None: as under torch.compile)."""
+def _implements(name: str, need: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether backend ``name`` (importable) declares what ``need`` asks for, for inputs of
+    ``dtype`` (None: any dtype it serves)."""
+    if need == PLAIN:
+        return True
+    mod = _module(name)[0]
+    if not hasattr(mod, "multi_linear_2d"):
+        return False
+    if need == MIXED_BACKWARD and not getattr(mod, "MULTI_BACKWARD", False):
+        return False
+    if need == MIXED_BASIS_BACKWARD and not getattr(mod, "MULTI_BASIS_BACKWARD", False):
+        return False
+    served = getattr(mod, "MULTI_MAX_RANK", None)
+    return served is None or (bool(served) if dtype is None else dtype in served)
+
+
+def _max_rank(name: str, need: str = PLAIN, dtype: torch.dtype | None = None) -> int | None:
+    """The largest rank backend ``name`` runs for ``need`` (``MAX_RANK``, or for mixed
+    calls ``MULTI_MAX_RANK`` at ``dtype``), or None for no limit."""
+    mod = _module(name)[0]
+    limit = getattr(mod, "MAX_RANK", None)
+    served = getattr(mod, "MULTI_MAX_RANK", None) if need != PLAIN else None
+    if served:
+        limit = max(served.values()) if dtype is None else served[dtype]
+    return limit
+
+
+# --------------------------------------------------------------------------- the resolver
+
+
+def resolve_backend(backend: str, device, rank: int = 1, M: int | None = None, *, need: str = PLAIN,
+                    dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that ``backend`` ("auto" or a name) runs on ``device`` for a
+    layer of rank ``rank`` at M tokens (None: as under torch.compile), for a call that
+    needs ``need`` (:data:`NEEDS`) with inputs of ``dtype`` (None: any)."""
+    if need not in NEEDS:
+        raise ValueError(f"need: expected one of {NEEDS}, got {need!r}")
     device_type = torch.device(device).type
-    return _pick(_candidates(backend, device_type, _policy_row(device_type, M)), backend, rank)
+    row = _policy_row(device_type, M) if need == PLAIN else _policy_row(device_type)
+    return _pick(_candidates(backend, device_type, row, need, dtype), backend, rank)
 
 
-def _max_rank(name: str) -> int | None:
-    """The largest rank backend ``name`` supports (``MAX_RANK`` in its module), or None."""
-    return getattr(_module(name)[0], "MAX_RANK", None)
+def call_need(mixed: bool, x, U, V, trained: tuple) -> str:
+    """What a call needs: :data:`PLAIN`, or for a mixed call whether autograd must reach
+    ``trained`` (x's bank and biases; x itself is passed as ``x``) or U, V too."""
+    if not mixed:
+        return PLAIN
+    if not torch.is_grad_enabled():
+        return MIXED
+    if U.requires_grad or V.requires_grad:
+        return MIXED_BASIS_BACKWARD
+    if x.requires_grad or any(t is not None and t.requires_grad for t in trained):
+        return MIXED_BACKWARD
+    return MIXED
 
 
-# The candidates depend only on (backend, device type, policy row) and on what is
-# installed, so they are cached and, for torch.compile, treated as a constant: Dynamo then
-# never traces the imports and warnings below, and `fullgraph=True` holds. The rank is
-# compared with the candidates' limits in traced code (_pick): under torch.compile a
-# symbolic rank (U an input of a compiled function with dynamic=True) becomes a guard
-# `rank <= limit` instead of failing the constant.
+def implementation(name: str, need: str):
+    """The function of backend ``name`` that runs a call needing ``need`` (resolved
+    already: cached with the candidates)."""
+    return _IMPLS[name, need]
+
+
+# The one cache: (backend, device type, policy row, need, dtype) -> candidates, and next to
+# it the implementation of each candidate, so that a call looks up a function, never a
+# module. The candidates depend only on that key and on what is installed, so they are
+# cached and, for torch.compile, treated as a constant: Dynamo then never traces the
+# imports and warnings below, and `fullgraph=True` holds. The rank is compared with the
+# candidates' limits in traced code (_pick): under torch.compile a symbolic rank (U an
+# input of a compiled function with dynamic=True) becomes a guard `rank <= limit` instead
+# of failing the constant.
+_RESOLVED: dict[tuple, tuple] = {}
+_IMPLS: dict[tuple[str, str], object] = {}  # (backend name, need) -> its salt_linear_2d / multi_linear_2d
+_warned: set[str] = set()
+
+
 @torch.compiler.assume_constant_result
-def _candidates(backend: str, device_type: str, row: int = 0) -> tuple:
-    key = (backend, device_type, row)
+def _candidates(backend: str, device_type: str, row: int = 0, need: str = PLAIN, dtype=None) -> tuple:
+    key = (backend, device_type, row, need, dtype)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _candidates_uncached(backend, torch.device(device_type), row)
+        _RESOLVED[key] = _candidates_uncached(backend, torch.device(device_type), row, need, dtype)
         for name, _ in _RESOLVED[key]:
-            _IMPLS[name] = _module(name)[0].salt_linear_2d
+            mod = _module(name)[0]
+            _IMPLS[name, need] = mod.salt_linear_2d if need == PLAIN else mod.multi_linear_2d
     return _RESOLVED[key]
 
 
-_RESOLVED: dict[tuple[str, str, int], tuple] = {}
-_IMPLS: dict = {}  # backend name -> salt_linear_2d of its module
+def _warn_once(reason: str, message: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(message, RuntimeWarning, stacklevel=7)
 
 
-def _candidates_uncached(backend: str, device: torch.device, row: int) -> tuple:
+def _candidates_uncached(backend: str, device: torch.device, row: int, need: str, dtype) -> tuple:
     """((name, rank limit or None), ...): the backends to try, in order."""
+    rows = AUTO_POLICY.get(device.type, ((None, ("reference",)),))
+    order = rows[min(row, len(rows) - 1)][1]
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend='{backend}' is not available: {reason}")
-        return ((backend, _max_rank(backend)),)
-    rows = AUTO_POLICY.get(device.type, ((None, ("reference",)),))
-    order = rows[min(row, len(rows) - 1)][1]
+        if need == PLAIN:
+            return ((backend, _max_rank(backend)),)
+        mod = _module(backend)[0]
+        if not hasattr(mod, "multi_linear_2d"):
+            missing = getattr(mod, "MULTI_MISSING", "not implemented")
+            raise BackendUnavailableError(f"backend='{backend}' has no mixed-adapter kernels ({missing}); rebuild "
+                                          "the extension or use backend='auto'")
+        # what it does not implement of this call goes to the rest of the device's order
+        order = (backend,) + tuple(b for b in order if b != backend)
     out = []
     for name in order:
         reason = unavailable_reason(name, device)
-        if reason is None:
-            out.append((name, _max_rank(name)))
-        elif reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(
-                f"salt_kernels: skipping backend '{name}' on {device.type}: {reason}. "
-                f"Falling back to the next of {order}.",
-                RuntimeWarning,
-                stacklevel=6,
-            )
+        if reason is not None:
+            if backend == "auto":
+                _warn_once(reason, f"salt_kernels: skipping backend '{name}' on {device.type}: {reason}. "
+                                   f"Falling back to the next of {order}.")
+            continue
+        missing = getattr(_module(name)[0], "MULTI_MISSING", None) if need != PLAIN else None
+        if missing is not None and backend == "auto":
+            _warn_once(missing, f"salt_kernels: backend '{name}' has no mixed-adapter kernels ({missing}); "
+                                f"falling back to the next of {order}.")
+        if _implements(name, need, dtype):
+            out.append((name, _max_rank(name, need, dtype)))
     if not any(name == "reference" for name, _ in out):
         out.append(("reference", None))
     return tuple(out)
@@ -181,64 +269,8 @@ def _pick(candidates: tuple, backend: str, rank) -> str:
 
 
 def clear_backend_cache() -> None:
-    """Forget resolved backends (e.g. after building the extension or setting
-    TRITON_INTERPRET in a running process)."""
+    """Forget resolved backends and the warnings given (e.g. after building the extension
+    or setting TRITON_INTERPRET in a running process)."""
     _RESOLVED.clear()
     _IMPLS.clear()
     _warned.clear()
-    from . import multi_adapter  # its mixed-adapter resolutions build on these
-
-    multi_adapter._resolved.clear()
-
-
-def salt_linear(x, U, V, sigma, X, Y, bias=None, *, scaling: float = 1.0, backend: str = "auto",
-                adapter_index=None, base_sigma=None, base_bias=None):
-    """SALT linear layer: ``y = U @ ((diag(sigma) + scaling * X @ Y) @ (V^T @ x)) + bias``.
-
-    Shapes: ``x (..., K)`` (including 1-D and empty batches), ``U (D, r)``, ``V (K, r)``,
-    ``sigma (r,)``, ``X (r, r')``, ``Y (r', r)``, ``bias (D,)`` or None. Returns
-    ``(..., D)`` in x's dtype (or the autocast dtype inside ``torch.autocast``).
-    Differentiable in every tensor argument.
-
-    Mixed-adapter batches: with ``adapter_index`` (int64, one entry per row of x, in
-    ``[-1, A)``), ``sigma``, ``X``, ``Y`` are banks ``(A, r)``, ``(A, r, r')``,
-    ``(A, r', r)``, ``bias`` is ``(D,)`` or ``(A, D)``, and ``-1`` rows use the base
-    layer ``diag(base_sigma)`` (and ``base_bias``): see :mod:`salt_kernels.multi_adapter`.
-    """
-    if adapter_index is not None or base_sigma is not None or base_bias is not None:
-        from .multi_adapter import salt_linear_multi
-
-        return salt_linear_multi(x, U, V, sigma, X, Y, bias, scaling=scaling, backend=backend,
-                                 adapter_index=adapter_index, base_sigma=base_sigma, base_bias=base_bias)
-    autocast_dtype = _autocast_dtype(x)
-    if autocast_dtype is not None:
-        # Behave like nn.Linear under autocast: compute in the autocast dtype, whatever
-        # dtypes x and the weights came in (so cast before the dtype checks).
-        x, U, V, bias = (t.to(autocast_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                         for t in (x, U, V, bias))
-    validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend)
-    if autocast_dtype is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return _run(x, U, V, sigma, X, Y, bias, float(scaling), backend)
-    return _run(x, U, V, sigma, X, Y, bias, float(scaling), backend)
-
-
-def _autocast_dtype(x):
-    """The dtype autocast computes x's layer in, or None (autocast off; float64 x, which
-    autocast leaves alone; an x that validation will reject)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
-        return None
-    device_type = x.device.type
-    if autocast_active(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _run(x, U, V, sigma, X, Y, bias, scaling, backend):
-    device_type = x.device.type
-    row = _policy_row(device_type, x=x) if backend == "auto" else 0
-    name = _pick(_candidates(backend, device_type, row), backend, U.shape[1])
-    lead = x.shape[:-1]
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y2d = _IMPLS[name](x2d, U, V, sigma, X, Y, bias, scaling)
-    return y2d if x.dim() == 2 else y2d.reshape(*lead, U.shape[0])

@@ -71,9 +71,12 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
 from peft.utils import PeftType, register_peft_method  # noqa: E402
 
-from .export import lora_factors  # noqa: E402
-from .layers import SIGMA_MODES, SVD_METHODS, SALTLinear  # noqa: E402
-from .model import _align_basis, _basis_check, _check_rank_spec, _layer_rank  # noqa: E402
+from ..model.basis import align_basis, basis_check  # noqa: E402
+from ..model.convert import _check_rank_spec, _layer_rank  # noqa: E402
+from ..model.export import lora_factors  # noqa: E402
+from ..nn import SALTLinear  # noqa: E402
+from ..nn.linear import SIGMA_MODES, SVD_METHODS  # noqa: E402
+from ..ops import salt_linear  # noqa: E402
 
 METHOD_NAME = "salt"
 PREFIX = "salt_"
@@ -148,7 +151,7 @@ class SaltConfig(PeftConfig):
 def _align_after_load(core: nn.Module, incompatible_keys) -> None:
     """load_state_dict post-hook of a SALT core: the basis check now holds the signs the
     trained X, Y assume; flip the recomputed singular pairs to match."""
-    _align_basis(core._salt_name, core, core.basis_row.cpu(), core.basis_value.float().cpu(),
+    align_basis(core._salt_name, core, core.basis_row.cpu(), core.basis_value.float().cpu(),
                  caller="PeftModel.from_pretrained", remedy="create the adapter with SaltConfig(store_basis=True)")
 
 
@@ -184,7 +187,7 @@ class SaltLayer(BaseTunerLayer):
             basis = getattr(core, key).detach()
             delattr(core, key)
             core.register_buffer(key, basis, persistent=store)
-        row, value = _basis_check(core.U)
+        row, value = basis_check(core.U)
         core.register_buffer("basis_row", row.to(weight.device))
         core.register_buffer("basis_value", value.to(weight.device))
         core._salt_name = f"{name}[{adapter_name}]" if name else adapter_name
@@ -245,8 +248,6 @@ class SaltLayer(BaseTunerLayer):
 
     # --- forward --------------------------------------------------------------------
     def _salt(self, name: str, x: torch.Tensor, bias) -> torch.Tensor:
-        from .dispatch import salt_linear
-
         core = self.salt_core[name]
         sigma = core.effective_sigma()
         if self.salt_residual[name]:

@@ -1,11 +1,11 @@
-"""``python -m salt_kernels.aot``: compile every Triton kernel launch ahead of time, no GPU needed.
+"""``python -m salt_kernels.tools.aot``: compile every Triton kernel launch ahead of time, no GPU needed.
 
 What is compiled is what runs. The launches come from the launcher itself:
-``triton_kernels.forward_launches`` / ``backward_launches`` (the functions the ops
+``backends.triton.kernels.forward_launches`` / ``backward_launches`` (the functions the ops
 call) are run on CPU tensors for a set of scenarios (token counts from decode to large
 M, every padded rank, fp32 and bf16 (fp16 shares bf16's tiles and code shape),
 contiguous, transposed, non-unit-stride and stride-0 inputs (``--full`` adds odd
-sizes and transposed U/V), every combination of needed gradients), and ``triton_multi.multi_launches`` (the
+sizes and transposed U/V), every combination of needed gradients), and ``backends.triton.multi.multi_launches`` (the
 mixed-adapter forward) for every rank and bias mode it serves. For each
 launch and each autotune candidate the specialisation is derived by Triton's own JIT
 code (``create_function_from_signature`` + ``JITFunction._pack_args``, the path
@@ -91,7 +91,7 @@ def launches(full: bool = False):
     """Every launch the launcher plans over the scenarios: (scenario, Launch)."""
     import torch
 
-    from .backends import triton_kernels as tk
+    from ..backends.triton import kernels as tk
 
     out = []
     for name, M, K, D, layout in _scenarios(full):
@@ -108,7 +108,7 @@ def launches(full: bool = False):
     return out + multi_launches()
 
 
-# Mixed-adapter forward (triton_multi): adapters in the bank, r' of each core.
+# Mixed-adapter forward (backends.triton.multi): adapters in the bank, r' of each core.
 MULTI_A, MULTI_RL = 3, 8
 # bias: none, shared (D,), banked (A, D), banked with a base bias and base sigma for index -1 rows
 MULTI_BIAS = ("none", "shared", "banked", "banked+base")
@@ -120,8 +120,7 @@ def multi_launches():
     x, at a decode and a large M: (scenario, Launch)."""
     import torch
 
-    from .backends import triton_kernels as tk
-    from .backends import triton_multi as tm
+    from ..backends.triton import multi as tm
 
     out = []
     for layout, M in (("contiguous", 1), ("contiguous", 4096), ("strided", 48)):
@@ -130,7 +129,7 @@ def multi_launches():
         for dtype in DTYPES:
             dt = getattr(torch, dtype)
             for R_PAD in R_PADS:
-                if R_PAD > tm.MAX_RANK or (dt.itemsize == 4 and R_PAD > 64):  # served by the C++ op
+                if R_PAD > tm.MULTI_MAX_RANK[dt]:  # served by another backend
                     continue
                 x, _, U, V, _, _ = _tensors(torch, M, K, D, R_PAD, dt, layout)
                 A, rl = MULTI_A, MULTI_RL
@@ -297,14 +296,14 @@ def check(rows) -> list[str]:
 
 def _other_venvs(venvs, argv) -> int:
     """Run this check under each venv's Python on this source tree; 1 if any fails."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     results = []
     for venv in venvs:
         py = os.path.join(venv, "bin", "python")
         t0 = time.time()
-        rc = subprocess.call([py, "-m", "salt_kernels.aot", *argv], env=env, cwd=root)
+        rc = subprocess.call([py, "-m", "salt_kernels.tools.aot", *argv], env=env, cwd=root)
         results.append((venv, rc, time.time() - t0))
     for venv, rc, secs in results:
         print(f"AOT {'OK  ' if rc == 0 else 'FAIL'} {venv} ({secs:.0f} s)")
@@ -312,7 +311,7 @@ def _other_venvs(venvs, argv) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m salt_kernels.aot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m salt_kernels.tools.aot", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     p.add_argument("--triton-venv", action="append", default=[], metavar="DIR",
                    help="run the check with DIR/bin/python instead (repeatable: one venv per Triton version)")
@@ -326,7 +325,7 @@ def main(argv=None) -> int:
                             + (["--full"] if args.full else []) + (["--only", args.only] if args.only else []))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "salt_kernels.aot", *(argv if argv is not None else sys.argv[1:])],
+        return subprocess.call([sys.executable, "-m", "salt_kernels.tools.aot", *(argv if argv is not None else sys.argv[1:])],
                                env=env)
     import triton
 

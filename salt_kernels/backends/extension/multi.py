@@ -17,18 +17,19 @@ base_sigma) are passed in the accumulation dtype (fp32; fp64 for fp64 x): autogr
 casts their gradients back to the parameters' dtype.
 
 Importing this module raises ImportError when the extension is missing or was built
-without these ops; :mod:`salt_kernels.multi_adapter` then falls back with one warning.
+without these ops; the backend then declares no mixed forward and
+:mod:`salt_kernels.ops.dispatch` falls back with one warning.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .core import accumulate_dtype, autocast_off
-from .extension import _check_one_device
+from ..core import accumulate_dtype, autocast_off
+from .ops import _check_one_device
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
+    from ... import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as exc:
     raise ImportError(f"the compiled extension salt_kernels._C is not available ({exc})") from exc
 if not hasattr(torch.ops.salt_kernels, "salt_multi_forward"):
@@ -101,10 +102,6 @@ def _backward_impl(ctx, grad_y):
 
 
 torch.library.register_autograd(FORWARD_OP, _backward, setup_context=_setup_context)
-
-
-def availability(device: torch.device, backend: str) -> str | None:
-    return None  # the plain op's availability (salt_kernels.backends.extension) decides
 
 
 def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float):

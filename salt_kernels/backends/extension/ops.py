@@ -1,4 +1,4 @@
-"""The ``cpu`` and ``cuda`` backends: the compiled torch extension ``salt_kernels._C``.
+"""The plain op of the ``cpu`` and ``cuda`` backends (compiled torch extension ``salt_kernels._C``).
 
 The ops are defined once in C++ (``csrc/salt_ops.cpp``: ``salt_kernels::salt_forward``
 and ``salt_kernels::salt_backward``, contract in :mod:`.autograd`) and implemented once
@@ -8,17 +8,17 @@ registered in C++ too (``csrc/salt_autograd.cpp``); this module adds the fake ke
 (for ``torch.compile`` and meta tensors).
 
 Importing it raises ImportError when the extension was not built or fails to load;
-:mod:`salt_kernels.dispatch` turns that into a fallback with one warning.
+:mod:`salt_kernels.ops.dispatch` turns that into a fallback with one warning.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .autograd import run_salt_op
+from ..autograd import run_salt_op
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
+    from ... import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as exc:  # not built (SALT_KERNELS_NO_EXTENSION, failed build) or ABI mismatch
     raise ImportError(
         f"the compiled extension salt_kernels._C is not available ({exc}); reinstall with "

@@ -93,7 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autograd import register_salt_autograd, run_salt_op
+from ..autograd import register_salt_autograd, run_salt_op
 
 # Read once, like triton itself: the variable must be set before triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

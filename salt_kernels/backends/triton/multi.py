@@ -13,10 +13,12 @@ activations'. Sorted tiles divide it by BM; the cost is a sort of M int64 and at
 one partly filled tile per adapter present (the grid is sized for the worst case,
 cdiv(M, BM) + A + 1 tiles, so no host synchronisation: tiles past the end exit early).
 
-The backward (and fp64; r > 128; fp32 inputs with r > 64, whose tf32x3 mix spilled
-registers at every tile size on sm_90) runs on the compiled C++ op (:mod:`.multi_extension`, which also serves
-CUDA) or, without it, on the reference gather. Under ``TRITON_INTERPRET=1`` the same
-kernels run on CPU tensors (tests).
+Inference only: the backend declares no mixed backward, so the dispatcher sends calls
+that need gradients to the next backend of the device's order (the compiled C++ op,
+which also serves CUDA, else the reference gather), and so it does for the dtypes and
+ranks ``MULTI_MAX_RANK`` leaves out: fp64; r > 128; fp32 inputs with r > 64, whose
+tf32x3 mix spilled registers at every tile size on sm_90. Under ``TRITON_INTERPRET=1``
+the same kernels run on CPU tensors (tests).
 
 ``python -m salt_kernels.aot`` compiles the launches :func:`multi_launches` plans (both
 dtypes at every padded rank served here, every bias mode) for sm_80 and sm_90.
@@ -28,11 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_kernels as tk
-from .triton_kernels import _dot
+from .. import reference
+from . import kernels as tk
+from .kernels import _dot
 
-availability = tk.availability
-MAX_RANK = 128
+# The ranks the kernels serve per input dtype (a dtype not listed, fp64, is not served).
+MULTI_MAX_RANK = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
 _BN = 64
 
 
@@ -138,43 +141,20 @@ def _tiles(index: torch.Tensor, A: int, BM: int):
     return perm, start, rows, seg - 1, n_tiles
 
 
-def _find_fallback():
-    """What runs calls the kernels do not take (gradients, wide ranks): the C++ op, or the
-    reference gather without the extension."""
-    try:
-        from . import multi_extension
-
-        return multi_extension.multi_linear_2d
-    except ImportError:
-        from ..multi_adapter import multi_linear_2d
-
-        return multi_linear_2d
-
-
-# Resolved on import (outside any torch.compile trace: a failing import inside a traced
-# function is a graph break).
-_fallback = _find_fallback()
-
-
 def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float):
-    r = U.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, sigma, X, Y, bias, base_sigma, base_bias))
-    R_PAD, _ = tk.rank_tiles(r)
-    too_wide = r > MAX_RANK or (x.element_size() == 4 and R_PAD > 64)  # (spilled: see the docstring)
-    if needs_grad or too_wide or not tk._uses_kernels(x) or x.shape[1] == 0 or U.shape[0] == 0:
-        return _fallback(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
     return multi_forward(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
 
 
 # An op (opaque to torch.compile, planned at run time like the plain Triton ops); inference
-# only: calls that need gradients take the C++ op above.
+# only: the dispatcher sends calls that need gradients to another backend.
 @torch.library.custom_op("salt_triton::multi_forward", mutates_args=())
 def multi_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, X: torch.Tensor,
                   Y: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, base_sigma: torch.Tensor | None,
                   base_bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_empty((0, U.shape[0]))
+    if x.shape[1] == 0 or U.shape[0] == 0:  # nothing for a kernel to do
+        return reference.multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
     with tk._device_guard(x.device):
         y, launches = multi_launches(x, tk.basis_for_kernels(U), tk.basis_for_kernels(V), sigma, X, Y, bias,
                                      index, base_sigma, base_bias, scaling)

@@ -8,7 +8,7 @@
   ratios with their spread), ``triton.testing.do_bench`` on CUDA; peak memory.
 * :mod:`.report` -- the one way to report: tables, CSV, JSON; the auto policy a run supports.
 * :mod:`.plots` -- bar charts of the speed-ups.
-* :mod:`.cli` -- ``salt-bench`` (also ``python -m salt_kernels.bench``).
+* :mod:`.cli` -- ``salt-bench`` (also ``python -m salt_kernels.tools.bench``).
 
 Scripts under ``benchmarks/`` build on these modules rather than timing on their own.
 """

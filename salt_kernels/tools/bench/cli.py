@@ -1,5 +1,5 @@
 """The ``salt-bench`` command: verify every available backend, then time it against
-the baselines (the module docstring of :mod:`salt_kernels.bench` has the details;
+the baselines (the module docstring of :mod:`salt_kernels.tools.bench` has the details;
 ``DESCRIPTION`` below is its plain-text form for ``--help``)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from .. import available_backends
-from ..dispatch import _BACKEND_MODULES, unavailable_reason
+from ...ops import available_backends
+from ...ops.dispatch import _BACKEND_MODULES, unavailable_reason
 from .methods import AUTO, BASELINE_NAMES, REFERENCE, auto_choice, build_methods, is_interpreted, \
     make_input_sets, make_step
 from .plots import write_plots

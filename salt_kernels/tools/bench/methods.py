@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .. import dispatch, salt_linear
+from ...ops import dispatch, salt_linear
 from .baselines import dense_linear, official_rebuild_flops, official_salt_forward
 from .presets import Shape
 
@@ -119,12 +119,13 @@ def is_interpreted(backend: str, device) -> bool:
 def auto_choice(device, shape: Shape) -> str | None:
     """The backend ``auto`` resolves to for ``shape``, as far as
     ``dispatch.resolve_backend`` can say: it is given whichever of M, K, D it accepts
-    (a size policy needs them). None if it cannot tell, e.g. when it takes other
+    (a size policy needs them). None if it cannot tell, e.g. when it requires other
     parameters that this function does not know how to fill."""
     try:
         params = inspect.signature(dispatch.resolve_backend).parameters
         sizes = {k: v for k, v in dict(M=shape.M, K=shape.K, D=shape.D).items() if k in params}
-        if set(params) - {"backend", "device", "rank", *sizes}:
+        positional = {n for n, p in params.items() if p.kind is not inspect.Parameter.KEYWORD_ONLY}
+        if positional - {"backend", "device", "rank", *sizes}:  # (keyword-only ones are options)
             return None
         return dispatch.resolve_backend(AUTO, device, rank=shape.r, **sizes)
     except Exception:  # a report detail: never fail the run over it

@@ -172,7 +172,7 @@ def measured_policy(records: list[dict]) -> tuple:
 def policy_summary(rows: list[Row], device_type: str) -> str | None:
     """The auto policy these timings support, next to the one ``auto`` uses now; None
     when no SALT backend besides ``reference`` was timed."""
-    from ..dispatch import AUTO_POLICY
+    from ...ops.dispatch import AUTO_POLICY
 
     policy = measured_policy([row_record(r, {}, {}) for r in rows])
     if not policy:

@@ -235,7 +235,7 @@ def environment(device, dtype) -> dict:
     """What a measurement ran on: device, dtype, threads, versions."""
     from importlib import metadata
 
-    from .. import __version__
+    from ... import __version__
     try:
         triton = metadata.version("triton")
     except metadata.PackageNotFoundError:

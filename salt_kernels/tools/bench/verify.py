@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import available_backends, salt_linear
+from ...ops import available_backends, salt_linear
 
 # Max |error| relative to max |float64 truth|, per dtype. Kept equal to the tests'
 # TOLERANCES table (tests/salt_testing.py; tests/test_bench.py checks they agree).

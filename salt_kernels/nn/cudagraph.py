@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layers import SALTLinear
+from .linear import SALTLinear
 
 
 def warmup(model_or_layer: nn.Module, token_counts: Iterable[int], dtype: torch.dtype | None = None,
@@ -17,7 +17,7 @@ def warmup(model_or_layer: nn.Module, token_counts: Iterable[int], dtype: torch.
 
     While a stream captures a CUDA graph nothing may autotune (it times configs) or
     JIT-compile; a SALT launch that would have to raises
-    ``salt_kernels.backends.triton_kernels.NotWarmedUpError`` instead (never a silent
+    ``salt_kernels.backends.triton.kernels.NotWarmedUpError`` instead (never a silent
     wrong result). Call this first, with:
 
     * ``token_counts``: every number of rows a layer will see inside the captured graph

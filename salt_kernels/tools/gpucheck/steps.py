@@ -1,20 +1,8 @@
-"""The GPU check: one command that proves the GPU path on a fresh CUDA machine.
-
-    python -m salt_kernels.gpucheck --out DIR            # on a GPU: < 9.5 minutes on one H100/H200
-    python -m salt_kernels.gpucheck --out DIR --dry-run  # on CPU: the same steps, tiny, interpreted
-
-It needs CUDA torch, Triton and nvcc, and no network. Each step of :data:`STEPS` runs in
-its own process, with its own time budget (the process group is killed past it) and its
-output captured in ``DIR/logs/STEP.log``. It writes ``DIR/report.md`` (pass/fail per
-step and the figures), ``DIR/report.json`` (every figure) and the benchmark plots under
-``DIR/bench/``, and exits non-zero if any step failed. ``--dry-run`` walks the same
-steps on CPU under the Triton interpreter at tiny sizes (no extension rebuild when one
-is present); CI runs it (tests/test_gpucheck.py). See docs/gpu.md.
-"""
+"""The steps of the GPU check: what each one runs (in its own process) and its time
+budget, on one GPU and in a dry run."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import importlib.util
@@ -23,107 +11,18 @@ import math
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-REPO = Path(__file__).resolve().parent.parent
-TOTAL_BUDGET_S = 560  # the whole check on one GPU, extension build included
-STEP_RESULT = "result.json"  # name of a step's result file under DIR/steps/STEP/
-
-
-@dataclass
-class Context:
-    out: Path
-    dry_run: bool
-
-    @property
-    def device(self) -> str:
-        return "cpu" if self.dry_run else "cuda"
-
-    def step_dir(self, name: str) -> Path:
-        d = self.out / "steps" / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def env(self) -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        # The interpreter's own bin first: torch finds ninja (a pip package) on PATH only, and
-        # without it the extension builds one file at a time, past the build budget.
-        env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")]))
-        if self.dry_run:
-            env["TRITON_INTERPRET"] = "1"  # before triton is imported, in every child
-            env.setdefault("CUDA_VISIBLE_DEVICES", "")
-        return env
-
-
-@dataclass
-class Step:
-    """One step. ``run(ctx)`` executes in a child process (``--run-step NAME``) and returns
-    ``{"status": "pass" | "fail" | "skip", "summary": str, "figures": {...}}``.
-    ``command`` replaces that child's command line (tests use it)."""
-    name: str
-    title: str
-    budget_s: int  # on a GPU
-    dry_budget_s: int  # in a dry run on 2 CPU cores
-    run: Callable[[Context], dict] | None = None
-    command: Callable[[Context], list] | None = None
-    env: dict = field(default_factory=dict)  # on top of Context.env(), for this step's process
-
-    def argv(self, ctx: Context) -> list:
-        if self.command is not None:
-            return self.command(ctx)
-        return [sys.executable, "-m", "salt_kernels.gpucheck", "--run-step", self.name, "--out", str(ctx.out)] + (
-            ["--dry-run"] if ctx.dry_run else [])
-
-
-def _result(status: str, summary: str, **figures) -> dict:
-    return {"status": status, "summary": summary, "figures": figures}
-
-
-def _sh(cmd, timeout=60, **kw) -> tuple[int, str]:
-    """Run a helper command; (returncode, stdout+stderr). Missing programs give rc 127."""
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-        return p.returncode, p.stdout + p.stderr
-    except FileNotFoundError as exc:
-        return 127, str(exc)
-
-
-def _echo(cmd, **kw) -> int:
-    """Run a command with its output going to this step's log; its return code."""
-    print("$", " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run(cmd, **kw).returncode
-
-
-def _echo_until(cmd, deadline_s: float, **kw) -> tuple[int, bool]:
-    """``_echo`` with a deadline: past it the command gets SIGINT (pytest then stops, prints
-    its summary and writes its report) and, 30 s later, SIGKILL. (returncode, stopped)."""
-    print("$", " ".join(str(c) for c in cmd), flush=True)
-    proc = subprocess.Popen(cmd, **kw)
-    try:
-        return proc.wait(timeout=max(deadline_s, 1)), False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(timeout=30), True
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(), True
+from .process import REPO, TOTAL_BUDGET_S, Context, Step, _echo, _echo_until, _num, _result, _sh
 
 
 def _budget(name: str, ctx: Context) -> int:
     step = next(s for s in STEPS if s.name == name)
     return step.dry_budget_s if ctx.dry_run else step.budget_s
 
-
-# ----------------------------------------------------------------------------- steps
 
 # What the later steps import (the machine may have no network to install them then).
 NEEDED_MODULES = ("pytest", "hypothesis", "safetensors", "matplotlib", "tqdm", "ninja")
@@ -273,7 +172,7 @@ def _sizes(ctx):
 
 
 def _tolerance(dtype) -> float:
-    from .bench import VERIFY_TOLERANCES
+    from ..bench import VERIFY_TOLERANCES
     return VERIFY_TOLERANCES[dtype]
 
 
@@ -283,7 +182,7 @@ def step_compile(ctx: Context) -> dict:
     import torch
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from . import SALTLinear, available_backends
+    from ... import SALTLinear, available_backends
 
     K, D, r, rl, counts, dtype = _sizes(ctx)
     compiler = "aot_eager" if ctx.dry_run else "inductor"
@@ -325,7 +224,7 @@ def triton_spills() -> list:
     """Registers and spills of every Triton kernel compiled in this process so far, as
     Triton reports them (None where this Triton version does not)."""
     try:
-        from .backends import triton_kernels, triton_multi
+        from ...backends.triton import kernels as triton_kernels, multi as triton_multi
     except ImportError:
         return []
 
@@ -361,7 +260,7 @@ def step_cudagraph(ctx: Context) -> dict:
     import torch
 
     import salt_kernels
-    from . import SALTLinear
+    from ... import SALTLinear
 
     K, D, r, rl, counts, dtype = _sizes(ctx)
     counts = counts[:4]
@@ -369,7 +268,7 @@ def step_cudagraph(ctx: Context) -> dict:
     layer = SALTLinear(K, D, r, rl, device=ctx.device, dtype=dtype)
     with torch.no_grad():
         layer.Y.normal_()
-    figs = dict(backend=salt_kernels.dispatch.resolve_backend("auto", ctx.device, r), token_counts=list(counts))
+    figs = dict(backend=salt_kernels.ops.resolve_backend("auto", ctx.device, r), token_counts=list(counts))
     warmup = getattr(salt_kernels, "warmup", None)
     t0 = time.perf_counter()
     if warmup is not None:
@@ -413,7 +312,7 @@ def step_multigpu(ctx: Context) -> dict:
     matches the result with cuda:1 current."""
     import torch
 
-    from . import SALTLinear, available_backends
+    from ... import SALTLinear, available_backends
 
     n = torch.cuda.device_count() if not ctx.dry_run else 0
     if n < 2:
@@ -444,7 +343,7 @@ def step_multigpu(ctx: Context) -> dict:
 
 
 def _bench_argv(ctx: Context, out: Path) -> list:
-    argv = [sys.executable, "-m", "salt_kernels.bench", "--output", str(out), "--no-progress"]
+    argv = [sys.executable, "-m", "salt_kernels.tools.bench", "--output", str(out), "--no-progress"]
     if ctx.dry_run:
         argv += ["--device", "cpu", "--presets", "smoke", "--dtype", "fp32", "--min-time", "0.02"]
     else:
@@ -462,17 +361,10 @@ def _bench_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _num(v):
-    try:
-        return float(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
 def step_bench(ctx: Context) -> dict:
     out = ctx.out / "bench"
     argv = _bench_argv(ctx, out)
-    rc, help_text = _sh([sys.executable, "-m", "salt_kernels.bench", "--help"], env=ctx.env(), cwd=REPO)
+    rc, help_text = _sh([sys.executable, "-m", "salt_kernels.tools.bench", "--help"], env=ctx.env(), cwd=REPO)
     if "--json" in help_text:
         argv += ["--json", str(out / "results.json")]
     rc = _echo(argv, cwd=REPO, env=ctx.env())
@@ -498,8 +390,8 @@ def step_bench(ctx: Context) -> dict:
     plots = sorted(str(p.relative_to(ctx.out)) for p in out.glob("*.png"))
     status = "pass" if rc == 0 and rows else "fail"
     # what AUTO_POLICY["cuda"] should say, from these timings (it holds a default until measured)
-    from .bench.report import measured_policy
-    from .dispatch import AUTO_POLICY
+    from ...ops import AUTO_POLICY
+    from ..bench.report import measured_policy
 
     policy = measured_policy(rows)
     return _result(status, f"salt-bench rc={rc}, {len(rows)} rows", argv=argv[1:], rows=rows, by_method=summary,
@@ -520,162 +412,3 @@ STEPS = [
     Step("bench", "salt-bench GPU presets (tokens, decode, llama7b; bf16)", 100, 120, step_bench),
 ]
 assert sum(s.budget_s for s in STEPS) <= TOTAL_BUDGET_S
-
-
-# ----------------------------------------------------------------------------- runner
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_step(step: Step, ctx: Context) -> dict:
-    """Run one step in its own process group under its budget; its record for the report."""
-    budget = step.dry_budget_s if ctx.dry_run else step.budget_s
-    logs = ctx.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{step.name}.log"
-    result_path = ctx.step_dir(step.name) / STEP_RESULT
-    result_path.unlink(missing_ok=True)
-    started = time.perf_counter()
-    timed_out = False
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(step.argv(ctx), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**ctx.env(), **step.env}, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            rc = proc.wait()
-    wall = time.perf_counter() - started
-    record = dict(name=step.name, title=step.title, budget_s=budget, wall_s=round(wall, 1), returncode=rc,
-                  log=str(log_path.relative_to(ctx.out)))
-    if result_path.exists():
-        record.update(json.loads(result_path.read_text()))
-    else:
-        record.update(status="fail", summary=f"exit status {rc}", figures={})
-    if timed_out:
-        record.update(status="fail", summary=f"timed out after {budget} s (budget); " + record["summary"])
-    elif rc != 0 and record["status"] != "fail":
-        record.update(status="fail", summary=f"exit status {rc}; " + record["summary"])
-    tail = log_path.read_text(errors="replace")[-3000:]
-    if record["status"] == "fail":
-        record["log_tail"] = tail
-    return record
-
-
-def _child(name: str, ctx: Context) -> int:
-    """``--run-step NAME``: run the step here and write its result for the runner."""
-    step = next(s for s in STEPS if s.name == name)
-    try:
-        result = step.run(ctx)
-    except Exception as exc:
-        traceback.print_exc()
-        result = _result("fail", f"{type(exc).__name__}: {exc}")
-    (ctx.step_dir(name) / STEP_RESULT).write_text(json.dumps(result, indent=1, default=str))
-    print(f"[{name}] {result['status']}: {result['summary']}", flush=True)
-    return 0
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _policy_repr(policy) -> str:
-    """An AUTO_POLICY row tuple as Python source, also after a JSON round trip (lists)."""
-    return repr(tuple((bound, tuple(order)) for bound, order in policy))
-
-
-def write_report(ctx: Context, records: list, wall: float) -> bool:
-    ok = all(r["status"] != "fail" for r in records)
-    report = dict(ok=ok, dry_run=ctx.dry_run, wall_s=round(wall, 1), total_budget_s=TOTAL_BUDGET_S,
-                  steps=records)
-    (ctx.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    kind = "dry run (CPU, Triton interpreter, tiny sizes)" if ctx.dry_run else "GPU"
-    md = [f"# salt_kernels GPU check: {'PASS' if ok else 'FAIL'}", "",
-          f"{kind}; {wall:.0f} s in all (budget {TOTAL_BUDGET_S} s on one GPU). Every figure is in "
-          "`report.json`; each step's output is in `logs/`.", "",
-          "| step | result | wall s | budget s | summary |", "|---|---|---|---|---|"]
-    for r in records:
-        md.append(f"| {r['name']} | {r['status'].upper()} | {r['wall_s']} | {r['budget_s']} | "
-                  f"{str(r['summary']).replace('|', '/')} |")
-    env = next((r for r in records if r["name"] == "environment"), None)
-    if env and env.get("figures"):
-        f = env["figures"]
-        md += ["", "## Environment", ""] + [f"- {k}: {_fmt(f.get(k))}" for k in
-                                            ("gpus", "nvidia_smi", "torch", "torch_cuda", "triton", "nvcc", "python")]
-    bench = next((r for r in records if r["name"] == "bench"), None)
-    if bench and bench.get("figures", {}).get("by_method"):
-        md += ["", "## Benchmarks (speed-up vs the reference chain, % of HBM roofline)", "",
-               "| backend, mode | geomean speed-up | min speed-up | max % roofline |", "|---|---|---|---|"]
-        for k, s in bench["figures"]["by_method"].items():
-            md.append(f"| {k} | {_fmt(s['geomean_speedup_vs_reference'])} | {_fmt(s['min_speedup_vs_reference'])} "
-                      f"| {_fmt(s['max_pct_hbm_roofline'])} |")
-        md += ["", "| backend | preset | layer | M | r | mode | ms | × ref | % roofline |",
-               "|---|---|---|---|---|---|---|---|---|"]
-        for row in bench["figures"]["rows"]:
-            rf = _num(row.get("roofline_fraction"))
-            md.append(f"| {row['backend']} | {row['preset']} | {row['layer']} | {row['M']} | {row['r']} | "
-                      f"{row['mode']} | {row['time_ms'] or '–'} | {row['speedup_vs_reference'] or '–'} | "
-                      f"{_fmt(rf and 100 * rf)} |")
-        if bench["figures"].get("measured_auto_policy"):
-            md += ["", "The `auto` policy these timings support (`dispatch.AUTO_POLICY` format; a backend goes "
-                   "ahead of `reference` at a token count only where its geomean speed-up there is >= 1):", "",
-                   f"    {_policy_repr(bench['figures']['measured_auto_policy'])}", "",
-                   f"The table in `dispatch.AUTO_POLICY` for this device: "
-                   f"`{_policy_repr(bench['figures'].get('auto_policy') or ())}`."]
-        md += [""] + [f"![{Path(p).stem}]({p})" for p in bench["figures"].get("plots", [])]
-    spills = [s for r in records for s in r.get("figures", {}).get("triton_spills", []) or []]
-    if spills:
-        worst = max((s["n_spills"] or 0) for s in spills)
-        md += ["", "## Triton kernels seen at run time", "",
-               f"{len(spills)} compiled kernels; most spills: {worst}; most registers: "
-               f"{max((s['n_regs'] or 0) for s in spills)}."]
-    failed = [r for r in records if r["status"] == "fail"]
-    for r in failed:
-        md += ["", f"## {r['name']}: FAIL", "", "```", r.get("log_tail", "")[-2000:], "```"]
-    (ctx.out / "report.md").write_text("\n".join(md) + "\n")
-    return ok
-
-
-def run_check(out, dry_run: bool, steps: list | None = None, only: list | None = None) -> int:
-    ctx = Context(Path(out).resolve(), dry_run)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    records = []
-    for step in steps or STEPS:
-        if only and step.name not in only:
-            continue
-        print(f"== {step.name}: {step.title}", flush=True)
-        record = run_step(step, ctx)
-        print(f"   {record['status'].upper()} in {record['wall_s']} s: {record['summary']}", flush=True)
-        records.append(record)
-    ok = write_report(ctx, records, time.perf_counter() - started)
-    print(f"wrote {ctx.out / 'report.md'} and report.json: {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m salt_kernels.gpucheck", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="directory for report.md, report.json, logs/ and bench/")
-    p.add_argument("--dry-run", action="store_true",
-                   help="the same steps on CPU under the Triton interpreter, at tiny sizes")
-    p.add_argument("--steps", default=None, help=f"comma-separated subset of {[s.name for s in STEPS]}")
-    p.add_argument("--run-step", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.run_step:
-        return _child(args.run_step, Context(Path(args.out).resolve(), args.dry_run))
-    only = [s.strip() for s in args.steps.split(",")] if args.steps else None
-    unknown = [s for s in only or [] if s not in {st.name for st in STEPS}]
-    if unknown:
-        p.error(f"--steps: unknown step(s) {unknown}; choose from {[s.name for s in STEPS]}")
-    return run_check(args.out, args.dry_run, only=only)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

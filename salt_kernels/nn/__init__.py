@@ -1,0 +1,22 @@
+"""The nn layers: drop-in modules computed by :func:`salt_kernels.salt_linear`.
+
+* :mod:`.linear`: ``SALTLinear`` (and the parametrisation it shares with the conv layer),
+  ``truncated_svd``.
+* :mod:`.conv`: ``SALTConv2d``.
+* :mod:`.regularizer`: ``salt_regularizer``, the official SALT loss term.
+* :mod:`.cudagraph`: ``warmup``, autotune and compile before CUDA-graph capture.
+* :mod:`.sharding`: gathering and assigning FSDP2-sharded parameters.
+
+Above the op (``salt_kernels.ops``), below the model-level helpers.
+"""
+
+from .conv import SALTConv2d
+from .linear import SALTAdapterMixin, SALTLinear, truncated_svd
+from .regularizer import salt_regularizer
+from .cudagraph import warmup
+
+# Every SALT layer type (the model-level helpers find SALT layers by these).
+SALT_MODULE_TYPES: tuple[type, ...] = (SALTLinear, SALTConv2d)
+
+__all__ = ["SALT_MODULE_TYPES", "SALTAdapterMixin", "SALTConv2d", "SALTLinear", "salt_regularizer",
+           "truncated_svd", "warmup"]

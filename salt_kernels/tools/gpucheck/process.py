@@ -1,0 +1,163 @@
+"""Process control of the GPU check: the context every step gets, a step's definition,
+and running one step in its own process group under its time budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[3]
+TOTAL_BUDGET_S = 560  # the whole check on one GPU, extension build included
+STEP_RESULT = "result.json"  # name of a step's result file under DIR/steps/STEP/
+
+
+@dataclass
+class Context:
+    out: Path
+    dry_run: bool
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.dry_run else "cuda"
+
+    def step_dir(self, name: str) -> Path:
+        d = self.out / "steps" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        # The interpreter's own bin first: torch finds ninja (a pip package) on PATH only, and
+        # without it the extension builds one file at a time, past the build budget.
+        env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")]))
+        if self.dry_run:
+            env["TRITON_INTERPRET"] = "1"  # before triton is imported, in every child
+            env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        return env
+
+
+@dataclass
+class Step:
+    """One step. ``run(ctx)`` executes in a child process (``--run-step NAME``) and returns
+    ``{"status": "pass" | "fail" | "skip", "summary": str, "figures": {...}}``.
+    ``command`` replaces that child's command line (tests use it)."""
+    name: str
+    title: str
+    budget_s: int  # on a GPU
+    dry_budget_s: int  # in a dry run on 2 CPU cores
+    run: Callable[[Context], dict] | None = None
+    command: Callable[[Context], list] | None = None
+    env: dict = field(default_factory=dict)  # on top of Context.env(), for this step's process
+
+    def argv(self, ctx: Context) -> list:
+        if self.command is not None:
+            return self.command(ctx)
+        return [sys.executable, "-m", "salt_kernels.tools.gpucheck", "--run-step", self.name, "--out", str(ctx.out)] + (
+            ["--dry-run"] if ctx.dry_run else [])
+
+
+def _result(status: str, summary: str, **figures) -> dict:
+    return {"status": status, "summary": summary, "figures": figures}
+
+
+def _sh(cmd, timeout=60, **kw) -> tuple[int, str]:
+    """Run a helper command; (returncode, stdout+stderr). Missing programs give rc 127."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+        return p.returncode, p.stdout + p.stderr
+    except FileNotFoundError as exc:
+        return 127, str(exc)
+
+
+def _echo(cmd, **kw) -> int:
+    """Run a command with its output going to this step's log; its return code."""
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, **kw).returncode
+
+
+def _echo_until(cmd, deadline_s: float, **kw) -> tuple[int, bool]:
+    """``_echo`` with a deadline: past it the command gets SIGINT (pytest then stops, prints
+    its summary and writes its report) and, 30 s later, SIGKILL. (returncode, stopped)."""
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    proc = subprocess.Popen(cmd, **kw)
+    try:
+        return proc.wait(timeout=max(deadline_s, 1)), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=30), True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(), True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_step(step: Step, ctx: Context) -> dict:
+    """Run one step in its own process group under its budget; its record for the report."""
+    budget = step.dry_budget_s if ctx.dry_run else step.budget_s
+    logs = ctx.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{step.name}.log"
+    result_path = ctx.step_dir(step.name) / STEP_RESULT
+    result_path.unlink(missing_ok=True)
+    started = time.perf_counter()
+    timed_out = False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(step.argv(ctx), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**ctx.env(), **step.env}, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            rc = proc.wait()
+    wall = time.perf_counter() - started
+    record = dict(name=step.name, title=step.title, budget_s=budget, wall_s=round(wall, 1), returncode=rc,
+                  log=str(log_path.relative_to(ctx.out)))
+    if result_path.exists():
+        record.update(json.loads(result_path.read_text()))
+    else:
+        record.update(status="fail", summary=f"exit status {rc}", figures={})
+    if timed_out:
+        record.update(status="fail", summary=f"timed out after {budget} s (budget); " + record["summary"])
+    elif rc != 0 and record["status"] != "fail":
+        record.update(status="fail", summary=f"exit status {rc}; " + record["summary"])
+    tail = log_path.read_text(errors="replace")[-3000:]
+    if record["status"] == "fail":
+        record["log_tail"] = tail
+    return record
+
+
+def run_child(step: Step, ctx: Context) -> int:
+    """``--run-step NAME`` (in the step's own process): run it and write its result for
+    :func:`run_step`."""
+    try:
+        result = step.run(ctx)
+    except Exception as exc:
+        traceback.print_exc()
+        result = _result("fail", f"{type(exc).__name__}: {exc}")
+    (ctx.step_dir(step.name) / STEP_RESULT).write_text(json.dumps(result, indent=1, default=str))
+    print(f"[{step.name}] {result['status']}: {result['summary']}", flush=True)
+    return 0
+
+
+def _num(v):
+    try:
+        return float(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
