@@ -122,7 +122,7 @@ def test_residual_adapter_equals_base_at_init_and_truncated_is_svd():
     x = torch.randn(4, 13)
     model = get_peft_model(copy.deepcopy(base), SaltConfig(rank=3, lora_rank=2, target_modules=["a", "b"], residual=True))
     assert torch.equal(model(x), base(x))  # exactly: the update is U (C - Sigma0) V^T = 0
-    trunc = get_peft_model(copy.deepcopy(base), SaltConfig(rank=3, lora_rank=2, target_modules=["a"]))
+    trunc = get_peft_model(copy.deepcopy(base), SaltConfig(rank=3, lora_rank=2, target_modules=["a"], residual=False))
     U, S, Vh = torch.linalg.svd(base.a.weight.detach().double())
     W3 = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
     with torch.no_grad():
@@ -173,18 +173,31 @@ def test_registration_is_idempotent_and_survives_reload():
     assert list(PeftType).count(PeftType.SALT) == 1
     names = ("SaltConfig", "SaltLayer", "SaltLinear", "SaltModel")
     before = {n: getattr(salt_peft, n) for n in names}
+    # Reloading the package reloads its submodules, in place: the old classes' methods look
+    # names up in those same module namespaces. Keep a copy to restore them afterwards.
+    modules = [salt_peft, salt_peft.config, salt_peft.layer, salt_peft.model]
+    namespaces = [dict(vars(m)) for m in modules]
     reloaded = importlib.reload(salt_peft)
     try:
-        assert reloaded.SaltConfig is not before["SaltConfig"]
+        for n in names:
+            assert getattr(reloaded, n) is not before[n], n
         assert mapping.PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SALT] is reloaded.SaltModel
         assert list(PeftType).count(PeftType.SALT) == 1
         model = get_peft_model(toy(), reloaded.SaltConfig(rank=3, lora_rank=1, target_modules=["a"]))
         assert isinstance(model.base_model.model.a, reloaded.SaltLinear)
-    finally:  # the rest of this module holds the classes from before the reload
-        for n, cls in before.items():
-            setattr(salt_peft, n, cls)
+    finally:  # the rest of the session holds the classes from before the reload
+        for module, namespace in zip(modules, namespaces):
+            vars(module).clear()
+            vars(module).update(namespace)
         mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SALT] = before["SaltConfig"]
         mapping.PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SALT] = before["SaltModel"]
+    # the old classes work as before the reload
+    model = get_peft_model(toy(), SaltConfig(rank=3, lora_rank=1, target_modules=["a"]))
+    assert type(model.base_model.model.a) is before["SaltLinear"]
+    model.add_adapter("other", SaltConfig(rank=3, lora_rank=1, target_modules=["a"]))
+    model.set_adapter("other")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"base_model.model.a.salt_core.other.{p}" for p in ("sigma", "X", "Y")}
 
 
 def test_registration_refuses_another_packages_salt(monkeypatch):
@@ -207,7 +220,7 @@ def test_version_check():
 
 def test_bad_configs_raise_clearly():
     with pytest.raises(ValueError, match="rank / energy"):
-        SaltConfig(lora_rank=2, target_modules=["a"])
+        SaltConfig(rank=2, energy=0.9, target_modules=["a"])
     with pytest.raises(ValueError, match="sigma_mode"):
         SaltConfig(rank=2, sigma_mode="nope", target_modules=["a"])
     with pytest.raises(ValueError, match="lora_rank"):
@@ -346,7 +359,7 @@ def test_load_undoes_svd_sign_flips_and_refuses_another_base(tmp_path, monkeypat
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert torch.equal(loaded(x), y)
     monkeypatch.setattr(layers, "_fix_signs", fix)
-    with pytest.raises(ValueError, match="PeftModel.from_pretrained: layer 'a\\[default\\]'.*store_basis=True"):
+    with pytest.raises(ValueError, match="loading a SALT adapter: layer 'a\\[default\\]'.*store_basis=True"):
         PeftModel.from_pretrained(toy(seed=5), tmp_path)
 
 

@@ -137,13 +137,16 @@ def _check_rank_spec(rank, energy):
             raise ValueError(f"energy: expected a fraction of the squared spectrum in (0, 1], got {energy}")
 
 
-def _layer_rank(weight: torch.Tensor, rank, energy) -> int:
+def _layer_rank(weight: torch.Tensor, rank, energy, spectrum: torch.Tensor | None = None) -> int:
     """The rank for one (D, K) weight: an int capped at min(D, K), a fraction of
     min(D, K) (rounded up, at least 1), or the smallest rank keeping ``energy`` of the
-    squared spectrum (singular values in float32 on the weight's device)."""
+    squared spectrum (singular values in float32 on the weight's device, or ``spectrum``
+    if the caller has them)."""
     full = min(weight.shape)
     if energy is not None:
-        s2 = torch.linalg.svdvals(weight.detach().to(torch.float32)).double() ** 2
+        if spectrum is None:
+            spectrum = torch.linalg.svdvals(weight.detach().to(torch.float32))
+        s2 = spectrum.double() ** 2
         total = s2.sum()
         if total <= 0:
             return 1
