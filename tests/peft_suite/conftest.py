@@ -8,11 +8,12 @@ conftest writes ``test_custom_models.py`` (with SALT's rows added to PEFT's list
 way PEFT adds a method), ``testing_common.py`` and ``testing_utils.py`` next to itself
 (git-ignored) before pytest collects this directory, and keeps only the tests that run
 a SALT row. Without PEFT, or when the source distribution cannot be fetched, the
-directory collects one test that is skipped and says why.
+directory collects one test that says why (skipped without PEFT, failed otherwise).
 
 PEFT's test helpers import ``diffusers`` and ``datasets`` at module level, for tests of
-other models; where they are not installed, empty stand-ins take their place (no SALT
-row reaches them: a stand-in class that nothing is an instance of, a function that raises).
+other models; where they are not installed, empty stand-ins take their place while the
+helpers import (no SALT row reaches them: a class that nothing is an instance of, a
+function that raises).
 """
 
 from __future__ import annotations
@@ -107,20 +108,31 @@ def add_salt_rows(source: str, rows) -> str:
     return b"".join(lines).decode()
 
 
-def _stand_ins() -> None:
-    """Empty modules for PEFT's test imports that no SALT row uses (module docstring)."""
-    if importlib.util.find_spec("diffusers") is None:
-        diffusers = types.ModuleType("diffusers")
-        diffusers.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
-        sys.modules["diffusers"] = diffusers
-    if importlib.util.find_spec("datasets") is None:
-        datasets = types.ModuleType("datasets")
+def _load_dataset(*args, **kwargs):
+    raise RuntimeError("datasets is not installed (a stand-in for PEFT's test imports)")
 
-        def load_dataset(*args, **kwargs):
-            raise RuntimeError("datasets is not installed (a stand-in for PEFT's test imports)")
 
-        datasets.load_dataset = load_dataset
-        sys.modules["datasets"] = datasets
+def _import_helpers() -> None:
+    """Import PEFT's test helpers, with empty modules standing in for the imports that no
+    SALT row uses (module docstring) while they import, and only then: nothing else in
+    the session sees the stand-ins."""
+    stand_ins = {
+        "diffusers": {"StableDiffusionPipeline": type("StableDiffusionPipeline", (), {})},
+        "datasets": {"load_dataset": _load_dataset},
+    }
+    added = []
+    for name, attrs in stand_ins.items():
+        if importlib.util.find_spec(name) is None:
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            sys.modules[name] = module
+            added.append(name)
+    try:
+        for helper in ("testing_utils", "testing_common"):
+            importlib.import_module(f"{__package__}.{helper}")
+    finally:
+        for name in added:
+            del sys.modules[name]
 
 
 def _prepare() -> None:
@@ -148,7 +160,7 @@ try:
     if importlib.util.find_spec("peft") is None:
         raise RuntimeError("peft is not installed (pip install 'peft>=0.15', in the 'test' extra)")
     _prepare()
-    _stand_ins()
+    _import_helpers()
 except Exception as exc:  # noqa: BLE001 - reported by the placeholder test below
     _problem = f"PEFT's custom-model tests with SALT rows cannot run: {exc}"
     for name in UPSTREAM:
