@@ -4,11 +4,14 @@ through get_peft_model, transformers.Trainer, save_pretrained / from_pretrained 
 merge_and_unload.
 
 Run against the oldest supported PEFT as well:
-    pip install --target /tmp/peft015 --no-deps "peft==0.15.0" && PYTHONPATH=/tmp/peft015 pytest tests/test_peft.py tests/test_export_lora.py
+    pip install --target /tmp/peft015 --no-deps "peft==0.15.0" && PYTHONPATH=/tmp/peft015 pytest tests/test_peft.py tests/test_export_lora.py tests/test_gpt2_conv1d.py
+
+PEFT's own custom-model tests, with SALT rows, are in tests/peft_suite.
 """
 
 import copy
 import importlib
+import inspect
 import os
 
 import pytest
@@ -448,7 +451,8 @@ def test_autocast_adapter_dtype_as_lora(autocast):
     base = toy(dtype=torch.bfloat16)
     model = get_peft_model(copy.deepcopy(base), SaltConfig(rank=4, lora_rank=2, target_modules=["a", "b"]),
                            autocast_adapter_dtype=autocast)
-    model.add_adapter("other", SaltConfig(rank=4, target_modules=["a"]), autocast_adapter_dtype=autocast)
+    if "autocast_adapter_dtype" in inspect.signature(PeftModel.add_adapter).parameters:  # PEFT >= 0.16
+        model.add_adapter("other", SaltConfig(rank=4, target_modules=["a"]), autocast_adapter_dtype=autocast)
     want = torch.float32 if autocast else torch.bfloat16
     assert {p.dtype for n, p in model.named_parameters() if "salt_" in n} == {want}
     layer = model.base_model.model.a

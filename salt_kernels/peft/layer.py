@@ -273,8 +273,9 @@ class SaltLayer(BaseTunerLayer):
     def _salt_set_basis(self, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> None:
         weight = self._salt_matrix()
         dtype = self.salt_U.dtype if self.salt_U is not None else weight.dtype
+        # copies: a slice of the SVD's full output would keep all of it alive
         self.salt_U, self.salt_V, self.salt_sigma0 = (
-            t.detach().to(weight.device, dtype).contiguous() for t in (U, V, S))
+            t.detach().to(weight.device, dtype, copy=True).contiguous() for t in (U, V, S))
         self._salt_check = basis_check(self.salt_U)
 
     @torch.no_grad()
