@@ -40,7 +40,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..backends.core import accumulate_dtype, autocast_active
+from ..backends.core import accumulate_dtype, autocast_active, mix_matrix
 from ..model.basis import align_basis, basis_check
 from ..model.convert import _layer_rank
 from ..model.export import lora_factors
@@ -499,14 +499,9 @@ class SaltLayer(BaseTunerLayer):
             y = y + self._salt_update(x, core, core.coefficients(True, core.compute_dtype), None).to(y.dtype)
         return y
 
-    def _salt_bank(self, adapter_names: list):
-        """The adapters of a mixed batch that this layer has, as the op's bank: sigma (A, R),
-        X (A, R, r'), Y (A, r', R) (each adapter's update, or truncated layer, zero-padded
-        to the basis rank R), and per sample its bank row (-1: the base layer) and whether
-        that row is a truncated adapter. None if no sample uses an adapter of this layer."""
-        present = sorted({n for n in adapter_names if n in self.salt_core})
-        if not present:
-            return None
+    def _salt_bank(self, present: list[str]):
+        """The adapters ``present`` as the op's bank: sigma (A, R), X (A, R, r'), Y (A, r', R),
+        each adapter's update (or truncated layer) zero-padded to the basis rank R."""
         cores = [self.salt_core[n] for n in present]
         dtype = cores[0].compute_dtype
         for core in cores[1:]:
@@ -520,29 +515,42 @@ class SaltLayer(BaseTunerLayer):
             sigmas.append(F.pad(sigma, (0, pad)))
             Xs.append(F.pad(X, (0, lora - core.lora_rank, 0, pad)))
             Ys.append(F.pad(Y, (0, pad, 0, lora - core.lora_rank)))
-        row = {n: i for i, n in enumerate(present)}
+        return torch.stack(sigmas), torch.stack(Xs), torch.stack(Ys)
+
+    def _salt_rows(self, adapter_names: list, present: list[str]):
+        """Per sample its bank row (-1: the base layer) and, if any sample runs a truncated
+        adapter, the mask of those samples; kept for the next call with the same names
+        (each step of ``generate``)."""
         device = self.salt_U.device
+        key = (tuple(adapter_names), tuple((n, self.salt_residual[n]) for n in present), device)
+        cached = self.__dict__.get("_salt_rows_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        row = {n: i for i, n in enumerate(present)}
         index = torch.tensor([row.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
-        truncated = torch.tensor([n in row and not self.salt_residual[n] for n in adapter_names], device=device)
-        return torch.stack(sigmas), torch.stack(Xs), torch.stack(Ys), index, truncated, cores[0].backend
+        truncated = [n in row and not self.salt_residual[n] for n in adapter_names]
+        rows = index, (torch.tensor(truncated, device=device) if any(truncated) else None)
+        self.__dict__["_salt_rows_cache"] = (key, rows)
+        return rows
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list, **kwargs: Any) -> torch.Tensor:
         """Each sample through its own adapter (``"__base__"``, or an adapter this layer lacks:
         the base layer) in one call of the mixed-adapter op."""
         result = self.base_layer(x, *args, **kwargs)
-        bank = self._salt_bank(adapter_names)
-        if bank is None:
+        present = sorted({n for n in adapter_names if n in self.salt_core})
+        if not present:
             return result
-        sigma, X, Y, index, truncated, backend = bank
+        sigma, X, Y = self._salt_bank(present)
+        index, truncated = self._salt_rows(adapter_names, present)
+        backend = self.salt_core[present[0]].backend
         update = self._salt_mixed_update(x, sigma, X, Y, index, backend).to(result.dtype)
-        if not bool(truncated.any()):
+        if truncated is None:
             return result + update
         # a truncated adapter's sample is its SALT layer alone: U C V^T x + b
         bias = self.get_base_layer().bias
         alone = update if bias is None else update + self._salt_bias_shape(bias, update).to(update.dtype)
         mask = truncated.view(-1, *([1] * (result.dim() - 1)))
         return torch.where(mask, alone, result + update)
-
 
 
 class _SaltModule(nn.Module):
@@ -630,15 +638,16 @@ class SaltConv2d(_SaltModule, SaltLayer):
     def _salt_update(self, x: torch.Tensor, core: SaltCore, coefficients, bias) -> torch.Tensor:
         sigma, X, Y = coefficients
         dtype = sigma.dtype
-        C = torch.diag(sigma) + X @ Y if X.shape[1] else torch.diag(sigma)
-        return salt_conv2d(x.to(dtype), core.U.to(dtype), core.V.to(dtype), C.to(accumulate_dtype(dtype)),
+        C = mix_matrix(sigma, X, Y, 1.0, accumulate_dtype(dtype))  # scaling is folded into X
+        return salt_conv2d(x.to(dtype), core.U.to(dtype), core.V.to(dtype), C,
                            None if bias is None else bias.to(dtype), self.get_base_layer())
 
     def _salt_mixed_update(self, x, sigma, X, Y, index, backend) -> torch.Tensor:
         """Shared shrink, a per-sample r x r mix, shared 1x1 expansion (base rows: a zero mix)."""
         dtype = sigma.dtype
         z = conv2d_shrink(x.to(dtype), self.salt_V.to(dtype), self.get_base_layer())
-        C = torch.diag_embed(sigma) + X @ Y  # (A, R, R)
+        acc = accumulate_dtype(dtype)
+        C = (torch.diag_embed(sigma.to(acc)) + X.to(acc) @ Y.to(acc)).to(dtype)  # (A, R, R)
         C = torch.cat([C, torch.zeros_like(C[:1])])  # row -1: the base layer
         t = torch.einsum("nij,njhw->nihw", C[index], z)
         return F.conv2d(t, self.salt_U.to(dtype)[:, :, None, None])
