@@ -5,10 +5,11 @@
 
 Reports what the adapters add to the base model, as bytes of the tensors held (each
 storage counted once): the frozen basis (U_r, V_r, sigma0) and the trained tensors, and
-the process's resident memory (RSS) before and after adding the adapters; plus the time
-of the first ``get_peft_model`` (one SVD per layer) against each further ``add_adapter``.
-The same script runs against an older salt_kernels (a PYTHONPATH of its source) to
-compare layouts.
+the process's resident memory (RSS) before and after adding the adapters; and the time
+of ``add_adapter`` + ``delete_adapter`` on layers without an adapter (one SVD per layer)
+against layers that already have one, timed in interleaved rounds by the package's
+sampler (``salt_kernels.tools.bench.sample_steps``). The script also runs against a
+salt_kernels source tree of another layout (its PYTHONPATH) to compare.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 import torch
+
+from salt_kernels.tools.bench import device_name, sample_steps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,27 +79,36 @@ def main() -> None:
     base_bytes = tensor_bytes(list(base.parameters()) + list(base.buffers()))
     model = copy.deepcopy(base)
     before = rss()
-    start = time.perf_counter()
     model = get_peft_model(model, SaltConfig(**config))
-    first = time.perf_counter() - start
-    more = []
     for i in range(1, args.adapters):
-        start = time.perf_counter()
         model.add_adapter(f"adapter{i}", SaltConfig(**config))
-        more.append(time.perf_counter() - start)
     after = rss()
     frozen, trained = adapter_tensors(model)
+
+    # add_adapter + delete_adapter, on layers without adapters (the last one deleted: the
+    # basis goes, the next add computes it) and on layers that keep `args.adapters` others
+    alone = get_peft_model(copy.deepcopy(base), SaltConfig(**config))
+    alone.delete_adapter("default")
+
+    def add_delete(peft_model):
+        def step():
+            peft_model.add_adapter("timed", SaltConfig(**config))
+            peft_model.delete_adapter("timed")
+        return step
+
+    samples = sample_steps({"first": add_delete(alone), "further": add_delete(model)}, 0.5, min_rounds=5)
     mib = 2 ** 20
     print(f"salt_kernels at {os.path.dirname(salt_kernels.__file__)}; torch {torch.__version__}, peft {peft.__version__}, "
-          f"1 thread")
+          f"1 thread, {device_name('cpu')}")
     print(f"all-MiniLM-L6-v2 (12 query/value layers, 384x384), {args.adapters} adapters of SaltConfig({config})")
     print(f"base model tensors: {base_bytes / mib:.2f} MiB")
     print(f"frozen SALT tensors (basis): {tensor_bytes(frozen) / mib:.3f} MiB")
     print(f"trained SALT tensors: {tensor_bytes(trained) / mib:.3f} MiB "
           f"({sum(p.numel() for p in trained)} values)")
     print(f"RSS growth over get_peft_model + {args.adapters - 1} add_adapter: {(after - before) / mib:.1f} MiB")
-    print(f"get_peft_model (first adapter): {first * 1e3:.1f} ms; add_adapter: median {statistics.median(more) * 1e3:.1f} ms")
-
+    print("add_adapter + delete_adapter, median of rounds: on layers without adapters "
+          f"{statistics.median(samples['first']) * 1e3:.1f} ms, on layers with {args.adapters} "
+          f"{statistics.median(samples['further']) * 1e3:.1f} ms")
 
 if __name__ == "__main__":
     main()

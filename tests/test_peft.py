@@ -628,8 +628,8 @@ def test_mixed_batch_runs_the_mixed_adapter_op_and_matches_each_row(monkeypatch)
     names = ["r4", "__base__", "r2", "ss", "tr", "r4", "tr", "__base__"]
     x = torch.randn(len(names), 2, 13)  # a leading batch and a token dimension
     calls = []
-    op = peft_layer.salt_linear
-    monkeypatch.setattr(peft_layer, "salt_linear", lambda *a, **k: calls.append(k.get("adapter_index")) or op(*a, **k))
+    op = peft_layer.salt_linear_multi
+    monkeypatch.setattr(peft_layer, "salt_linear_multi", lambda *a, **k: calls.append(k["adapter_index"]) or op(*a, **k))
     with torch.no_grad():
         y = model(x, adapter_names=names)
     # one call of the mixed-adapter op per adapted layer, with each row's bank index

@@ -46,7 +46,7 @@ from ..model.convert import _layer_rank
 from ..model.export import lora_factors
 from ..nn.conv import conv2d_shrink, salt_conv2d
 from ..nn.linear import SALTAdapterMixin, truncated_svd
-from ..ops import salt_linear
+from ..ops import salt_linear, salt_linear_multi
 
 # How far a stored basis may be from diagonalising the base weight (relative, Frobenius),
 # and from another copy of itself column by column: rounding of a half-precision basis.
@@ -605,8 +605,10 @@ class SaltLinear(_SaltModule, SaltLayer):
         dtype = sigma.dtype
         lead = x.shape[:-1]
         rows = index.view(-1, *([1] * (len(lead) - 1))).expand(lead)
-        return salt_linear(x.to(dtype), self.salt_U.to(dtype), self.salt_V.to(dtype), sigma, X, Y, backend=backend,
-                           adapter_index=rows, base_sigma=torch.zeros_like(sigma[0]))
+        # the index is built from checked names: no range check (a host sync on CUDA)
+        return salt_linear_multi(x.to(dtype), self.salt_U.to(dtype), self.salt_V.to(dtype), sigma, X, Y,
+                                 backend=backend, adapter_index=rows, base_sigma=torch.zeros_like(sigma[0]),
+                                 check_range=False)
 
     @staticmethod
     def _salt_bias_shape(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
