@@ -45,6 +45,7 @@ from ..model.basis import align_basis, basis_check
 from ..model.convert import _layer_rank
 from ..model.export import lora_factors
 from ..nn.conv import conv2d_shrink, salt_conv2d
+from ..nn.conv1d import is_conv1d
 from ..nn.linear import SALTAdapterMixin, truncated_svd
 from ..ops import salt_linear, salt_linear_multi
 
@@ -66,15 +67,6 @@ def allow_other_base():
         yield
     finally:
         _OTHER_BASE.reset(token)
-
-
-def _conv1d_type():
-    """transformers' ``Conv1D`` class if transformers is loaded (a model using it has
-    imported it), else None: the package does not import transformers itself."""
-    import sys
-
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
 
 
 def _column_signs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
@@ -576,8 +568,7 @@ class SaltLinear(_SaltModule, SaltLayer):
     ``fan_in_fan_out``) adapted by SALT."""
 
     def _salt_features(self, base_layer: nn.Module) -> tuple[int, int]:
-        conv1d = _conv1d_type()
-        self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
+        self.fan_in_fan_out = is_conv1d(base_layer)
         if self.fan_in_fan_out:
             return tuple(base_layer.weight.shape)
         return base_layer.in_features, base_layer.out_features
@@ -659,15 +650,9 @@ class SaltConv2d(_SaltModule, SaltLayer):
         return bias.view(-1, 1, 1)
 
 
-def supported_base_types() -> tuple[type, ...]:
-    conv1d = _conv1d_type()
-    return (nn.Linear, nn.Conv2d) + ((conv1d,) if conv1d is not None else ())
-
-
 def make_layer(target: nn.Module, adapter_name: str, config, name: str) -> nn.Module:
     """The SALT tuner layer for ``target``, or a TypeError naming what cannot be adapted."""
-    conv1d = _conv1d_type()
-    if isinstance(target, nn.Linear) or (conv1d is not None and isinstance(target, conv1d)):
+    if isinstance(target, nn.Linear) or is_conv1d(target):
         return SaltLinear(target, adapter_name, config, name)
     if isinstance(target, nn.Conv2d):
         if target.groups != 1 or target.padding_mode != "zeros":
