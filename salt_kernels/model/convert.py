@@ -1,4 +1,5 @@
-"""Convert a pretrained model's ``nn.Linear`` (and named ``nn.Conv2d``) layers to SALT
+"""Convert a pretrained model's ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) layers
+(and named ``nn.Conv2d`` layers) to SALT
 layers in place, in the style of PEFT, and merge them back.
 
     model = apply_salt(model, rank=0.5, lora_rank=8, target_modules=["query", "value"])
@@ -21,7 +22,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..nn import SALT_MODULE_TYPES, SALTConv2d, SALTLinear
+from ..nn import SALT_MODULE_TYPES, SALTConv1D, SALTConv2d, SALTLinear
+from ..nn.conv1d import TransformersConv1D, is_conv1d
 from ..nn.linear import SVD_METHODS, TRAINABLE_NAMES
 from ..nn import sharding
 from .adapter_file import FORMAT_NAME, FORMAT_VERSION
@@ -35,7 +37,10 @@ _PROGRESS_MIN_LAYERS = 32
 _KINDS = {
     "SALTLinear": (nn.Linear, SALTLinear.from_linear, "to_linear"),
     "SALTConv2d": (nn.Conv2d, SALTConv2d.from_conv2d, "to_conv2d"),
+    "SALTConv1D": (TransformersConv1D, SALTConv1D.from_conv1d, "to_conv1d"),
 }
+# The kinds "all-linear" (and no target_modules) converts: linear layers, GPT-2's included.
+_LINEAR_KINDS = ("SALTLinear", "SALTConv1D")
 _BASE_TYPES: tuple[type, ...] = tuple(base for base, _, _ in _KINDS.values())
 
 
@@ -47,7 +52,7 @@ def _is_salt(module: nn.Module) -> bool:
 
 
 def _kind_of_base(module: nn.Module) -> str | None:
-    """The SALT layer type that replaces ``module`` (an nn.Linear or nn.Conv2d)."""
+    """The SALT layer type that replaces ``module`` (an nn.Linear, Conv1D or nn.Conv2d)."""
     for kind, (base, _, _) in _KINDS.items():
         if type(module) is base or isinstance(module, base):
             return kind
@@ -55,7 +60,10 @@ def _kind_of_base(module: nn.Module) -> str | None:
 
 
 def _io(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a Linear / SALTLinear, channels of a Conv2d / SALTConv2d."""
+    """(in, out) features of a Linear / SALTLinear / SALTConv1D, channels of a Conv2d /
+    SALTConv2d, the weight's (in, out) shape of a transformers Conv1D."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
     if hasattr(module, "in_channels"):  # SALTConv2d also has in_features = in*kh*kw
         return module.in_channels, module.out_channels
     return module.in_features, module.out_features
@@ -137,13 +145,16 @@ def _check_rank_spec(rank, energy):
             raise ValueError(f"energy: expected a fraction of the squared spectrum in (0, 1], got {energy}")
 
 
-def _layer_rank(weight: torch.Tensor, rank, energy) -> int:
+def _layer_rank(weight: torch.Tensor, rank, energy, spectrum: torch.Tensor | None = None) -> int:
     """The rank for one (D, K) weight: an int capped at min(D, K), a fraction of
     min(D, K) (rounded up, at least 1), or the smallest rank keeping ``energy`` of the
-    squared spectrum (singular values in float32 on the weight's device)."""
+    squared spectrum (singular values in float32 on the weight's device, or ``spectrum``
+    if the caller has them)."""
     full = min(weight.shape)
     if energy is not None:
-        s2 = torch.linalg.svdvals(weight.detach().to(torch.float32)).double() ** 2
+        if spectrum is None:
+            spectrum = torch.linalg.svdvals(weight.detach().to(torch.float32))
+        s2 = spectrum.double() ** 2
         total = s2.sum()
         if total <= 0:
             return 1
@@ -228,7 +239,8 @@ def apply_salt(
     progress: bool | None = None,
     **layer_kwargs,
 ) -> nn.Module:
-    """Replace matching ``nn.Linear`` layers of ``model`` in place by ``SALTLinear``.
+    """Replace matching ``nn.Linear`` layers of ``model`` in place by ``SALTLinear`` (and
+    transformers ``Conv1D`` layers, GPT-2's, by ``SALTConv1D``).
 
     rank: an int (capped at each layer's ``min(in, out)``) or a float in (0, 1], the
         fraction of ``min(in, out)`` kept (rounded up). Alternative: ``energy``.
@@ -236,7 +248,7 @@ def apply_salt(
         ``sum(sigma**2)`` (per layer).
     lora_rank: ``r'`` of the ``X (r, r')``, ``Y (r', r)`` update; capped at each layer's
         rank. 0 trains the singular values alone.
-    target_modules: ``None`` / ``"all-linear"`` (every ``nn.Linear``), a regex matched
+    target_modules: ``None`` / ``"all-linear"`` (every ``nn.Linear`` and ``Conv1D``), a regex matched
         against full module names, or a list of names matched exactly or as a dotted
         suffix (PEFT's rules). ``nn.Conv2d`` layers (``groups=1``) become ``SALTConv2d``
         when named by a regex or list; the default converts Linear layers only.
@@ -282,7 +294,7 @@ def apply_salt(
             continue
         kind = _kind_of_base(module)
         every_linear = target_modules is None or target_modules == "all-linear"
-        if kind == "SALTLinear" or (kind is not None and not every_linear):
+        if kind in _LINEAR_KINDS or (kind is not None and not every_linear):
             targets.append((first_name[id(module)], module, kind))
             seen.add(id(module))
         else:
@@ -291,9 +303,9 @@ def apply_salt(
         extra = ""
         if matched_other:
             kinds = ", ".join(f"{n} ({type(m).__name__})" for n, m in matched_other[:5])
-            extra = f"; these names matched but are not nn.Linear / nn.Conv2d: {kinds}"
+            extra = f"; these names matched but are not nn.Linear / Conv1D / nn.Conv2d: {kinds}"
         raise ValueError(
-            f"target_modules: {target_modules!r} matched no nn.Linear (or named nn.Conv2d) in the model{extra}"
+            f"target_modules: {target_modules!r} matched no nn.Linear / Conv1D (or named nn.Conv2d) in the model{extra}"
         )
 
     config = getattr(model, _CONFIG_ATTR, None) or {"layers": {}}
@@ -322,7 +334,7 @@ def apply_salt(
 
 @torch.no_grad()
 def merge_salt(model: nn.Module) -> nn.Module:
-    """Replace every SALT layer by a plain ``nn.Linear`` / ``nn.Conv2d`` holding its merged weight
+    """Replace every SALT layer by a plain ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` holding its merged weight
     (merged in float32, cast once to the layer's dtype) and return ``model``.
 
     Like PEFT's ``merge_and_unload``, this modifies ``model`` in place and returns the

@@ -41,8 +41,9 @@ def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _salt_updates(model: nn.Module, adapter_name):
-    """(name in the original model, SALT core, residual?) for every SALT layer of an
-    ``apply_salt`` model or of a PEFT model built with ``SaltConfig``."""
+    """(name in the original model, SALT core, residual?, fan_in_fan_out?) for every SALT
+    layer of an ``apply_salt`` model or of a PEFT model built with ``SaltConfig``
+    (``fan_in_fan_out``: the base layer is a transformers Conv1D, GPT-2's)."""
     found = []
     for name, module in model.named_modules():
         cores = getattr(module, "salt_core", None)
@@ -50,17 +51,23 @@ def _salt_updates(model: nn.Module, adapter_name):
             if module.merged:
                 raise ValueError(f"export_lora: layer {name!r} is merged; call unmerge_adapter() first")
             names = [adapter_name] if adapter_name is not None else [a for a in module.active_adapters if a in cores]
-            if len(names) != 1 or names[0] not in cores:
+            names = [a for a in names if a in cores]
+            if not names:  # the adapter does not target this layer: it is unchanged
+                continue
+            if len(names) > 1:
                 raise ValueError(
                     f"export_lora: layer {name!r} has adapters {sorted(cores)} (active: {module.active_adapters}); "
                     "pass adapter_name= to choose exactly one"
                 )
+            if isinstance(module.get_base_layer(), nn.Conv2d):
+                raise TypeError(f"export_lora: layer {name!r} adapts an nn.Conv2d; only linear layers (nn.Linear, "
+                                "Conv1D) export to LoRA")
             orig = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-            found.append((orig, cores[names[0]], module.salt_residual[names[0]]))
+            found.append((orig, cores[names[0]], module.salt_residual[names[0]], module.fan_in_fan_out))
         elif isinstance(module, SALT_MODULE_TYPES) and not _inside_peft_layer(model, name):
             if not isinstance(module, SALTLinear):
                 raise TypeError(f"export_lora: layer {name!r} is a {type(module).__name__}; only SALTLinear layers export to LoRA")
-            found.append((name, module, module.residual_weight is not None))
+            found.append((name, module, module.residual_weight is not None, getattr(module, "fan_in_fan_out", False)))
     return found
 
 
@@ -116,9 +123,11 @@ def export_lora(
         raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
     _check_bias_untrained(model)
     updates = _salt_updates(model, adapter_name)
+    if not updates and adapter_name is not None:
+        raise ValueError(f"adapter_name: no SALT layer of the model has an adapter named {adapter_name!r}")
     if not updates:
         raise ValueError("model: has no SALT layers (apply_salt or get_peft_model with SaltConfig first)")
-    for name, layer, residual in updates:
+    for name, layer, residual, _ in updates:
         full = min(layer.in_features, layer.out_features)
         if not residual and layer.rank < full:
             raise ValueError(
@@ -130,9 +139,9 @@ def export_lora(
                 "merged model (merge_salt / merge_and_unload) instead."
             )
 
-    rank = max(layer.rank for _, layer, _ in updates)
+    rank = max(layer.rank for _, layer, _, _ in updates)
     tensors = {}
-    for name, layer, _ in updates:
+    for name, layer, _, _ in updates:
         B, A = lora_factors(layer)
         out_dtype = dtype or layer.U.dtype
         pad = rank - layer.rank
@@ -155,9 +164,10 @@ def export_lora(
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": 0.0,
-        "target_modules": sorted(name for name, _, _ in updates),
+        "target_modules": sorted(name for name, _, _, _ in updates),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # a GPT-2 Conv1D's weight is (in, out); lora_A, lora_B are the same either way
+        "fan_in_fan_out": all(conv1d for _, _, _, conv1d in updates),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
