@@ -8,7 +8,8 @@ The variants of the official SALT layer live here too, all feeding the same op:
 * ``residual=True`` keeps the frozen residual ``W - U_r diag(S_r) V_r^T`` so the layer
   equals the pretrained one at init for any rank (lossless, the PiSSA idea).
   ``quantize="nf4"`` (``"fp4"``, ``"int8"``) stores that residual quantized by
-  bitsandbytes (:mod:`.quantized`): SALT on a quantized base.
+  bitsandbytes (:mod:`.quantized`): SALT on a quantized base. A layer converted from a
+  bitsandbytes 4-/8-bit layer keeps that layer's quantized weight as it is instead.
 
 :class:`SALTAdapterMixin` holds what :class:`SALTLinear` and
 :class:`~salt_kernels.SALTConv2d` share.
@@ -25,8 +26,7 @@ from torch import nn
 from ..backends.core import accumulate_dtype, autocast_active, mix_matrix
 from ..ops import salt_linear
 from ..ops.validate import BACKENDS, FLOAT_DTYPES, _check_tensor
-from .quantized import (QuantizedWeight, add_quantized_product, dequantize_linear, linear_dtype, linear_format,
-                        quant_format)
+from .quantized import QuantizedWeight, add_quantized_product, linear_dtype, linear_format, quant_format
 from .sharding import full
 
 SVD_METHODS = ("exact", "lowrank")
@@ -130,6 +130,23 @@ def check_quantize_args(residual, quantize, quantize_blocksize=None, quantize_do
     return fmt
 
 
+def residual_format_for(linear: nn.Module, residual, quantize=None, quantize_blocksize=None, quantize_double=None,
+                        quantize_iters=1):
+    """``(format, quantized_base)`` of the quantized weight ``SALTLinear.from_linear``
+    gives ``linear`` with these arguments: ``quantize``'s (the residual quantized,
+    ``quantized_base`` False); else, with ``residual=True``, a bitsandbytes layer's own
+    weight kept as it is (``quantized_base`` True); ``(None, False)`` for a dense
+    residual or none."""
+    fmt = check_quantize_args(residual, quantize, quantize_blocksize, quantize_double, quantize_iters)
+    if fmt is not None:
+        return fmt, False
+    if quantize_iters != 1:
+        raise ValueError(f"quantize_iters: only applies to a residual quantized at conversion (quantize=...), "
+                         f"got quantize_iters={quantize_iters}")
+    fmt = linear_format(linear) if residual else None
+    return fmt, fmt is not None
+
+
 class SALTAdapterMixin:
     """The SALT parametrisation shared by :class:`SALTLinear` and ``SALTConv2d``.
 
@@ -170,6 +187,7 @@ class SALTAdapterMixin:
             "residual_weight", _frozen(torch.zeros(residual_shape, **factory)) if dense else None
         )
         self.quantized_residual = None
+        self.quantized_base = False
         # ||W - base|| / ||W|| (Frobenius) of the weight this layer was converted from, where
         # the base (U_r diag(sigma0) V_r^T + residual) is not W exactly: a quantized residual
         self.base_error: float | None = None
@@ -233,7 +251,7 @@ class SALTAdapterMixin:
         self._set_basis(W, svd)
         if self.residual_weight is not None:
             self.residual_weight.copy_((W.to(acc) - self._low_rank(acc)).reshape(self.residual_weight.shape))
-        if self.quantized_residual is not None:
+        if self.quantized_residual is not None and not self.quantized_base:
             W = W.to(acc)
             for round_ in range(quantize_iters):
                 if round_:
@@ -254,15 +272,6 @@ class SALTAdapterMixin:
         """``U diag(sigma0) V^T`` (D, K) from the stored factors, in ``acc``."""
         return (self.U.to(acc) * self.sigma0.to(acc)) @ self.V.to(acc).t()
 
-    def residual_matrix(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The frozen residual as a dense (D, K) tensor in ``dtype`` (a quantized one
-        dequantized), or None without ``residual``."""
-        if self.residual_weight is not None:
-            return self.residual_weight.reshape(self.out_features, self.in_features).to(dtype)
-        if self.quantized_residual is not None:
-            return self.quantized_residual.dequantize(dtype)
-        return None
-
     # --- the parametrisation --------------------------------------------------------
     def effective_sigma(self) -> torch.Tensor:
         """sigma' fed to the op: ``sigma`` (direct) or ``relu(alpha * sigma0 + beta)``."""
@@ -279,10 +288,14 @@ class SALTAdapterMixin:
         """The dense weight ``residual + U (diag(sigma') + s X Y) V^T`` as (out, in_flat),
         computed in float32 (float64 for a float64 layer) and returned in that precision."""
         acc = accumulate_dtype(self.U.dtype)
-        W = self.U.to(acc) @ self.mix(acc) @ self.V.to(acc).t()
-        residual = self.residual_matrix(acc)
-        if residual is not None:
-            W += residual
+        core = self.mix(acc)
+        if self.quantized_base:
+            core -= torch.diag(self.sigma0.to(acc))
+        W = self.U.to(acc) @ core @ self.V.to(acc).t()
+        if self.residual_weight is not None:
+            W += self.residual_weight.reshape(W.shape).to(acc)
+        elif self.quantized_residual is not None:
+            W += self.quantized_residual.dequantize(acc)
         return W
 
     def regularization(self) -> torch.Tensor:
@@ -327,7 +340,10 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
     ``quantize="nf4"`` / ``"fp4"`` / ``"int8"`` (with ``residual=True``) stores the residual
     quantized by bitsandbytes instead, in the submodule ``quantized_residual``
     (``quantize_blocksize``, default 64, and ``quantize_double``, default True, as
-    ``bitsandbytes.nn.Linear4bit``): ``y = Q(W_res) x + U C V^T x + b``.
+    ``bitsandbytes.nn.Linear4bit``): ``y = Q(W_res) x + U C V^T x + b``. With
+    ``quantized_base=True`` that submodule holds the whole base weight instead (a
+    4-bit model's weight, kept bit for bit) and ``y = Q(W) x + U (C - Sigma0) V^T x + b``,
+    the same layer with the residual ``Q(W) - U Sigma0 V^T`` left unquantized.
     """
 
     def __init__(
@@ -347,15 +363,19 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         quantize: str | None = None,
         quantize_blocksize: int | None = None,
         quantize_double: bool | None = None,
+        quantized_base: bool = False,
     ):
         super().__init__()
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         fmt = check_quantize_args(residual, quantize, quantize_blocksize, quantize_double)
+        if not isinstance(quantized_base, bool) or (quantized_base and fmt is None):
+            raise ValueError(f"quantized_base: expected a bool, True only with quantize=..., got {quantized_base!r}")
         self._init_salt(in_features, out_features, rank, lora_rank, bias, scaling, sigma_mode, residual,
                         None if fmt else (out_features, in_features), {"device": device, "dtype": dtype})
         if fmt is not None:
             self.quantized_residual = QuantizedWeight(out_features, in_features, fmt, device=device)
+            self.quantized_base = quantized_base
         self.backend = backend
         self.reset_parameters()
 
@@ -364,7 +384,7 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
             self._check_input_dtype(x)
         rows = getattr(self, "salt_rows", None)  # set inside salt_kernels.adapters(...)
         if rows is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
-            (sigma, X, Y, bias), op = (self.effective_sigma(), self.X, self.Y, self.bias), salt_linear
+            (sigma, X, Y, bias), op = (self.op_sigma(), self.X, self.Y, self.bias), salt_linear
         else:  # a mixed-adapter batch: the adapter bank and per-row indices
             (sigma, X, Y, bias), op = rows.op(self, x)
         if not self.residual or not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -397,6 +417,7 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         quantize_iters: int = 1,
         quantize_blocksize: int | None = None,
         quantize_double: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "SALTLinear":
         """Build from a pretrained ``nn.Linear``: rank-``rank`` SVD of its weight in
         float32 on its device, cast to the layer's dtype; bias copied. ``residual=True``
@@ -404,32 +425,43 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
 
         ``quantize`` (with ``residual=True``): store that residual in ``"nf4"``, ``"fp4"``
         or ``"int8"`` (bitsandbytes); ``quantize_iters`` rounds of SVD and quantization
-        (see ``_init_from_pretrained``). ``linear`` may be a bitsandbytes ``Linear4bit`` /
-        ``Linear8bitLt``: its weight is dequantized to float32 first, the layer takes the
-        dtype of the model around it (its bias's, else the weight's before quantization)
-        and, with ``residual=True``, the residual is quantized in ``linear``'s own format
-        unless ``quantize`` names another."""
+        (see ``_init_from_pretrained``).
+
+        ``linear`` may be a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a model loaded
+        in 4 or 8 bits): the SVD is of its dequantized weight, and the layer takes the dtype
+        of the model around it (its bias's, else the weight's before quantization). With
+        ``residual=True`` the layer keeps ``linear``'s quantized weight bit for bit
+        (``quantized_base``), so it equals the quantized layer at init; ``quantize=``
+        instead quantizes the residual of the dequantized weight again (an extra
+        quantization error on top of the 4-bit model's). ``dtype`` sets that dtype where
+        the layer does not tell it (an int8 layer without bias; default float16, the
+        dtype of bitsandbytes' 8-bit models); :func:`~salt_kernels.apply_salt` passes the
+        model's."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         if svd not in SVD_METHODS:
             raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
         base_format = linear_format(linear)
-        fmt = check_quantize_args(residual, quantize, quantize_blocksize, quantize_double, quantize_iters)
-        if fmt is None and residual and base_format is not None:
-            fmt = base_format
-        if fmt is None and quantize_iters != 1:
-            raise ValueError(f"quantize_iters: only applies to a quantized residual (quantize=...), got {quantize_iters}")
-        W = linear.weight if base_format is None else dequantize_linear(linear)
-        dtype = W.dtype if base_format is None else linear_dtype(linear)
+        fmt, keep_base = residual_format_for(linear, residual, quantize, quantize_blocksize, quantize_double,
+                                             quantize_iters)
         _check_ranks(rank, lora_rank, linear.in_features, linear.out_features)
+        base = QuantizedWeight.from_bnb_linear(linear) if base_format is not None else None
+        W = linear.weight if base is None else base.dequantize(torch.float32)
+        if base is None:
+            dtype = W.dtype
+        else:
+            dtype = linear_dtype(linear) or dtype or torch.float16
         _check_finite("linear: weight", W)
         layer = cls(
             linear.in_features, linear.out_features, rank, lora_rank,
             bias=linear.bias is not None, scaling=scaling,
             device=W.device, dtype=dtype, backend=backend,
             sigma_mode=sigma_mode, residual=residual,
-            **(fmt.layer_kwargs() if fmt is not None else {}),
+            **(fmt.layer_kwargs() if fmt is not None else {}), quantized_base=keep_base,
         )
+        if keep_base:
+            layer.quantized_residual = base
+            layer.base_error = 0.0
         layer._init_from_pretrained(W, linear.bias, svd, quantize_iters)
         return layer
 
@@ -455,6 +487,13 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
             raise ValueError("to_quantized_linear: the layer has no quantized residual (built without quantize=)")
         weight = QuantizedWeight.from_float(self.merged_weight(), self.quantized_residual.format)
         return weight.to_bnb_linear(self.bias, self.U.dtype)
+
+    def op_sigma(self, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """The singular values the op gets for ``sigma'`` (default: the layer's; any
+        leading dims): ``sigma'`` itself, or ``sigma' - sigma0`` when the quantized weight is
+        the whole base (``quantized_base``: the SALT part then adds ``U (C - Sigma0) V^T``)."""
+        sigma = self.effective_sigma() if sigma is None else sigma
+        return sigma - self.sigma0.to(sigma.dtype) if self.quantized_base else sigma
 
     def extra_repr(self) -> str:
         return (

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,26 @@ class QuantizedWeight(nn.Module):
         else:
             self._assign(qweight=q.view(torch.uint8), absmax=state.absmax)
 
+    @classmethod
+    def from_bnb_linear(cls, module: nn.Module) -> "QuantizedWeight":
+        """A copy of the weight of a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, bit for
+        bit (a layer whose weight is not quantized yet: quantized as bitsandbytes would)."""
+        fmt = linear_format(module, name="module")
+        if fmt is None:
+            raise TypeError(f"module: expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
+        weight = module.weight
+        out = cls(module.out_features, module.in_features, fmt, device=weight.device)
+        if weight.is_floating_point():  # not quantized yet, or Linear8bitLt(has_fp16_weights=True)
+            return out.quantize_(weight)
+        if fmt.quant_type == "int8":
+            # after a forward, Linear8bitLt keeps the int8 weight and its scales in .state
+            state = getattr(module, "state", None)
+            SCB = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(state, "SCB", None)
+            out._assign(qweight=weight.data, scales=SCB)
+        else:
+            out._assign_4bit(*_unpacked_4bit(weight))
+        return out
+
     @torch.no_grad()
     def zero_(self) -> "QuantizedWeight":
         """Make it the zero matrix (every scale zero)."""
@@ -295,9 +316,10 @@ def add_quantized_product(y: torch.Tensor, x: torch.Tensor, weight: QuantizedWei
 
 
 def _bnb_classes():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    # A bitsandbytes layer exists only once bitsandbytes is imported: do not import it
+    # (seconds) just to find that a plain model has none.
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return None
     return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.nn.Params4bit, bnb.nn.Int8Params
 
@@ -356,28 +378,16 @@ def linear_format(module: nn.Module, name: str = "linear") -> QuantFormat | None
 def dequantize_linear(module: nn.Module) -> torch.Tensor:
     """The float32 weight of a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a plain
     layer's weight as float32)."""
-    fmt = linear_format(module)
-    weight = module.weight
-    if fmt is None or (weight.is_floating_point() and not getattr(weight, "bnb_quantized", True)):
-        return weight.detach().to(torch.float32)  # (a bitsandbytes layer not quantized yet)
-    F = import_bitsandbytes().functional
-    if fmt.quant_type == "int8":
-        if weight.is_floating_point():  # has_fp16_weights=True: quantized on the fly
-            return weight.detach().to(torch.float32)
-        state = getattr(module, "state", None)
-        CB = weight.CB if weight.CB is not None else weight.data
-        SCB = weight.SCB if weight.SCB is not None else getattr(state, "SCB", None)
-        return F.int8_vectorwise_dequant(CB, SCB).to(torch.float32)
-    data, state = _unpacked_4bit(weight)
-    state = copy.copy(state)
-    state.dtype = torch.float32
-    return F.dequantize_4bit(data, state).reshape(module.out_features, module.in_features)
+    if linear_format(module) is None or module.weight.is_floating_point():
+        return module.weight.detach().to(torch.float32)  # (or a bitsandbytes layer not quantized yet)
+    return QuantizedWeight.from_bnb_linear(module).dequantize(torch.float32)
 
 
-def linear_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a bitsandbytes layer's inputs and outputs have in its model: its bias's,
-    else the dtype its 4-bit weight was quantized from, else float16 (the dtype
-    bitsandbytes quantizes int8 weights from)."""
+def linear_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype a bitsandbytes layer's inputs and outputs have in its model, as far as
+    the layer tells: its bias's, else the dtype its 4-bit weight was quantized from;
+    None for an int8 layer without bias (its weight was quantized from float16 whatever
+    the model's dtype)."""
     if getattr(module, "bias", None) is not None and module.bias.is_floating_point():
         return module.bias.dtype
     weight = module.weight
@@ -385,4 +395,4 @@ def linear_dtype(module: nn.Module) -> torch.dtype:
         return weight.dtype
     state = getattr(weight, "quant_state", None)
     dtype = getattr(state, "original_dtype", None) or getattr(state, "dtype", None)
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
