@@ -249,26 +249,36 @@ class QuantizedWeight(nn.Module):
         """A ``bitsandbytes.nn.Linear4bit`` (compute dtype ``dtype``) or ``Linear8bitLt``
         holding this weight as it is (no re-quantization) and ``bias``."""
         bnb = import_bitsandbytes()
-        device = self.qweight.device
         has_bias = bias is not None
         if self.format.quant_type == "int8":
             layer = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=has_bias, has_fp16_weights=False,
                                         threshold=0.0, device="meta")
-            CB, SCB = self.qweight.clone(), self.scales.clone()
-            layer.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
         else:
             layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=has_bias, compute_dtype=dtype,
                                       compress_statistics=self.format.double_quant,
                                       quant_type=self.format.quant_type, device="meta")
-            state = copy.deepcopy(self._quant_state(dtype))
-            layer.weight = bnb.nn.Params4bit(
-                self.qweight.clone(), requires_grad=False, quant_state=state, blocksize=self.format.blocksize,
-                compress_statistics=self.format.double_quant, quant_type=self.format.quant_type,
-                bnb_quantized=True, module=layer)
-            layer.quant_state = state
+        self.store_in(layer, dtype)
         if has_bias:
-            layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype, copy=True))
+            layer.bias = nn.Parameter(bias.detach().to(device=self.qweight.device, dtype=dtype, copy=True))
         return layer
+
+    @torch.no_grad()
+    def store_in(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        """Make a copy of this weight the weight of a bitsandbytes ``Linear4bit`` /
+        ``Linear8bitLt`` of the same format (4-bit: dequantizing to ``dtype`` by default)."""
+        bnb = import_bitsandbytes()
+        if self.format.quant_type == "int8":
+            CB, SCB = self.qweight.clone(), self.scales.clone()
+            layer.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+            if getattr(layer, "state", None) is not None:  # (a forward moved the old ones there)
+                layer.state.CB = layer.state.SCB = None
+            return
+        state = copy.deepcopy(self._quant_state(dtype))
+        layer.weight = bnb.nn.Params4bit(
+            self.qweight.clone(), requires_grad=False, quant_state=state, blocksize=self.format.blocksize,
+            compress_statistics=self.format.double_quant, quant_type=self.format.quant_type,
+            bnb_quantized=True, module=layer)
+        layer.quant_state = state
 
     def _apply(self, fn, recurse=True):
         # Cast nothing: apply fn (a device move, .to(dtype), .half(), ...) to byte views of
@@ -381,6 +391,16 @@ def dequantize_linear(module: nn.Module) -> torch.Tensor:
     if linear_format(module) is None or module.weight.is_floating_point():
         return module.weight.detach().to(torch.float32)  # (or a bitsandbytes layer not quantized yet)
     return QuantizedWeight.from_bnb_linear(module).dequantize(torch.float32)
+
+
+@torch.no_grad()
+def requantize_linear_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize ``weight`` (out x in, float) into the bitsandbytes layer ``module``, in
+    its own format, replacing its weight (e.g. to merge an update into a 4-bit layer)."""
+    fmt = linear_format(module, name="module")
+    if fmt is None:
+        raise TypeError(f"module: expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
+    QuantizedWeight.from_float(weight, fmt).store_in(module, linear_dtype(module) or torch.float32)
 
 
 def linear_dtype(module: nn.Module) -> torch.dtype | None:
