@@ -158,14 +158,16 @@ class QuantizedWeight(nn.Module):
 
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor) -> "QuantizedWeight":
-        """Store ``weight`` (out x in, any float dtype; quantized from its float32 values)."""
+        """Store ``weight`` (out x in, any float dtype): 4-bit formats quantize its float32
+        values; int8 its float16 ones, as bitsandbytes' ``Int8Params`` does (its CUDA kernel
+        takes nothing else), so that every device gives the same bytes."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight: expected shape ({self.out_features}, {self.in_features}), "
                              f"got {tuple(weight.shape)}")
         F = import_bitsandbytes().functional
         W = weight.detach().to(device=self.qweight.device, dtype=torch.float32).contiguous()
         if self.format.quant_type == "int8":
-            CB, SCB, _ = F.int8_vectorwise_quant(W)
+            CB, SCB, _ = F.int8_vectorwise_quant(W.to(torch.float16))
             self._assign(qweight=CB, scales=SCB)
             return self
         q, state = F.quantize_4bit(W, blocksize=self.format.blocksize, compress_statistics=self.format.double_quant,
