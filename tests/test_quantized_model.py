@@ -334,8 +334,28 @@ def test_unsupported_layers_are_named(base):
         sk.apply_salt(model, rank=4, lora_rank=2, target_modules=TARGETS, residual=True)
     assert not any(isinstance(m, sk.SALTLinear) for m in model.modules())
     conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4))
-    with pytest.raises(ValueError, match=r"quantize: applies to Linear layers; layer '0' is a Conv2d"):
+    with pytest.raises(ValueError, match=r"quantize: applies to linear layers \(nn.Linear, Conv1D\); layer '0' is a Conv2d"):
         sk.apply_salt(conv, rank=2, lora_rank=1, target_modules=["0"], residual=True, quantize="nf4")
+
+
+def test_gpt2_conv1d_with_a_quantized_residual():
+    """transformers' Conv1D (GPT-2) converts with quantize= too, and merges back."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(128, 64), nn.GELU(), Conv1D(64, 128))
+    salt = sk.apply_salt(copy.deepcopy(model), rank=8, lora_rank=4, residual=True, quantize="nf4")
+    layers = [salt[0], salt[2]]
+    assert all(isinstance(m, sk.SALTLinear) and m.quantized_residual is not None for m in layers)
+    for layer, conv in zip(layers, (model[0], model[2])):
+        W = conv.weight.detach().t()  # Conv1D stores (in, out)
+        qlora = (W - QuantizedWeight.from_float(W, QuantFormat("nf4", 64, True)).dequantize()).norm() / W.norm()
+        assert 0 < layer.base_error < qlora.item()
+    x = _x()
+    with torch.no_grad():
+        merged = sk.merge_salt(copy.deepcopy(salt))
+        assert isinstance(merged[0], Conv1D) and isinstance(merged[2], Conv1D)
+        assert max_rel_err(merged(x), salt(x).double()) <= TOL
 
 
 # ----------------------------------------------------------------------------- all-MiniLM-L6-v2

@@ -172,9 +172,9 @@ def _check_target(name: str, module: nn.Module, kind: str, layer_kwargs: dict) -
     """A clear error, naming the layer, for a target SALT cannot convert as asked."""
     if kind == "SALTLinear":
         linear_format(module, name=f"layer {name!r}")
-    elif any(k.startswith("quantize") for k in layer_kwargs):
-        raise ValueError(f"quantize: applies to Linear layers; layer {name!r} is a {type(module).__name__} "
-                         "(leave it out of target_modules, or convert it without quantize)")
+    elif kind not in _LINEAR_KINDS and any(k.startswith("quantize") for k in layer_kwargs):
+        raise ValueError(f"quantize: applies to linear layers (nn.Linear, Conv1D); layer {name!r} is a "
+                         f"{type(module).__name__} (leave it out of target_modules, or convert it without quantize)")
 
 
 def residual_format(layer: nn.Module) -> dict | None:

@@ -289,13 +289,15 @@ class SALTAdapterMixin:
         computed in float32 (float64 for a float64 layer) and returned in that precision."""
         acc = accumulate_dtype(self.U.dtype)
         core = self.mix(acc)
-        if self.quantized_base:
+        # (getattr: users of the mixin that hold no residual of their own, PEFT's cores)
+        quantized = getattr(self, "quantized_residual", None)
+        if getattr(self, "quantized_base", False):
             core -= torch.diag(self.sigma0.to(acc))
         W = self.U.to(acc) @ core @ self.V.to(acc).t()
         if self.residual_weight is not None:
             W += self.residual_weight.reshape(W.shape).to(acc)
-        elif self.quantized_residual is not None:
-            W += self.quantized_residual.dequantize(acc)
+        elif quantized is not None:
+            W += quantized.dequantize(acc)
         return W
 
     def regularization(self) -> torch.Tensor:
