@@ -164,7 +164,7 @@ def _bank_tensors(layer) -> dict:
         sigma = bank["sigma"]
     else:
         sigma = torch.relu(torch.addcmul(bank["beta"], bank["alpha"], layer.sigma0.to(bank["alpha"].dtype)))
-    return {"sigma": sigma, "X": bank["X"], "Y": bank["Y"], "bias": bank.get("bias", layer.bias)}
+    return {"sigma": layer.op_sigma(sigma), "X": bank["X"], "Y": bank["Y"], "bias": bank.get("bias", layer.bias)}
 
 
 # --------------------------------------------------------------------------- mixed batches
@@ -204,8 +204,10 @@ class _MixedRows:
         """(sigma, X, Y, bias) and the op running them for ``layer`` on input ``x``."""
         bank = _bank_tensors(layer)
         base_bias = layer.salt_base_bias if bank["bias"] is not None and bank["bias"].dim() == 2 else None
-        op = functools.partial(salt_linear_multi, adapter_index=self.index(layer, x), base_sigma=layer.sigma0,
-                               base_bias=base_bias, check_range=False)  # built from checked names
+        # base rows: sigma0, i.e. the base layer (op_sigma: zero where the quantized weight is the whole base)
+        op = functools.partial(salt_linear_multi, adapter_index=self.index(layer, x),
+                               base_sigma=layer.op_sigma(layer.sigma0), base_bias=base_bias,
+                               check_range=False)  # built from checked names
         return (bank["sigma"], bank["X"], bank["Y"], bank["bias"]), op
 
 

@@ -7,6 +7,12 @@ Full-rank SALT (r = min(in, out)) is the same with ``W = U Sigma0 V^T``. Truncat
 without the residual computes ``U_r C V_r^T``: it has dropped ``W - U_r Sigma0 V_r^T``, so
 no rank-r LoRA on the original weight reproduces it, and :func:`export_lora` refuses it.
 
+A quantized residual (``quantize=``) makes the SALT model's base ``U_r Sigma0 V_r^T +
+Q(W - U_r Sigma0 V_r^T)`` rather than ``W``. The LoRA still applies to the weights the
+model was converted from (the float weights, or a 4-bit model's dequantized ones) and
+there reproduces the SALT model up to that base's error, ``||W - base|| / ||W||``, which
+each layer measured at conversion (``base_error``) and :func:`export_lora` reports.
+
 The files are what ``LoraConfig`` / ``PeftModel.save_pretrained`` write
 (``adapter_config.json``, ``adapter_model.safetensors``), so any LoRA server (vLLM,
 SGLang, LoRAX, TGI) or ``PeftModel.from_pretrained`` loads them; ``peft`` itself is not
@@ -67,7 +73,7 @@ def _salt_updates(model: nn.Module, adapter_name):
         elif isinstance(module, SALT_MODULE_TYPES) and not _inside_peft_layer(model, name):
             if not isinstance(module, SALTLinear):
                 raise TypeError(f"export_lora: layer {name!r} is a {type(module).__name__}; only SALTLinear layers export to LoRA")
-            found.append((name, module, module.residual_weight is not None, getattr(module, "fan_in_fan_out", False)))
+            found.append((name, module, module.residual, getattr(module, "fan_in_fan_out", False)))
     return found
 
 
@@ -113,7 +119,10 @@ def export_lora(
     layer and any LoRA server reads the file). Layers must use ``residual=True`` or be full
     rank. dtype: of the written tensors (default: each layer's).
 
-    Returns ``{"path", "rank", "num_layers", "file_bytes"}``.
+    Returns ``{"path", "rank", "num_layers", "file_bytes", "base_error"}``: ``base_error``
+    is the largest ``||W - base|| / ||W||`` over the layers with a quantized residual,
+    i.e. how far the LoRA applied to the converted-from weights ``W`` is from the SALT
+    model (``None`` without quantized residuals, where it is exact up to rounding).
     """
     from safetensors.torch import save_file
 
@@ -187,4 +196,6 @@ def export_lora(
             json.dump(config, f, indent=2, sort_keys=True)
 
     atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
-    return {"path": directory, "rank": rank, "num_layers": len(updates), "file_bytes": os.path.getsize(weights)}
+    errors = [layer.base_error for _, layer, _, _ in updates if getattr(layer, "quantized_residual", None) is not None]
+    return {"path": directory, "rank": rank, "num_layers": len(updates), "file_bytes": os.path.getsize(weights),
+            "base_error": max((e for e in errors if e is not None), default=None)}

@@ -4,6 +4,8 @@
   ``truncated_svd``.
 * :mod:`.conv`: ``SALTConv2d``.
 * :mod:`.conv1d`: ``SALTConv1D`` (transformers' ``Conv1D``, GPT-2: a transposed linear layer).
+* :mod:`.quantized`: a frozen residual quantized by bitsandbytes (``quantize=``), and
+  reading bitsandbytes' 4- and 8-bit layers.
 * :mod:`.regularizer`: ``salt_regularizer``, the official SALT loss term.
 * :mod:`.cudagraph`: ``warmup``, autotune and compile before CUDA-graph capture.
 * :mod:`.sharding`: gathering and assigning FSDP2-sharded parameters.

@@ -16,6 +16,11 @@ basis. Adding an adapter of rank ``<= R`` computes no SVD.
 * ``residual=False``: ``y = U_r C V_r^T x + b``, SALT's truncated layer, which replaces
   the base layer (active alone).
 
+A base layer loaded in 4 or 8 bits (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, as
+QLoRA's) stays as it is: the SVD is of its dequantized weight (float32), the residual
+form runs the quantized layer itself, and merging quantizes the merged weight again in
+its format (as PEFT's LoRA does).
+
 An adapter's file holds its trained tensors and a basis check (for each of its r columns
 of U the row of the largest entry and that entry; with ``store_basis``, ``U``, ``V``,
 ``sigma0`` themselves). Loading ties the adapter to the layer's basis: the pairs whose
@@ -47,6 +52,7 @@ from ..model.export import lora_factors
 from ..nn.conv import conv2d_shrink, salt_conv2d
 from ..nn.conv1d import is_conv1d
 from ..nn.linear import SALTAdapterMixin, truncated_svd
+from ..nn.quantized import dequantize_linear, linear_format, requantize_linear_
 from ..ops import salt_linear, salt_linear_multi
 
 # How far a stored basis may be from diagonalising the base weight (relative, Frobenius),
@@ -251,6 +257,23 @@ class SaltLayer(BaseTunerLayer):
         """An (out, in) matrix in the base weight's layout."""
         raise NotImplementedError
 
+    def _salt_quantized(self) -> bool:
+        """Whether the base layer is a bitsandbytes 4/8-bit layer."""
+        return linear_format(self.get_base_layer()) is not None
+
+    def _salt_base_weight(self) -> torch.Tensor:
+        """The base weight in its layout, as a float tensor (a 4/8-bit one dequantized)."""
+        base = self.get_base_layer()
+        return dequantize_linear(base) if self._salt_quantized() else base.weight
+
+    def _salt_store_weight(self, weight: torch.Tensor) -> None:
+        """Make ``weight`` (the base layout) the base weight; a 4/8-bit one quantized again."""
+        base = self.get_base_layer()
+        if self._salt_quantized():
+            requantize_linear_(base, weight)
+        else:
+            base.weight.data = weight.to(base.weight.dtype)
+
     # --- the shared basis -----------------------------------------------------------
     def _salt_has_basis(self) -> bool:
         return self.salt_U is not None and not self.salt_U.is_meta
@@ -419,18 +442,18 @@ class SaltLayer(BaseTunerLayer):
                 f"adapter_names: truncated SALT adapter {truncated[0]!r} replaces the base weight and cannot be "
                 f"merged together with other adapters ({adapter_names + self.merged_adapters})"
             )
-        base = self.get_base_layer()
         for name in adapter_names:
             core = self.salt_core[name]
+            weight = self._salt_base_weight()
             if self.salt_residual[name]:
-                new = base.weight.to(accumulate_dtype(base.weight.dtype)) + self.get_delta_weight(name)
+                new = weight.to(accumulate_dtype(weight.dtype)) + self.get_delta_weight(name)
             else:
                 new = self._salt_to_weight(core.merged_weight())
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"adapter {name!r}: merged weight has NaN/inf; the adapter seems broken")
             if not self.salt_residual[name]:
-                self._salt_unmerged_weight = base.weight.data
-            base.weight.data = new.to(base.weight.dtype)
+                self._salt_unmerged_weight = weight.data
+            self._salt_store_weight(new)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -438,14 +461,13 @@ class SaltLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if self.salt_residual[name]:
                 delta = self.get_delta_weight(name)
-                base.weight.data = (base.weight.to(delta.dtype) - delta).to(base.weight.dtype)
+                self._salt_store_weight(self._salt_base_weight().to(delta.dtype) - delta)
             else:
-                base.weight.data = self._salt_unmerged_weight
+                self._salt_store_weight(self._salt_unmerged_weight)
                 self._salt_unmerged_weight = None
 
     # --- forward --------------------------------------------------------------------
@@ -581,7 +603,7 @@ class SaltLinear(_SaltModule, SaltLayer):
         return weight.t() if self.fan_in_fan_out else weight
 
     def _salt_matrix(self) -> torch.Tensor:
-        return self._salt_weight_matrix(self.get_base_layer().weight)
+        return self._salt_weight_matrix(self._salt_base_weight())
 
     def _salt_to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.t() if self.fan_in_fan_out else matrix
@@ -653,6 +675,7 @@ class SaltConv2d(_SaltModule, SaltLayer):
 def make_layer(target: nn.Module, adapter_name: str, config, name: str) -> nn.Module:
     """The SALT tuner layer for ``target``, or a TypeError naming what cannot be adapted."""
     if isinstance(target, nn.Linear) or is_conv1d(target):
+        linear_format(target, name=f"target_modules: {name!r}")  # a quantized layer type SALT cannot read
         return SaltLinear(target, adapter_name, config, name)
     if isinstance(target, nn.Conv2d):
         if target.groups != 1 or target.padding_mode != "zeros":
