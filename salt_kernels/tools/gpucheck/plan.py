@@ -283,7 +283,7 @@ def prepare_triton_cache(ctx: Context, warm_cache=None) -> dict:
                         "python -m salt_kernels.tools.aot --warm-cache); kernels compile at run time")
         else:
             manifest = json.loads(manifest_path.read_text())
-            os.environ["SALT_KERNELS_PLAN"] = str(run_dir / PLAN_FILE)  # the tests step's fallback
+            ctx.extra_env["SALT_KERNELS_PLAN"] = str(run_dir / PLAN_FILE)  # the tests step's fallback
             info["relocated_groups"] = relocate_cache(run_dir)
             built = manifest.get("identity", {})
             here = _triton_identity() if not ctx.dry_run else {}
@@ -291,7 +291,7 @@ def prepare_triton_cache(ctx: Context, warm_cache=None) -> dict:
                                                               "ext_suffix")} if here else {}
             usable = all(same.values()) if same else None
             if usable:
-                os.environ["SALT_KERNELS_CACHE_USABLE"] = "1"
+                ctx.extra_env["SALT_KERNELS_CACHE_USABLE"] = "1"
             info.update(manifest=manifest, identity=here, same_identity=same, usable=usable)
             counts = _count_files(run_dir)
             info["summary"] = (f"warm cache {src.name}: {counts['kernels']} kernels, {counts['launchers']} "
@@ -301,7 +301,7 @@ def prepare_triton_cache(ctx: Context, warm_cache=None) -> dict:
                                    else f"; NOT this Triton build ({[k for k, v in same.items() if not v]} "
                                         "differ): kernels compile at run time"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["TRITON_CACHE_DIR"] = str(run_dir)
+    ctx.extra_env["TRITON_CACHE_DIR"] = str(run_dir)
     info["at_start"] = _count_files(run_dir)
     return info
 

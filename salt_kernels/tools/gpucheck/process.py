@@ -34,6 +34,7 @@ PYTEST_GRACE_S = 15
 class Context:
     out: Path
     dry_run: bool
+    extra_env: dict = field(default_factory=dict)  # for every step's process (the Triton cache)
 
     @property
     def device(self) -> str:
@@ -45,7 +46,7 @@ class Context:
         return d
 
     def env(self) -> dict:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         # The interpreter's own bin first: torch finds ninja (a pip package) on PATH only, and
         # without it the extension builds one file at a time, past the build budget.

@@ -57,9 +57,10 @@ def write_report(ctx: Context, records: list, wall: float, pending: list | None 
     cache = (extra or {}).get("triton_cache")
     if cache:
         md += ["", "## Triton cache", "", f"- {cache.get('summary', '')}"]
-        for step, counts in (cache.get("per_step") or {}).items():
-            md.append(f"- {step}: {counts.get('compiled', 0)} kernels compiled at run time, "
-                      f"{counts.get('launchers_built', 0)} launchers built")
+        per_step = cache.get("per_step") or {}
+        if per_step:
+            md.append("- compiled at run time (cache misses), kernels / launchers: " + ", ".join(
+                f"{step} {c.get('compiled', 0)} / {c.get('launchers_built', 0)}" for step, c in per_step.items()))
     env = next((r for r in records if r["name"] == "environment"), None)
     if env and env.get("figures"):
         f = env["figures"]
