@@ -11,7 +11,8 @@
 #   * triton-cache.tar.xz: every Triton kernel the check launches, compiled for sm_90
 #     (python -m salt_kernels.tools.aot --warm-cache) by the GPU machine's Triton
 #     (default 3.6.0) under that Python, in a small venv of its own (SALT_WARM_VENV, default
-#     ~/.cache/salt_kernels/warm-venv-PY-TRITON; SALT_WARM_TORCH: its torch, default 2.11.0).
+#     ~/.cache/salt_kernels/warm-venv-PY-TRITON, made with SALT_WARM_PYTHON or pythonPY;
+#     SALT_WARM_TORCH: its torch, default 2.11.0).
 #     Its cache keys hold the Triton build and the Python version: a GPU machine with
 #     another Triton still runs the check, compiling at run time (the report says so).
 # On the GPU machine the wheels are installed (skipped if all are there already) and the
@@ -28,8 +29,13 @@ if [ "${1:-}" = "--download" ]; then
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $PKGS
   venv=${SALT_WARM_VENV:-"$HOME/.cache/salt_kernels/warm-venv-$py-$triton"}
   if ! "$venv/bin/python" -c "import torch, triton, sys; sys.exit(triton.__version__ != '$triton')" 2>/dev/null; then
+    base=${SALT_WARM_PYTHON:-}
+    for c in "python$py" "$HOME"/.pyenv/versions/"$py"*/bin/python"$py"; do
+      [ -z "$base" ] && "$c" -c "" 2>/dev/null && base=$c
+    done
+    [ -n "$base" ] || { echo "gpu_check.sh: no python$py here (set SALT_WARM_PYTHON)"; exit 1; }
     rm -rf "$venv"
-    "python$py" -m venv "$venv"
+    "$base" -m venv "$venv"
     "$venv/bin/pip" install -q "torch==${SALT_WARM_TORCH:-2.11.0}" "triton==$triton"
   fi
   rm -rf .whl/triton-cache .whl/triton-cache.tar.xz

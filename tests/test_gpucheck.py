@@ -13,6 +13,7 @@ from salt_kernels.tools import gpucheck
 from salt_kernels.tools.gpucheck import steps
 from salt_kernels.ops.dispatch import AUTO_POLICY
 from salt_kernels.tools.gpucheck import STEPS, Step, run_check
+from subprocess_testing import kill_when
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,22 +132,9 @@ def test_report_is_rewritten_around_every_step(tmp_path):
 def test_killed_dry_run_leaves_the_finished_steps(tmp_path):
     """A dry run killed mid-way (here: during its third step) leaves report.json and
     report.md with every step finished before it, the running one and those not run."""
-    import os
-    import signal
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-m", "salt_kernels.tools.gpucheck", "--dry-run", "--out", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     report = tmp_path / "report.json"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if report.exists() and len(json.loads(report.read_text())["steps"]) >= 2:
-                break
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when([sys.executable, "-m", "salt_kernels.tools.gpucheck", "--dry-run", "--out", str(tmp_path)],
+              lambda: report.exists() and len(json.loads(report.read_text())["steps"]) >= 2, ROOT)
     data = json.loads(report.read_text())
     names = [s.name for s in STEPS]
     done = [s["name"] for s in data["steps"]]

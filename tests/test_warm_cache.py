@@ -109,7 +109,8 @@ def test_cache_of_another_triton_is_reported_unusable(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / plan.MANIFEST).write_text(json.dumps(dict(archs=[90], identity=dict(
-        triton="0.0.0", triton_key="x", ptxas="y", env_vars={}, ext_suffix=".so"))))
+        kernel_sources=plan.kernel_sources_sha(), triton="0.0.0", triton_key="x", ptxas="y", env_vars={},
+        ext_suffix=".so"))))
     ctx = Context(tmp_path / "out", dry_run=False)
     info = plan.prepare_triton_cache(ctx, cache)
     assert info["usable"] is False and "NOT this Triton build" in info["summary"]

@@ -348,13 +348,18 @@ class _TargetDriver:
         return GPUTarget("cuda", self.arch, 32)
 
 
-def _stub_libcuda(directory: str) -> str:
+def _stub_libcuda(directory: str) -> str | None:
     """An empty ``libcuda.so.1`` for linking Triton's launchers where no driver is
-    installed: they only record the name and are bound to the real driver on the GPU."""
+    installed: they only record the name and are bound to the real driver on the GPU.
+    None if it cannot be built (then Triton looks for the real one)."""
     path = os.path.join(directory, "libcuda.so.1")
     if not os.path.exists(path):
-        subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", path, "-x", "c", "/dev/null"],
-                       check=True, capture_output=True)
+        try:
+            subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", path, "-x", "c", "/dev/null"],
+                           check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"note: no stub libcuda.so.1 ({exc}); launchers link against the installed driver, if any")
+            return None
     return directory
 
 
@@ -416,8 +421,9 @@ def _warm_setup() -> None:
 
     if _WARM.get("ready"):
         return
-    knobs.nvidia.libcuda_path = _WARM["stub"]
-    ctypes.CDLL(os.path.join(_WARM["stub"], "libcuda.so.1"), mode=os.RTLD_GLOBAL)
+    if _WARM["stub"]:
+        knobs.nvidia.libcuda_path = _WARM["stub"]
+        ctypes.CDLL(os.path.join(_WARM["stub"], "libcuda.so.1"), mode=os.RTLD_GLOBAL)
     sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)  # launchers load without the driver's symbols
     knobs.compilation.store_binary_only = True  # not part of the key: the cache stays small
     _WARM["hits"] = []

@@ -5,7 +5,7 @@
 ``backends.triton.multi.multi_launches``). :func:`recording` replaces them, in this
 process, with versions that plan exactly as on a GPU (``INTERPRET`` off while planning,
 so the precision and dot flags are the GPU's), write each planned launch to a JSON-lines
-file, and return the result computed with torch instead of launching: the GPU check's
+file, and fill the outputs with the torch path's results, launching nothing: the GPU check's
 tests and steps then run on CPU at torch speed and record every launch they would make
 on a GPU (:func:`record_plan`). A launch is recorded as what Triton specialises on:
 the kernel, each argument (a tensor as its dtype and whether its address is 16-byte
@@ -78,11 +78,12 @@ def _planning_as_on_gpu(tk):
 @contextlib.contextmanager
 def recording(path, source: str, autotune: bool):
     """Within: every Triton launch salt_kernels plans is appended to ``path`` (JSON
-    lines) and not run; the planners' outputs are computed with torch instead."""
+    lines) and none runs: the planners plan as on a GPU, fill their outputs with the
+    torch path's results and return their launches, which ``_run`` then skips."""
     from ...backends import reference
     from ...backends.triton import kernels as tk, multi as tm
 
-    real = tk.forward_launches, tk.backward_launches, tm.multi_launches
+    real = tk.forward_launches, tk.backward_launches, tm.multi_launches, tk._run
     seen = set()
 
     def sink(launches):
@@ -92,27 +93,36 @@ def recording(path, source: str, autotune: bool):
                 if line not in seen:
                     seen.add(line)
                     f.write(line + "\n")
+        return launches
+
+    def fill(outs, values):
+        for out, value in zip(outs, values):
+            if out.numel():
+                out.copy_(value)
+        return outs
 
     def forward_launches(x, U, V, C, bias):
         with _planning_as_on_gpu(tk):
-            sink(real[0](x, U, V, C, bias)[2])
-        return (*tk._forward_torch(x, U, V, C, bias), [])
+            y, Z, launches = real[0](x, U, V, C, bias)
+        return (*fill((y, Z), tk._forward_torch(x, U, V, C, bias)), sink(launches))
 
     def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db):
         with _planning_as_on_gpu(tk):
-            sink(real[1](G, Z, U, V, C, need_dx, need_dC, need_db)[3])
-        return (*tk._backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db), [])
+            dx, dC, db, launches = real[1](G, Z, U, V, C, need_dx, need_dC, need_db)
+        return (*fill((dx, dC, db), tk._backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)), sink(launches))
 
     def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling):
         with _planning_as_on_gpu(tk):
-            sink(real[2](x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)[1])
-        return reference.multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling), []
+            y, launches = real[2](x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+        y.copy_(reference.multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling))
+        return y, sink(launches)
 
     tk.forward_launches, tk.backward_launches, tm.multi_launches = forward_launches, backward_launches, multi_launches
+    tk._run = lambda launches, device: None
     try:
         yield
     finally:
-        tk.forward_launches, tk.backward_launches, tm.multi_launches = real
+        tk.forward_launches, tk.backward_launches, tm.multi_launches, tk._run = real
 
 
 # pytest plugin (``-p salt_kernels.tools.gpucheck.plan``): records while PLAN_ENV is set.
@@ -219,6 +229,17 @@ def relocate_cache(cache_dir) -> int:
     return n
 
 
+def kernel_sources_sha() -> str:
+    """A hash of the Triton backend's source files: a kernel's cache key holds its source
+    (and line numbers), so a cache built from other sources misses."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((REPO / "salt_kernels" / "backends" / "triton").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _triton_identity() -> dict:
     """What this Triton's cache keys depend on besides the kernel: its version and build
     (the hash of its own sources and library), the ptxas it runs, the environment
@@ -233,7 +254,7 @@ def _triton_identity() -> dict:
         from triton.runtime.cache import triton_key
     except ImportError as exc:
         return dict(error=f"{type(exc).__name__}: {exc}")
-    ident = dict(triton=triton.__version__, triton_key=hashlib.sha256(triton_key().encode()).hexdigest()[:16],
+    ident = dict(kernel_sources=kernel_sources_sha(), triton=triton.__version__, triton_key=hashlib.sha256(triton_key().encode()).hexdigest()[:16],
                  env_vars=get_cache_invalidating_env_vars(), ext_suffix=sysconfig.get_config_var("EXT_SUFFIX"))
     try:
         from triton.backends.nvidia.compiler import get_ptxas_version
@@ -287,8 +308,8 @@ def prepare_triton_cache(ctx: Context, warm_cache=None) -> dict:
             info["relocated_groups"] = relocate_cache(run_dir)
             built = manifest.get("identity", {})
             here = _triton_identity() if not ctx.dry_run else {}
-            same = {k: built.get(k) == here.get(k) for k in ("triton", "triton_key", "ptxas", "env_vars",
-                                                              "ext_suffix")} if here else {}
+            same = {k: built.get(k) == here.get(k) for k in ("kernel_sources", "triton", "triton_key", "ptxas",
+                                                              "env_vars", "ext_suffix")} if here else {}
             usable = all(same.values()) if same else None
             if usable:
                 ctx.extra_env["SALT_KERNELS_CACHE_USABLE"] = "1"

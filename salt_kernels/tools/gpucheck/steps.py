@@ -30,7 +30,7 @@ def _budget(name: str, ctx: Context) -> int:
 # What the later steps import (the machine may have no network to install them then),
 # the build included (setuptools, wheel: pyproject.toml's build requirements).
 NEEDED_MODULES = ("pytest", "hypothesis", "safetensors", "matplotlib", "tqdm", "ninja", "setuptools", "wheel")
-WHEELS_HINT = "bash .ci/gpu_check.sh installs them from the wheels of .ci/gpu_check.sh --download (see docs/gpu.md)"
+WHEELS_HINT = "bash .ci/gpu_check.sh installs them from .whl/ (made by bash .ci/gpu_check.sh --download; see docs/gpu.md)"
 
 
 def _version_tuple(text) -> tuple:
