@@ -90,6 +90,21 @@ def test_failing_or_overrunning_step_fails_the_check(tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# salt_kernels GPU check: FAIL")
 
 
+def test_stopped_bench_step_still_reports_its_rows(tmp_path):
+    """The benchmark writes its rows after every shape; a bench step stopped at its
+    budget is a failure whose figures still hold those rows."""
+    rows = [dict(backend="reference", kind="salt", preset="p", layer="l", M=8, K=4, D=4, r=2, r_lora=1, mode=m,
+                 time_ms=1.0, speedup_vs_reference=1.0, roofline_fraction=None, note=None) for m in ("fwd", "fwd+bwd")]
+    write = (f"import json, os, time; os.makedirs({str(tmp_path / 'bench')!r}, exist_ok=True); "
+             f"json.dump(dict(rows={rows!r}, complete=False), open({str(tmp_path / 'bench' / 'results.json')!r}, 'w'));"
+             " time.sleep(60)")
+    step = Step("bench", "times, then overruns", 3, 3, command=_cmd(write), salvage=steps.bench_figures)
+    assert run_check(tmp_path, dry_run=True, steps=[step]) == 1
+    (record,) = json.loads((tmp_path / "report.json").read_text())["steps"]
+    assert record["status"] == "fail" and "timed out after 3 s" in record["summary"]
+    assert len(record["figures"]["rows"]) == 2 and "reference fwd" in record["figures"]["by_method"]
+
+
 def test_budgets_fit_the_gpu_time():
     """The step budgets total at most 420 s, each from a stated estimate at most 70 % of it;
     pytest, stopped before the tests step's budget, is killed before it too."""

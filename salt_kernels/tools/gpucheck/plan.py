@@ -254,7 +254,8 @@ def _triton_identity() -> dict:
         from triton.runtime.cache import triton_key
     except ImportError as exc:
         return dict(error=f"{type(exc).__name__}: {exc}")
-    ident = dict(kernel_sources=kernel_sources_sha(), triton=triton.__version__, triton_key=hashlib.sha256(triton_key().encode()).hexdigest()[:16],
+    ident = dict(kernel_sources=kernel_sources_sha(), triton=triton.__version__,
+                 triton_key=hashlib.sha256(triton_key().encode()).hexdigest()[:16],
                  env_vars=get_cache_invalidating_env_vars(), ext_suffix=sysconfig.get_config_var("EXT_SUFFIX"))
     try:
         from triton.backends.nvidia.compiler import get_ptxas_version

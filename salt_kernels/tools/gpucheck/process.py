@@ -71,6 +71,8 @@ class Step:
     run: Callable[[Context], dict] | None = None
     estimate_s: int = 0
     basis: str = ""
+    # the figures of a step stopped before it wrote its result (e.g. the benchmark's rows so far)
+    salvage: Callable[[Context], dict] | None = None
     command: Callable[[Context], list] | None = None
     env: dict = field(default_factory=dict)  # on top of Context.env(), for this step's process
 
@@ -149,6 +151,11 @@ def run_step(step: Step, ctx: Context) -> dict:
         record.update(json.loads(result_path.read_text()))
     else:
         record.update(status="fail", summary=f"exit status {rc}", figures={})
+        if step.salvage is not None:
+            try:
+                record["figures"] = step.salvage(ctx)["figures"]
+            except Exception as exc:  # nothing to salvage: the failure says enough
+                record["figures"] = dict(salvage_error=f"{type(exc).__name__}: {exc}")
     if timed_out:
         record.update(status="fail", summary=f"timed out after {budget} s (budget); " + record["summary"])
     elif rc != 0 and record["status"] != "fail":

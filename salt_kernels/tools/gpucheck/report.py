@@ -64,8 +64,8 @@ def write_report(ctx: Context, records: list, wall: float, pending: list | None 
     env = next((r for r in records if r["name"] == "environment"), None)
     if env and env.get("figures"):
         f = env["figures"]
-        md += ["", "## Environment", ""] + [f"- {k}: {_fmt(f.get(k))}" for k in
-                                            ("gpus", "nvidia_smi", "torch", "torch_cuda", "triton", "nvcc", "python")]
+        md += ["", "## Environment", ""] + [f"- {k}: {_fmt(f.get(k))}" for k in (
+            "gpus", "nvidia_smi", "torch", "torch_cuda", "triton", "nvcc", "nvcc_path", "setuptools", "python")]
     bench = next((r for r in records if r["name"] == "bench"), None)
     if bench and bench.get("figures", {}).get("by_method"):
         md += ["", "## Benchmarks (speed-up vs the reference chain, % of HBM roofline)", "",
