@@ -15,7 +15,8 @@ says how many kernels still compiled at run time. ``--dry-run`` walks the same s
 on CPU under the Triton interpreter at tiny sizes (no extension rebuild when one is
 present); CI runs it (tests/test_gpucheck.py). See docs/gpu.md.
 
-Layout: :mod:`.steps` (what each step does, its estimate and budget), :mod:`.process`
+Layout: :mod:`.steps` (what each step does, its estimate and budget), :mod:`.workload`
+(what the steps run: tests, sizes, presets), :mod:`.process`
 (a step in its own process group under its budget), :mod:`.report` (report.md and
 report.json), :mod:`.plan` (the Triton launches the check makes, recorded on CPU, and
 the Triton cache of the run); this module runs them in order.

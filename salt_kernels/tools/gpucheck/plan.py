@@ -151,19 +151,19 @@ def _record_steps(path) -> None:
     from ..bench import verify_backends
     from ..bench.methods import Method, _salt_forward, make_input_sets, make_step, rank_skip_reason, salt_inputs
     from ..bench.presets import select_shapes
-    from . import steps
+    from . import workload
 
     gpu = Context(Path(path).parent, dry_run=False)
-    K, D, r, rl, counts, dtype = steps._sizes(gpu)
+    K, D, r, rl, counts, dtype = workload.sizes(gpu)
     with recording(path, "numerics", autotune=False):
-        verify_backends("cpu", [getattr(torch, d) for d in steps.NUMERICS_DTYPES], ["triton"])
+        verify_backends("cpu", [getattr(torch, d) for d in workload.NUMERICS_DTYPES], ["triton"])
     torch.manual_seed(0)
     layer = SALTLinear(K, D, r, rl, backend="triton", dtype=dtype)
     with recording(path, "cudagraph", autotune=True):
-        warmup(layer, counts[:steps.CUDAGRAPH_COUNTS], dtype=dtype, backward=True)
+        warmup(layer, counts[:workload.CUDAGRAPH_COUNTS], dtype=dtype, backward=True)
     with recording(path, "compile", autotune=False):  # the ops are opaque: planned as in eager
         warmup(layer, counts, dtype=dtype, backward=True)
-    bench = steps.bench_options(gpu)
+    bench = workload.bench_options(gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[bench["dtype"]]
     with recording(path, "bench", autotune=True):
         verify_backends("cpu", list(dict.fromkeys([torch.float32, dtype])), ["triton"])
@@ -178,12 +178,12 @@ def _record_steps(path) -> None:
                 make_step(method, sets, mode)()
 
 
-def record_plan(path) -> dict:
+def record_plan(path, tests_only: bool = False) -> dict:
     """Record every Triton launch the GPU check makes into ``path`` (JSON lines): the
     tests step's selection (run on CPU with the CPU twins of its CUDA-only test ids,
-    under pytest with this module as a plugin) and the other steps at their GPU sizes.
-    Returns counts per source."""
-    from . import steps
+    under pytest with this module as a plugin) and, unless ``tests_only``, the other
+    steps at their GPU sizes. Returns counts per source."""
+    from .workload import gpu_test_args
 
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,11 +192,11 @@ def record_plan(path) -> dict:
     env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(
         filter(None, [str(REPO), env.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", __name__,
-           *steps.gpu_test_args(record=True)]
+           *gpu_test_args(record=True)]
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=REPO, env={**env, PLAN_ENV: str(path), PLAN_AUTOTUNE_ENV: "0"})
     code = f"from {__name__} import _record_steps; _record_steps({str(path)!r})"
-    rc_steps = subprocess.call([sys.executable, "-c", code], cwd=REPO, env=env)
+    rc_steps = 0 if tests_only else subprocess.call([sys.executable, "-c", code], cwd=REPO, env=env)
     if rc_steps != 0:
         raise RuntimeError(f"recording the steps' launches failed (exit status {rc_steps})")
     counts = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..bench.report import compiled_triton_kernels as triton_spills
 from .process import (PYTEST_STOP_BEFORE_S, REPO, TOTAL_BUDGET_S, Context, Step, _echo, _echo_until, _num, _result,
                       _sh)
+from .workload import CUDAGRAPH_COUNTS, NUMERICS_DTYPES, bench_options, gpu_test_args, sizes
 
 
 def _budget(name: str, ctx: Context) -> int:
@@ -185,45 +186,35 @@ def step_build(ctx: Context) -> dict:
     return _result("pass", f"built in {secs:.0f} s for {figs['arch'] or 'CPU'}: {kernels}", **figs)
 
 
-# The GPU test suite: test_triton.py and test_salt_linear.py run on CUDA whenever it is
-# present (DEVICE at module level); the others parametrize over devices (ids with
-# "cuda") or carry the gpu marker. Left out: the ahead-of-time compile test and the
-# build tests (no GPU needed, CI runs them, minutes each), and test_compile.py (24
-# Inductor compiles, about 8 s each: the compile step checks torch.compile on every CUDA
-# backend instead). Numerics first: a run stopped at the budget loses the last files,
-# not these; a file that fails to import does not take the others with it.
-GPU_TEST_FILES = ["tests/test_triton.py", "tests/test_extension.py", "tests/test_salt_linear.py",
-                  "tests/test_model.py", "tests/test_conformance.py", "tests/test_warmup.py"]
-GPU_TEST_SELECT = "(test_triton.py or test_salt_linear.py or {device} or gpu) and not aot and not build"
 # Dry run: a few of the same tests under the interpreter.
 DRY_TEST_ARGS = ["tests/test_triton.py::test_single_row_decode",
                  "tests/test_compile.py::test_one_graph_for_every_token_count",
                  "-k", "triton-cpu-dynamic or test_single_row_decode"]
 
 
-def gpu_test_args(record: bool = False) -> list:
-    """pytest arguments of the tests step on a GPU; ``record``: the same selection with
-    the CPU twins of its CUDA-only test ids, which plan the same Triton launches
-    (:func:`plan.record_plan` runs them on CPU)."""
-    return [*GPU_TEST_FILES, "-k", GPU_TEST_SELECT.format(device="cpu" if record else "cuda"),
-            "--continue-on-collection-errors"] + ([] if record else ["--durations=30"])
-
-
 def _precompile(ctx: Context, env: dict) -> dict:
     """Compile the tests step's recorded plan in parallel over every core before pytest
-    starts (when the warm cache is missing or was built by another Triton): pytest then
-    finds every kernel in the cache instead of compiling one at a time."""
+    starts (when the warm cache is missing or was built by another Triton or other kernel
+    sources): pytest then finds every kernel in the cache instead of compiling one at a
+    time. Without a warm cache (whose archive holds the plan) the plan is recorded here
+    first, on CPU (about 20 s)."""
+    from .plan import record_plan
+
+    started = time.perf_counter()
     plan = Path(os.environ["SALT_KERNELS_PLAN"]) if os.environ.get("SALT_KERNELS_PLAN") else None
-    if plan is None or not plan.exists():
-        return dict(precompiled=False, why="no recorded plan (the --warm-cache archive holds plan.jsonl)")
+    recorded = {}
+    if plan is None or not plan.exists():  # no warm cache: record the selection's launches here, on CPU
+        plan = ctx.step_dir("tests") / "plan.jsonl"
+        recorded = dict(recorded_plan=record_plan(plan, tests_only=True),
+                        record_s=round(time.perf_counter() - started, 1))
     import torch
 
     major, minor = torch.cuda.get_device_capability()
     cmd = [sys.executable, "-m", "salt_kernels.tools.aot", "--warm-cache", env["TRITON_CACHE_DIR"], "--plan",
            str(plan), "--arch", f"{major}{minor}", "--sources", "tests", "--jobs", str(os.cpu_count() or 1)]
-    started = time.perf_counter()
     rc = _echo(cmd, cwd=REPO, env=env)
-    return dict(precompiled=rc == 0, precompile_s=round(time.perf_counter() - started, 1), precompile_rc=rc)
+    return dict(precompiled=rc == 0, precompile_s=round(time.perf_counter() - started, 1), precompile_rc=rc,
+                **recorded)
 
 
 def step_tests(ctx: Context) -> dict:
@@ -235,7 +226,11 @@ def step_tests(ctx: Context) -> dict:
     if not ctx.dry_run:
         env["SALT_KERNELS_AUTOTUNE"] = "0"  # one config per launch: compile time; bench autotunes
         if os.environ.get("SALT_KERNELS_CACHE_USABLE") != "1":
-            figs.update(_precompile(ctx, env))
+            try:
+                figs.update(_precompile(ctx, env))
+            except Exception as exc:  # then pytest compiles as it goes
+                traceback.print_exc()
+                figs.update(precompiled=False, precompile_error=f"{type(exc).__name__}: {exc}")
     args = DRY_TEST_ARGS if ctx.dry_run else gpu_test_args()
     # Stopped PYTEST_STOP_BEFORE_S before the step's budget, pytest still writes its
     # report within its grace: the tests that ran are counted, not lost with a killed step.
@@ -260,11 +255,6 @@ def step_tests(ctx: Context) -> dict:
     ok = rc == 0 and passed > 0 and not stopped
     return _result("pass" if ok else "fail", f"{passed} passed, {figs['failed']} failed, {counts['skipped']} skipped"
                    + (f"; stopped at the budget after {figs['pytest_s']} s" if stopped else ""), **figs)
-
-
-# The numerics step: every backend against the float64 formula (forward and every
-# gradient) on the benchmark's odd verification shapes, in each dtype.
-NUMERICS_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def step_numerics(ctx: Context) -> dict:
@@ -302,15 +292,6 @@ def _fwd_bwd(fn, layer, x, grad_out):
     return [y.detach(), *torch.autograd.grad(y, [x] + params, grad_out)]
 
 
-def _sizes(ctx):
-    """(K, D, r, r', token counts, dtype) of the compile and CUDA-graph steps."""
-    import torch
-
-    if ctx.dry_run:
-        return 24, 20, 6, 3, (2, 3, 5, 8, 13, 37), torch.float32
-    return 1024, 1536, 64, 8, (7, 64, 300, 1000, 2048, 4097), torch.bfloat16
-
-
 def _tolerance(dtype) -> float:
     from ..bench import VERIFY_TOLERANCES
     return VERIFY_TOLERANCES[dtype]
@@ -324,7 +305,7 @@ def step_compile(ctx: Context) -> dict:
 
     from ... import SALTLinear, available_backends
 
-    K, D, r, rl, counts, dtype = _sizes(ctx)
+    K, D, r, rl, counts, dtype = sizes(ctx)
     compiler = "aot_eager" if ctx.dry_run else "inductor"
     tol = _tolerance(dtype)
     figs, bad = {}, []
@@ -360,9 +341,6 @@ def step_compile(ctx: Context) -> dict:
                    f" ({compiler})", **figs)
 
 
-CUDAGRAPH_COUNTS = 4  # the first token counts of _sizes are captured
-
-
 def step_cudagraph(ctx: Context) -> dict:
     """Warm up, then capture forward and forward+backward in CUDA graphs at several token
     counts and replay them against eager."""
@@ -371,7 +349,7 @@ def step_cudagraph(ctx: Context) -> dict:
     import salt_kernels
     from ... import SALTLinear
 
-    K, D, r, rl, counts, dtype = _sizes(ctx)
+    K, D, r, rl, counts, dtype = sizes(ctx)
     counts = counts[:CUDAGRAPH_COUNTS]
     torch.manual_seed(0)
     layer = SALTLinear(K, D, r, rl, device=ctx.device, dtype=dtype)
@@ -421,12 +399,12 @@ def step_multigpu(ctx: Context) -> dict:
     matches the result with cuda:1 current."""
     import torch
 
-    from ... import SALTLinear, available_backends
-
     n = torch.cuda.device_count() if not ctx.dry_run else 0
     if n < 2:
         return _result("skip", f"needs >= 2 GPUs, found {n}", gpus=n)
-    K, D, r, rl, counts, dtype = _sizes(ctx)
+    from ... import SALTLinear, available_backends
+
+    K, D, r, rl, counts, dtype = sizes(ctx)
     figs, bad = {}, []
     for backend in available_backends("cuda:1"):
         torch.manual_seed(0)
@@ -449,13 +427,6 @@ def step_multigpu(ctx: Context) -> dict:
             traceback.print_exc()
             bad.append(f"{backend}: {type(exc).__name__}: {exc}")
     return _result("fail" if bad else "pass", "; ".join(bad) or f"device guard holds on {', '.join(figs)}", **figs)
-
-
-def bench_options(ctx: Context) -> dict:
-    """What the bench step times: presets, dtype, seconds per measurement."""
-    if ctx.dry_run:
-        return dict(device="cpu", presets="smoke", dtype="fp32", min_time="0.02")
-    return dict(device="cuda", presets="tokens,decode,llama7b", dtype="bf16", min_time="0.1")
 
 
 # salt-bench stops timing this long before the step's budget (its last shape finishes
@@ -558,7 +529,8 @@ STEPS = [
     Step("tests", "GPU test suite, compiled kernels", 95, 120, step_tests,
          estimate_s=66, basis="start and collection ~10 s; ~370 tests with no compile (warm cache): "
          "test_triton.py and test_salt_linear.py ~30 s, ~200 hypothesis examples ~10 s, ~30 opcheck calls ~10 s, "
-         "the rest ~6 s. Without a usable warm cache, the recorded plan (~300 kernels) first compiles in "
-         "parallel, ~15 s on 16 cores. pytest is interrupted 25 s before the budget"),
+         "the rest ~6 s. Without a usable warm cache, the plan (~300 kernels; recorded here first, ~20 s, if "
+         "no cache came with it) compiles in parallel, ~15 s on 16 cores. pytest is interrupted 25 s before the "
+         "budget"),
 ]
 assert sum(s.budget_s for s in STEPS) <= TOTAL_BUDGET_S
