@@ -189,17 +189,14 @@ def _peak_child(layers: int, size: int, svd: str):
     before = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    t0 = time.perf_counter()
     apply_salt(model, rank=64, lora_rank=8, residual=True, svd=svd, progress=False)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"extra": status("VmHWM:") - before, "model": model_bytes, "after": tensor_bytes(model),
-                      "seconds": seconds}))
+    print(json.dumps({"extra": status("VmHWM:") - before, "model": model_bytes, "after": tensor_bytes(model)}))
 
 
 def part_peak(args):
     print("\n== peak memory of converting a model loaded in 4 bits (apply_salt, residual=True, r=64) ==")
     head = ["model", "svd", "4-bit model MB", "converted MB", "one layer fp32 MB", "peak extra MB",
-            "peak extra / fp32 layer", "seconds"]
+            "peak extra / fp32 layer"]
     lines = []
     for layers, size, svd in ((8, 2048, "exact"), (8, 4096, "lowrank")):
         out = subprocess.run([sys.executable, __file__, "--peak-child", f"{layers},{size},{svd}",
@@ -209,7 +206,7 @@ def part_peak(args):
         fp32 = size * size * 4
         lines.append([f"{layers} x Linear4bit {size}x{size}", svd, f"{res['model'] / 1e6:.1f}",
                       f"{res['after'] / 1e6:.1f}", f"{fp32 / 1e6:.1f}", f"{res['extra'] / 1e6:.1f}",
-                      f"{res['extra'] / fp32:.2f}", f"{res['seconds']:.1f}"])
+                      f"{res['extra'] / fp32:.2f}"])
         print("  " + " | ".join(lines[-1]), flush=True)
     print(format_columns(head, lines, markdown=args.markdown))
 
