@@ -258,8 +258,8 @@ def test_bitwise_equal_across_autotune_configs(monkeypatch, dtype, r):
     n_tried = 0
     for kernel in ("shrink", "expand"):
         for i in range(1, 4):
-            def pick(name, BM, R_PAD, elem, kernel=kernel, i=i):
-                cs = real(name, BM, R_PAD, elem)
+            def pick(name, BM, R_PAD, elem, *, aligned=True, kernel=kernel, i=i):
+                cs = real(name, BM, R_PAD, elem, aligned=aligned)
                 return [cs[i % len(cs)]] if name == kernel else cs
 
             monkeypatch.setattr(tk, "usable_configs", pick)
@@ -274,10 +274,85 @@ def test_shrink_candidates_share_the_reduction_order():
     of the K reduction) and one warp count (the layout, so the order, of db's in-tile
     column sums) per entry. (The interpreter ignores warps and, for these shapes, sums
     BN tiles exactly, so the bitwise test above cannot see a GPU-only order change.)"""
-    for (kernel, elem, r_max), configs in tk._CONFIG_TABLE.items():
-        if kernel == "shrink":
-            assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
-            assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
+    for table in (tk._CONFIG_TABLE, tk._UNALIGNED_CONFIGS):  # (the latter: odd ranks)
+        for (kernel, elem, r_max), configs in table.items():
+            if kernel == "shrink":
+                assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
+                assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
+
+
+# ---------------------------------------------------------------------------------------
+# Odd ranks: rank strides without the divisibility-16 hint take their own configs
+# ---------------------------------------------------------------------------------------
+
+
+def _planned(M, K, D, r, dtype):
+    x, G = torch.empty(M, K, dtype=dtype), torch.empty(M, D, dtype=dtype)
+    U, V, C = torch.empty(D, r, dtype=dtype), torch.empty(K, r, dtype=dtype), torch.empty(r, r)
+    _, Z, fwd = tk.forward_launches(x, U, V, C, torch.empty(D, dtype=dtype))
+    *_, bwd = tk.backward_launches(G, Z, U, V, C, True, True, True)
+    return fwd, bwd
+
+
+def _named(L, name):
+    return dict(zip(L.fn.arg_names, L.args))[name]
+
+
+@pytest.mark.parametrize("r", [33, 200])
+def test_odd_rank_backward_mix_takes_8_warps_in_fp32(r):
+    """fp32, r not a multiple of 16: the backward mix (dC and dZ) spilled 32 B on sm_90 at
+    4 warps (aot.py, triton 3.8); it runs at 8 warps with the same tiles (so the same dC
+    row blocks and results). At r = R_PAD it keeps 4 warps; bf16 is unaffected."""
+    for rank, dtype, warps in ((r, torch.float32, 8), (tk.rank_tiles(r)[0], torch.float32, 4),
+                               (r, torch.bfloat16, 4)):
+        fwd, bwd = _planned(64, 256, 256, rank, dtype)
+        mixes = [L for L in fwd + bwd if L.name == "mix"]
+        assert mixes or dtype == torch.bfloat16
+        for L in mixes:
+            assert [c.num_warps for c in L.configs] == [warps], (rank, dtype)
+            assert (L.kwargs["BM"], L.kwargs["BR"]) == tk.mix_tiles(tk.rank_tiles(r)[0], torch.empty((), dtype=dtype).element_size())[:2]
+
+
+@pytest.mark.parametrize("r,dtype,M", [(9, torch.float32, 64), (17, torch.float32, 4096), (65, torch.bfloat16, 4096),
+                                       (129, torch.bfloat16, 32), (200, torch.bfloat16, 32), (9, torch.bfloat16, 64),
+                                       (33, torch.float32, 64), (1, torch.float32, 32), (40, torch.bfloat16, 32)])
+def test_odd_ranks_take_the_unaligned_configs(r, dtype, M):
+    """At an odd rank the planner offers only the candidates aot.py compiled clean there:
+    no 128-column bf16 expand tiles (255 registers or spills), at most 2 stages in the
+    fp32 shrink, 16-row fp32 expand tiles; the launches carry R_ALIGNED = 0 for the autotune
+    key, and r = R_PAD keeps its configs."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    R_PAD = tk.rank_tiles(r)[0]
+    for rank, aligned in ((r, False), (R_PAD, True)):
+        fwd, bwd = _planned(M, 512, 512, rank, dtype)
+        for L in fwd + bwd:
+            if L.name not in ("shrink", "expand"):
+                continue
+            assert _named(L, "R_ALIGNED") == int(aligned)
+            assert L.configs == tk.usable_configs(L.name, L.kwargs["BM"], R_PAD, elem, aligned=aligned)
+            if not aligned and L.name == "expand" and elem == 2:
+                assert all(c.kwargs["BN"] <= 64 for c in L.configs)
+            if not aligned and L.name == "expand" and elem == 4:
+                assert L.kwargs["BM"] == 16
+            if not aligned and L.name == "shrink" and elem == 4:
+                assert all(c.num_stages <= 2 for c in L.configs)
+
+
+def test_autotune_key_separates_aligned_and_odd_ranks():
+    """r = 64 and r = 33 share R_PAD and the size buckets, but not their candidates: the
+    autotune key carries R_ALIGNED, so a choice tuned for one is never reused for the other."""
+    tuner = triton.autotune(tk.EXPAND_CONFIGS, key=tk._KEY + ["PROLOGUE_MIX", "DC", "COMPUTE_OUT", "HAS_BIAS"],
+                            prune_configs_by={"early_config_prune": tk._pruner("expand")})(tk._expand_kernel)
+    keys = []
+    for r in (64, 33):
+        fwd, _ = _planned(4096, 512, 512, r, torch.float32)
+        (expand,) = [L for L in fwd if L.name == "expand"]
+        keys.append(tk._autotune_key(tuner, expand.args, expand.kwargs))
+        named = dict(zip(tuner.arg_names, expand.args), **expand.kwargs)
+        assert tuner.early_config_prune(tk.EXPAND_CONFIGS, named) == expand.configs
+    assert keys[0] != keys[1]
+    for c in tk._UNALIGNED_CONFIGS.values():
+        assert all(x in tk.SHRINK_CONFIGS + tk.EXPAND_CONFIGS for x in c)
 
 
 # ---------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ tensors. The interpreter's ``tl.dot`` is wrong on bfloat16 operands (triton issu
 bf16 x bf16 products are exact in fp32, so the math is unchanged.
 
 Autotuning: two or three configs per (kernel, dtype size, rank range) in
-``_CONFIG_TABLE``, keyed on power-of-two buckets of M and N and on the padded rank.
+``_CONFIG_TABLE`` (``_UNALIGNED_CONFIGS`` replaces some where r is not a multiple of
+16), keyed on power-of-two buckets of M and N, the padded rank and that alignment.
 ``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first config of the entry.
 Every launch is described by a :class:`Launch` (kernel, grid, arguments, candidate
 configs) built by :func:`forward_launches` / :func:`backward_launches`; the ops run
@@ -114,7 +115,7 @@ _SPLIT_ALIGN = 64
 FORCE_SPLIT: int | None = None
 # Sizes and loop counts are not specialised (no ==1 / divisible-by-16 variants): they
 # only bound loops and masks. Strides are: stride 1 and 16-divisible strides vectorise.
-_SIZES = ["M", "N", "R", "n_per_split", "SPLIT", "M_BUCKET", "N_BUCKET", "P", "L"]
+_SIZES = ["M", "N", "R", "n_per_split", "SPLIT", "M_BUCKET", "N_BUCKET", "R_ALIGNED", "P", "L"]
 
 
 def availability(device: torch.device, backend: str) -> str | None:
@@ -162,7 +163,7 @@ def _shrink_kernel(
     out_ptr,  # fp32 (SPLIT, M, R) contiguous: this split's partial of A @ B
     colsum_ptr,  # COLSUM: fp32 (cdiv(M, BM), N) column sums of A per row block (db)
     M, N, R, n_per_split,
-    M_BUCKET, N_BUCKET,  # autotune key only
+    M_BUCKET, N_BUCKET, R_ALIGNED,  # autotune key only
     BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr,
     NEED_ACC: tl.constexpr, COLSUM: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -265,7 +266,7 @@ def _expand_kernel(
     bias_ptr, stride_bias,
     out_ptr, stride_om, stride_on,
     M, N, R,
-    M_BUCKET, N_BUCKET,  # autotune key only
+    M_BUCKET, N_BUCKET, R_ALIGNED,  # autotune key only
     BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
     PROLOGUE_MIX: tl.constexpr, STORE_Z: tl.constexpr, DC: tl.constexpr,
     COMPUTE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -387,28 +388,63 @@ _CONFIG_TABLE = {
     ("expand", 4, 32): [_cfg(32, 4)],  # 64 x 8 spilled on sm_80 at r <= 32 (triton 3.8)
     ("expand", 4, 256): [_cfg(64, 8)],
 }
-SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
-EXPAND_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "expand" for c in cs]
+# Ranks that are not a multiple of 16 (e.g. r = 1, 33 or 200; see rank_aligned): the rows
+# of U/V, Z, the core and the partials lose Triton's divisibility-16 hint, so U/V loads
+# are no longer vectorised (one address per element). These entries replace their
+# bucket's configs there. Each is clean on sm_80 and sm_90 with triton 3.6, 3.8 and 3.9
+# (aot.py, odd-rank scenarios), where the bucket's own configs were not: bf16 shrink 64 x 4
+# (r <= 32: 241-255 registers with 3.6, 12 B spilled on sm_90 with 3.9; 64 x 8 spilled
+# 24 B with 3.6); fp32 shrink 16 x 8 at any depth (r <= 32: 8-12 B at 1, 2 or 3 stages on
+# one Triton or another; r <= 64: 12-24 B at 1, 2 or 3 stages); bf16 expand 128 x 8 (r <= 16:
+# 16 B on sm_80; r <= 64: 254 registers with 3.6; r <= 128: 255 registers or 12-36 B, and
+# 64 x 8 251 registers at 64 rows; r <= 256: 255, and 64 x 4 up to 244 B); fp32 expand
+# 32 x 4 at r <= 32 (12 B on sm_90 with 3.9; 32 x 8 spilled 24 B with 3.6, 16 x 4 and
+# 128 x 8 8-32 B elsewhere).
+_UNALIGNED_CONFIGS = {
+    ("shrink", 2, 32): _depths(32, 4),
+    ("shrink", 4, 32): _depths(16, 4, (2, 1)),
+    ("shrink", 4, 64): _depths(16, 16, (2,)),
+    ("expand", 2, 16): [_cfg(64, 8)],
+    ("expand", 2, 64): [_cfg(64, 8)],
+    ("expand", 2, 128): [_cfg(32, 8)],
+    ("expand", 2, 256): [_cfg(64, 8), _cfg(32, 8)],
+    ("expand", 4, 32): [_cfg(64, 8)],
+}
 
 
-def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int) -> list:
-    """The autotune candidates for one launch shape, best-first."""
-    for (k, e, r_max), configs in _CONFIG_TABLE.items():
+def _all_configs(kernel_name: str) -> list:
+    out = []
+    for table in (_CONFIG_TABLE, _UNALIGNED_CONFIGS):
+        out += [c for (k, _, _), cs in table.items() if k == kernel_name for c in cs if c not in out]
+    return out
+
+
+SHRINK_CONFIGS = _all_configs("shrink")
+EXPAND_CONFIGS = _all_configs("expand")
+
+
+def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int, *, aligned: bool = True) -> list:
+    """The autotune candidates for one launch shape, best-first (``aligned``: see
+    :func:`rank_aligned`)."""
+    for key, configs in _CONFIG_TABLE.items():
+        k, e, r_max = key
         if k == kernel_name and e == elem and R_PAD <= r_max:
-            return configs
+            return configs if aligned else _UNALIGNED_CONFIGS.get(key, configs)
     raise ValueError(f"no config for {kernel_name}, R_PAD={R_PAD}, element size {elem}")
 
 
 def _pruner(kernel_name):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return usable_configs(kernel_name, args["BM"], args["R_PAD"], args["b_ptr"].element_size())
+        return usable_configs(kernel_name, args["BM"], args["R_PAD"], args["b_ptr"].element_size(),
+                              aligned=bool(args["R_ALIGNED"]))
     return prune
 
 
-# Keyed on size buckets (which also fix BM), the padded rank and the mode flags (so the
-# forward and backward variants tune separately); triton adds the tensor dtypes.
-_KEY = ["M_BUCKET", "N_BUCKET", "R_PAD"]
+# Keyed on size buckets (which also fix BM), the padded rank, whether the rank strides are
+# 16-aligned (which picks the candidates) and the mode flags (so the forward and backward
+# variants tune separately); triton adds the tensor dtypes.
+_KEY = ["M_BUCKET", "N_BUCKET", "R_PAD", "R_ALIGNED"]
 _AUTOTUNED = {}
 if AUTOTUNE:
     _AUTOTUNED["shrink"] = triton.autotune(SHRINK_CONFIGS, key=_KEY + ["NEED_ACC", "COLSUM"],
@@ -556,16 +592,26 @@ def _plan(M: int, N: int, R_PAD: int, elem: int) -> tuple[int, int, int]:
     return BM, split, n_per_split
 
 
-def expand_block_m(BM: int, elem: int, prologue: bool, out_row_stride: int) -> int:
+def expand_block_m(BM: int, elem: int, prologue: bool, out_row_stride: int, aligned: bool = True) -> int:
     """The expand's rows per program: the shrink's BM, except 16 for fp32 inputs whose
-    output rows are not 16-element aligned (D or K not a multiple of 16). Unaligned rows
-    defeat the vectorised stores, and at 32 rows the tf32x3 tile then sat at 255
-    registers or spilled 8-28 B with every BN / warps / stages tried (aot.py --full).
+    output rows are not 16-element aligned (D or K not a multiple of 16) or whose rank
+    strides are not (``aligned`` False: :func:`rank_aligned`). Unaligned rows defeat the
+    vectorised stores, and at 32 rows the tf32x3 tile then sat at 255 registers or
+    spilled 8-28 B with every BN / warps / stages tried (aot.py --full); unaligned rank
+    strides (scalar U/V loads) spilled 12-24 B at 32 rows with the r <= 32 config.
     Only without the prologue mix (always so for fp32) can the expand pick its own BM: it
     then reads the mix kernel's (M, r) output, not the shrink's BM-sized partials."""
-    if elem == 4 and not prologue and out_row_stride % 16:
+    if elem == 4 and not prologue and (out_row_stride % 16 or not aligned):
         return min(BM, 16)
     return BM
+
+
+def rank_aligned(r: int, *bases: torch.Tensor) -> bool:
+    """Are the rank strides multiples of 16: r (the rows of Z, the core and the partials)
+    and the row strides of the bases (U, V)? Then they carry Triton's divisibility-16
+    hint; other ranks compile other specialisations, which take their own configs
+    (``_UNALIGNED_CONFIGS``, :func:`expand_block_m`, :func:`mix_tiles`)."""
+    return r % 16 == 0 and all(B.stride(0) % 16 == 0 for B in bases)
 
 
 def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
@@ -614,12 +660,16 @@ def _mix_precision(dtype: torch.dtype) -> str:
 # The mix kernel is not autotuned: its work is tiny. Its dot operands are BM x BR fp32
 # slices, three copies of each under tf32x3, hence 16 rows for fp32 inputs (32 rows
 # spilled on sm_90 at R_PAD >= 32, and 16 rows at R_PAD = 16 on sm_80, with triton 3.9).
+# With fp32 inputs and a rank that is not a multiple of 16 (rank_aligned), the backward's
+# mix (dC and dZ) spilled 32 B on sm_90 at 4 warps and 16 rows (triton 3.8), at any depth:
+# 8 warps there (at 32 rows, R_PAD = 16, 8 warps spilled 28 B on sm_80 instead). Warps
+# change neither the tiles nor the dot's reduction order: same results.
 
 
-def mix_tiles(R_PAD: int, elem: int) -> tuple[int, int, int]:
+def mix_tiles(R_PAD: int, elem: int, aligned: bool = True) -> tuple[int, int, int]:
     """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py)."""
     BM = 16 if elem == 4 and R_PAD > 16 else 32
-    return BM, min(32, R_PAD), 4
+    return BM, min(32, R_PAD), 8 if elem == 4 and R_PAD > 16 and not aligned else 4
 
 
 # Columns per program of the fixed-order partial sums (one fp32 element per thread at 4 warps x 4).
@@ -631,10 +681,10 @@ def _fixed(warps: int, stages: int = 3) -> list:
 
 
 def _mix_launch(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, elem,
-                precision) -> Launch:
+                precision, aligned) -> Launch:
     """_mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC partials
     (dc_part has cdiv(M, BM) row blocks, BM from mix_tiles)."""
-    BM, BR, warps = mix_tiles(R_PAD, elem)
+    BM, BR, warps = mix_tiles(R_PAD, elem, aligned)
     grid = (triton.cdiv(M, BM), R_PAD // BR)
     return Launch("mix", _mix_kernel, lambda meta: grid,
                   (parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
@@ -660,6 +710,7 @@ def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list
     Z = torch.empty((M, r), dtype=C.dtype, device=dev)
     elem = x.element_size()
     R_PAD, BR = rank_tiles(r)
+    aligned = rank_aligned(r, U, V)
     BM, split, n_per_split = _plan(M, K, R_PAD, elem)
     m_blocks = triton.cdiv(M, BM)
     precision, upcast, mix_precision = _precision(x.dtype), _upcast_dot(x.dtype), _mix_precision(x.dtype)
@@ -668,27 +719,28 @@ def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list
     parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
     launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
                        (x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
-                        M, K, r, n_per_split, _bucket(M), _bucket(K)),
+                        M, K, r, n_per_split, _bucket(M), _bucket(K), int(aligned)),
                        dict(BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision,
-                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem))]
+                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem, aligned=aligned))]
     prologue = _mix_in_prologue(R_PAD, BR, elem)
     if prologue:
         rows = parts
     else:
         rows = torch.empty((M, r), dtype=torch.float32, device=dev)
         launches.append(_mix_launch(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False,
-                                    store_mix=True, R_PAD=R_PAD, elem=elem, precision=mix_precision))
-    eBM = expand_block_m(BM, elem, prologue, y.stride(0))
+                                    store_mix=True, R_PAD=R_PAD, elem=elem, precision=mix_precision,
+                                    aligned=aligned))
+    eBM = expand_block_m(BM, elem, prologue, y.stride(0), aligned)
     e_blocks = triton.cdiv(M, eBM)
     launches.append(Launch(
         "expand", _expand_kernel, lambda meta: (e_blocks, triton.cdiv(D, meta["BN"])),
         (rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
          U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
-         y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D)),
+         y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D), int(aligned)),
         dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
              COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
              MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
-        usable_configs("expand", eBM, R_PAD, elem)))
+        usable_configs("expand", eBM, R_PAD, elem, aligned=aligned)))
     return y, Z, launches
 
 
@@ -706,6 +758,7 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
     db = torch.empty((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
     need_dT = need_dx or need_dC
     R_PAD, BR = rank_tiles(r)
+    aligned = rank_aligned(r, U, V)
     BM, split, n_per_split = _plan(M, D, R_PAD, elem)
     if not need_dT:  # db only: one pass over G, no U
         split, n_per_split = 1, D
@@ -713,33 +766,34 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
     precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
     prologue = _mix_in_prologue(R_PAD, BR, elem)
     db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
-    dc_part = torch.empty((m_blocks if prologue else triton.cdiv(M, mix_tiles(R_PAD, elem)[0]), r, r), **f32) if need_dC else Z
+    dc_part = torch.empty((m_blocks if prologue else triton.cdiv(M, mix_tiles(R_PAD, elem, aligned)[0]), r, r), **f32) if need_dC else Z
     parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
     launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
                        (G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
-                        M, D, r, n_per_split, _bucket(M), _bucket(D)),
+                        M, D, r, n_per_split, _bucket(M), _bucket(D), int(aligned)),
                        dict(BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision,
-                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem))]
+                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem, aligned=aligned))]
     if need_dT:
         rows = parts
         if not prologue:  # dZ = dT @ C: the core is applied on the right as is
             rows = torch.empty((M, r), **f32) if need_dx else parts
             launches.append(_mix_launch(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC,
-                                        store_mix=need_dx, R_PAD=R_PAD, elem=elem, precision=mix_precision))
+                                        store_mix=need_dx, R_PAD=R_PAD, elem=elem, precision=mix_precision,
+                                        aligned=aligned))
         if need_dx or (prologue and need_dC):
             out = dx if need_dx else Z
-            eBM = expand_block_m(BM, elem, prologue, dx.stride(0) if need_dx else 16)
+            eBM = expand_block_m(BM, elem, prologue, dx.stride(0) if need_dx else 16, aligned)
             e_blocks = triton.cdiv(M, eBM)
             launches.append(Launch(
                 "expand", _expand_kernel,
                 (lambda meta: (e_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (e_blocks, 1)),
                 (rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
                  V, V.stride(0), V.stride(1), Z, 0, out, out.stride(0) if need_dx else 0,
-                 out.stride(1) if need_dx else 0, M, K, r, _bucket(M), _bucket(K)),
+                 out.stride(1) if need_dx else 0, M, K, r, _bucket(M), _bucket(K), int(aligned)),
                 dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
                      COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
                      MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
-                usable_configs("expand", eBM, R_PAD, elem)))
+                usable_configs("expand", eBM, R_PAD, elem, aligned=aligned)))
     if need_dC:
         launches.append(_sum_launch(dc_part, dC))
     if need_db:

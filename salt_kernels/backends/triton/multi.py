@@ -182,11 +182,13 @@ def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sca
     # the shared shrink, unsplit: Z (M, r) fp32
     Z = torch.empty((M, r), dtype=torch.float32, device=dev)
     BM_s = tk.block_m(M, R_PAD, elem)
+    aligned = tk.rank_aligned(r, V)
     shrink = tk.Launch("shrink", tk._shrink_kernel, lambda meta: (triton.cdiv(M, BM_s), 1),
                        (x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), Z, Z,
-                        M, K, r, K, tk._bucket(M), tk._bucket(K)),
+                        M, K, r, K, tk._bucket(M), tk._bucket(K), int(aligned)),
                        dict(BM=BM_s, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=tk._precision(x.dtype),
-                            UPCAST_DOT=tk._upcast_dot(x.dtype)), tk.usable_configs("shrink", BM_s, R_PAD, elem))
+                            UPCAST_DOT=tk._upcast_dot(x.dtype)),
+                       tk.usable_configs("shrink", BM_s, R_PAD, elem, aligned=aligned))
     BM = multi_block_m(R_PAD, elem)
     perm, t_start, t_rows, t_adapter, n_tiles = _tiles(index, A, BM)
     sigma_f, X_f, Y_f = sigma.to(torch.float32).contiguous(), X.to(torch.float32), Y.to(torch.float32)
