@@ -43,14 +43,7 @@ def register_salt_autograd(forward_op, backward_op) -> None:
         need_x, need_U, need_V, need_C, need_b = ctx.needs_input_grad
         need_b = need_b and ctx.has_bias
         dx, dC, db = backward_op(grad_y, Z, U, V, C, need_x, need_C, need_b)
-        dU = dV = None
-        if need_U or need_V:
-            acc = C.dtype
-            G = grad_y.to(acc)
-            if need_U:
-                dU = (G.t() @ (Z @ C.t())).to(U.dtype)  # dU = G^T T
-            if need_V:
-                dV = (x.to(acc).t() @ ((G @ U.to(acc)) @ C)).to(V.dtype)  # dV = x^T dZ
+        dU, dV = _basis_grads(grad_y, Z, U, V, C, x, need_U, need_V)
         return (
             dx if need_x else None,
             dU,
@@ -67,3 +60,62 @@ def run_salt_op(forward_op, x, U, V, sigma, X, Y, bias, scaling: float):
     C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
     y, _ = forward_op(x, U, V, C, bias)
     return y
+
+
+class _EagerSalt(torch.autograd.Function):
+    """The eager path of a kernel backend (see :func:`run_salt_eager`): one autograd node
+    for the whole layer, the core C built inside it. Its backward runs the backend's
+    backward body and turns dC into dsigma, dX, dY directly (C = diag(sigma) + s X Y):
+    dsigma = diag(dC), dX = s dC Y^T, dY = s X^T dC."""
+
+    @staticmethod
+    def forward(ctx, forward_body, backward_body, x, U, V, sigma, X, Y, bias, scaling):
+        acc = accumulate_dtype(x.dtype)
+        C = mix_matrix(sigma, X, Y, scaling, acc)
+        y, Z = forward_body(x, U, V, C, bias)
+        ctx.backward_body, ctx.scaling, ctx.has_bias = backward_body, scaling, bias is not None
+        ctx.save_for_backward(Z, U, V, C, X, Y, x if V.requires_grad else None)
+        ctx.dtypes = (sigma.dtype, X.dtype, Y.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        with autocast_off(grad_y.device.type):
+            Z, U, V, C, X, Y, x = ctx.saved_tensors
+            _, _, need_x, need_U, need_V, need_sigma, need_X, need_Y, need_b, _ = ctx.needs_input_grad
+            need_C = need_sigma or need_X or need_Y
+            need_b = need_b and ctx.has_bias
+            dx, dC, db = ctx.backward_body(grad_y, Z, U, V, C, need_x, need_C, need_b)
+            dU, dV = _basis_grads(grad_y, Z, U, V, C, x, need_U, need_V)
+            s, acc = ctx.scaling, C.dtype
+            sigma_t, X_t, Y_t = ctx.dtypes
+            dsigma = dC.diagonal().to(sigma_t) if need_sigma else None
+            dX = (dC @ Y.to(acc).t()).mul_(s).to(X_t) if need_X else None
+            dY = (X.to(acc).t() @ dC).mul_(s).to(Y_t) if need_Y else None
+        return (None, None, dx if need_x else None, dU, dV, dsigma, dX, dY, db if need_b else None, None)
+
+
+def _basis_grads(grad_y, Z, U, V, C, x, need_U: bool, need_V: bool):
+    """dU = G^T T and dV = x^T dZ (frozen in SALT; plain torch ops when asked for)."""
+    dU = dV = None
+    if need_U or need_V:
+        acc = C.dtype
+        G = grad_y.to(acc)
+        if need_U:
+            dU = (G.t() @ (Z @ C.t())).to(U.dtype)  # dU = G^T T
+        if need_V:
+            dV = (x.to(acc).t() @ ((G @ U.to(acc)) @ C)).to(V.dtype)  # dV = x^T dZ
+    return dU, dV
+
+
+def run_salt_eager(forward_body, backward_body, x, U, V, sigma, X, Y, bias, scaling: float):
+    """``salt_linear_2d`` of a kernel backend outside tracing: the bodies of its op pair
+    (the contract above) without the custom-op dispatch, whose fixed cost per call
+    (tens of microseconds) is most of a decode step. Without autograd, the forward body
+    alone; otherwise one :class:`_EagerSalt` node."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or U.requires_grad or V.requires_grad
+                                           or sigma.requires_grad or X.requires_grad or Y.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
+        return forward_body(x, U, V, C, bias)[0]
+    return _EagerSalt.apply(forward_body, backward_body, x, U, V, sigma, X, Y, bias, scaling)
