@@ -301,17 +301,16 @@ def _named(L, name):
 
 
 @pytest.mark.parametrize("r", [33, 200])
-def test_odd_rank_backward_mix_takes_8_warps_in_fp32(r):
-    """fp32, r not a multiple of 16: the backward mix (dC and dZ) spilled 32 B on sm_90 at
-    4 warps (aot.py, triton 3.8); it runs at 8 warps with the same tiles (so the same dC
-    row blocks and results). At r = R_PAD it keeps 4 warps; bf16 is unaffected."""
-    for rank, dtype, warps in ((r, torch.float32, 8), (tk.rank_tiles(r)[0], torch.float32, 4),
-                               (r, torch.bfloat16, 4)):
+def test_mix_kernel_tiles_do_not_depend_on_the_rank_alignment(r):
+    """The mix kernel (fp32 inputs, and r > 64) runs one stage at 4 warps whatever the
+    rank's alignment: pipelined (2-3 stages) it spilled 16 B on sm_80 or sm_90 with some
+    Triton at 4 and 8 warps (aot.py --full); with one stage every rank compiles clean."""
+    for rank, dtype in ((r, torch.float32), (tk.rank_tiles(r)[0], torch.float32), (r, torch.bfloat16)):
         fwd, bwd = _planned(64, 256, 256, rank, dtype)
         mixes = [L for L in fwd + bwd if L.name == "mix"]
-        assert mixes or dtype == torch.bfloat16
+        assert mixes or (dtype == torch.bfloat16 and r <= 64)
         for L in mixes:
-            assert [c.num_warps for c in L.configs] == [warps], (rank, dtype)
+            assert [(c.num_warps, c.num_stages) for c in L.configs] == [(4, 1)], (rank, dtype)
             assert (L.kwargs["BM"], L.kwargs["BR"]) == tk.mix_tiles(tk.rank_tiles(r)[0], torch.empty((), dtype=dtype).element_size())[:2]
 
 

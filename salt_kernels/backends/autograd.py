@@ -74,7 +74,9 @@ class _EagerSalt(torch.autograd.Function):
         C = mix_matrix(sigma, X, Y, scaling, acc)
         y, Z = forward_body(x, U, V, C, bias)
         ctx.backward_body, ctx.scaling, ctx.has_bias = backward_body, scaling, bias is not None
-        ctx.save_for_backward(Z, U, V, C, X, Y, x if V.requires_grad else None)
+        # (X only for dY, Y only for dX, x only for dV)
+        ctx.save_for_backward(Z, U, V, C, X if Y.requires_grad else None, Y if X.requires_grad else None,
+                              x if V.requires_grad else None)
         ctx.dtypes = (sigma.dtype, X.dtype, Y.dtype)
         return y
 
@@ -83,16 +85,24 @@ class _EagerSalt(torch.autograd.Function):
         with autocast_off(grad_y.device.type):
             Z, U, V, C, X, Y, x = ctx.saved_tensors
             _, _, need_x, need_U, need_V, need_sigma, need_X, need_Y, need_b, _ = ctx.needs_input_grad
-            need_C = need_sigma or need_X or need_Y
             need_b = need_b and ctx.has_bias
-            dx, dC, db = ctx.backward_body(grad_y, Z, U, V, C, need_x, need_C, need_b)
-            dU, dV = _basis_grads(grad_y, Z, U, V, C, x, need_U, need_V)
-            s, acc = ctx.scaling, C.dtype
+            dx, dC, db = ctx.backward_body(grad_y, Z, U, V, C, need_x, need_sigma or need_X or need_Y, need_b)
+            dU, dV = _basis_grads(grad_y, Z, U, V, C, x, need_U, need_V) if need_U or need_V else (None, None)
             sigma_t, X_t, Y_t = ctx.dtypes
-            dsigma = dC.diagonal().to(sigma_t) if need_sigma else None
-            dX = (dC @ Y.to(acc).t()).mul_(s).to(X_t) if need_X else None
-            dY = (X.to(acc).t() @ dC).mul_(s).to(Y_t) if need_Y else None
-        return (None, None, dx if need_x else None, dU, dV, dsigma, dX, dY, db if need_b else None, None)
+            dsigma = dX = dY = None
+            if need_sigma:
+                dsigma = dC.diagonal()
+                dsigma = dsigma if dsigma.dtype == sigma_t else dsigma.to(sigma_t)
+            if need_X or need_Y:
+                acc = C.dtype
+                sdC = dC if ctx.scaling == 1.0 else dC * ctx.scaling
+                if need_X:
+                    dX = sdC @ (Y if Y.dtype == acc else Y.to(acc)).t()
+                    dX = dX if dX.dtype == X_t else dX.to(X_t)
+                if need_Y:
+                    dY = (X if X.dtype == acc else X.to(acc)).t() @ sdC
+                    dY = dY if dY.dtype == Y_t else dY.to(Y_t)
+        return None, None, dx if need_x else None, dU, dV, dsigma, dX, dY, db if need_b else None, None
 
 
 def _basis_grads(grad_y, Z, U, V, C, x, need_U: bool, need_V: bool):

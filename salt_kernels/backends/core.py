@@ -23,10 +23,13 @@ def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     # tiny product is a visible share of a layer call.)
     C = torch.diag(sigma if sigma.dtype == dtype else sigma.to(dtype))
     if X.shape[1] > 0:
-        # scaling multiplies the small factor X (r x r') rather than riding as addmm's
-        # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
-        Xs = (X if X.dtype == dtype else X.to(dtype)) * scaling
-        C = torch.addmm(C, Xs, Y if Y.dtype == dtype else Y.to(dtype))
+        X, Y = (X if X.dtype == dtype else X.to(dtype)), (Y if Y.dtype == dtype else Y.to(dtype))
+        if torch.compiler.is_compiling():
+            # scaling multiplies the small factor X (r x r') rather than riding as addmm's
+            # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
+            C = torch.addmm(C, X * scaling, Y)
+        else:  # eager: alpha saves a launch (a Python scalar times a tensor is one more op)
+            C = torch.addmm(C, X, Y, alpha=scaling)
     return C
 
 

@@ -120,6 +120,9 @@ MAX_RANK = 256
 # sets the reduction order, which must be the same on every GPU.
 _SPLIT_PROGRAMS = 264
 _SPLIT_MIN_N = 16
+# Up to this many columns one program reads all of B (<= 32 KiB at r = 64 in bf16): a
+# split would cost a launch (the sum of its partials) for little.
+_SPLIT_FROM_N = 256
 # Split ranges wider than half of this are whole multiples of it, so that the shrink's K
 # tiles (BN <= 64, a divisor of it) line up with the split boundaries for every config;
 # narrower ones (decode) are one partly filled K tile each.
@@ -520,7 +523,13 @@ class _Spec(NamedTuple):
     tuned: dict
 
     def bind(self, args: tuple) -> Launch:
-        return Launch(self.name, self.fn, self.grid, args, self.kwargs, self.configs, self.default, self.tuned)
+        # tuple.__new__ directly: the NamedTuple constructor's argument handling costs as
+        # much again, on every launch of every call
+        return _tuple_new(Launch, (self.name, self.fn, self.grid, args, self.kwargs, self.configs, self.default,
+                                   self.tuned))
+
+
+_tuple_new = tuple.__new__
 
 
 def _spec(name: str, fn, grid, kwargs: dict, configs: list) -> _Spec:
@@ -598,19 +607,20 @@ def _run(launches: list[Launch], device: torch.device) -> None:
         with _no_compile():
             for launch in launches:
                 _check_tuned(launch)
-                _launch_one(launch)
+            _launch_all(launches)
     else:
-        for launch in launches:
-            _launch_one(launch)
+        _launch_all(launches)
 
 
-def _launch_one(launch: Launch) -> None:
-    tuner = _AUTOTUNED.get(launch.name) if AUTOTUNE else None
-    if tuner is not None:
-        _launch(tuner, launch.grid, launch.args, launch.tuned)
-    else:
-        grid, kwargs = launch.default
-        _launch(launch.fn, grid, launch.args, kwargs)
+def _launch_all(launches: list[Launch]) -> None:
+    tuners = _AUTOTUNED if AUTOTUNE else {}
+    for launch in launches:
+        tuner = tuners.get(launch.name)
+        if tuner is not None:
+            _launch(tuner, launch.grid, launch.args, launch.tuned)
+        else:
+            grid, kwargs = launch.default
+            _launch(launch.fn, grid, launch.args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -619,19 +629,25 @@ def _launch_one(launch: Launch) -> None:
 
 
 def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) in plain Python (``triton.cdiv`` is a JIT function: microseconds a call)."""
+    """ceil(a / b) in plain Python (``triton.cdiv`` is a JIT constexpr function:
+    microseconds a call from Python)."""
     return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as ``triton.next_power_of_2``, in plain Python."""
+    return 1 << (n - 1).bit_length()
 
 
 def _bucket(n: int) -> int:
     """Power-of-two bucket for autotune keys (caps at 2^16 so large sizes share one tune)."""
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+    return min(_next_power_of_2(max(n, 1)), 1 << 16)
 
 
 def rank_tiles(r: int) -> tuple[int, int]:
     """(R_PAD, BR): r padded to a power of two >= 16 (tl.dot's minimum), and the chunk of it
     processed at once in the mix and expand (64 keeps one R_PAD x BR core slice small)."""
-    R_PAD = max(16, triton.next_power_of_2(r))
+    R_PAD = max(16, _next_power_of_2(r))
     return R_PAD, min(R_PAD, 64)
 
 
@@ -640,14 +656,14 @@ def block_m(M: int, R_PAD: int, elem: int) -> int:
     dot), else 64; 32 for R_PAD = 256 or fp32 inputs (tf32x3 keeps three copies of each
     operand), so the BM x R_PAD fp32 accumulator and operands stay in registers."""
     cap = 64 if R_PAD <= 128 and elem == 2 else 32
-    return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
+    return min(max(16, _next_power_of_2(max(M, 1))), cap)
 
 
 def _plan(M: int, N: int, R_PAD: int, elem: int) -> tuple[int, int, int]:
     """(BM, split, n_per_split) for a shrink over N columns, from the sizes alone (run
     time only: never called while tracing). split > 1 only when the row blocks alone
-    give fewer than _SPLIT_PROGRAMS programs; then each split reads at least
-    _SPLIT_MIN_N columns, so decode (one row block) at N = 4096 gets 256 programs,
+    give fewer than _SPLIT_PROGRAMS programs and N > _SPLIT_FROM_N; then each split reads
+    at least _SPLIT_MIN_N columns, so decode (one row block) at N = 4096 gets 256 programs,
     about two per SM. Split ranges are whole multiples of 16 columns, and of the K tile
     (_SPLIT_ALIGN, a multiple of every BN) once they are that wide."""
     BM = block_m(M, R_PAD, elem)
@@ -655,8 +671,8 @@ def _plan(M: int, N: int, R_PAD: int, elem: int) -> tuple[int, int, int]:
     if FORCE_SPLIT is not None:
         split = FORCE_SPLIT
     else:
-        split = 1 if m_blocks >= _SPLIT_PROGRAMS else min(_cdiv(_SPLIT_PROGRAMS, m_blocks),
-                                                          _cdiv(N, _SPLIT_MIN_N))
+        split = 1 if m_blocks >= _SPLIT_PROGRAMS or N <= _SPLIT_FROM_N else min(_cdiv(_SPLIT_PROGRAMS, m_blocks),
+                                                                                _cdiv(N, _SPLIT_MIN_N))
     split = max(1, min(split, N))
     n_per_split = _cdiv(N, split)
     if split > 1 and FORCE_SPLIT is None:
@@ -684,7 +700,7 @@ def rank_aligned(r: int, *bases: torch.Tensor) -> bool:
     """Are the rank strides multiples of 16: r (the rows of Z, the core and the partials)
     and the row strides of the bases (U, V)? Then they carry Triton's divisibility-16
     hint; other ranks compile other specialisations, which take their own configs
-    (``_UNALIGNED_CONFIGS``, :func:`expand_block_m`, :func:`mix_tiles`)."""
+    (``_UNALIGNED_CONFIGS``, :func:`expand_block_m`)."""
     return r % 16 == 0 and all(B.stride(0) % 16 == 0 for B in bases)
 
 
@@ -734,16 +750,12 @@ def _mix_precision(dtype: torch.dtype) -> str:
 # The mix kernel is not autotuned: its work is tiny. Its dot operands are BM x BR fp32
 # slices, three copies of each under tf32x3, hence 16 rows for fp32 inputs (32 rows
 # spilled on sm_90 at R_PAD >= 32, and 16 rows at R_PAD = 16 on sm_80, with triton 3.9).
-# With fp32 inputs and a rank that is not a multiple of 16 (rank_aligned), the backward's
-# mix (dC and dZ) spilled 32 B on sm_90 at 4 warps and 16 rows (triton 3.8), at any depth:
-# 8 warps there (at 32 rows, R_PAD = 16, 8 warps spilled 28 B on sm_80 instead). Warps
-# change neither the tiles nor the dot's reduction order: same results.
 
 
-def mix_tiles(R_PAD: int, elem: int, aligned: bool = True) -> tuple[int, int, int]:
-    """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py)."""
+def mix_tiles(R_PAD: int, elem: int) -> tuple[int, int, int]:
+    """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py, one stage)."""
     BM = 16 if elem == 4 and R_PAD > 16 else 32
-    return BM, min(32, R_PAD), 8 if elem == 4 and R_PAD > 16 and not aligned else 4
+    return BM, min(32, R_PAD), 4
 
 
 def _fixed(warps: int, stages: int = 3) -> list:
@@ -784,14 +796,15 @@ def sum_levels(P: int, L: int) -> list[tuple[int, int, int, int]]:
     return levels
 
 
-def _sum_specs(P: int, L: int) -> list[tuple[_Spec, int, tuple | None]]:
+def _sum_specs(P: int, L: int) -> list[tuple]:
     """The launches of :func:`sum_levels` without arguments: (spec, partials it reads,
-    shape of the fp32 buffer it writes, None for the last level's output)."""
+    their length, partials per program, shape of the fp32 buffer it writes or None for
+    the last level, which writes the output)."""
     out = []
     for rows, BL, groups, warps in sum_levels(P, L):
         spec = _spec("sum", _sum_partials_kernel, (lambda meta, g=(_cdiv(L, BL), groups): g),
                      dict(BP=_SUM_ROWS, BL=BL), _fixed(warps))
-        out.append((spec, P, (groups, L) if groups > 1 else None, rows))
+        out.append((spec, P, L, rows, (groups, L) if groups > 1 else None))
         P = groups
     return out
 
@@ -800,8 +813,7 @@ def _bind_sums(specs: list, parts: torch.Tensor, out: torch.Tensor) -> list[Laun
     """The sum launches of ``specs`` (from :func:`_sum_specs`): ``out`` (flattened) = the
     fixed-order sum of ``parts`` (P, ...) fp32 contiguous; fp32 buffers between levels."""
     launches = []
-    L = out.numel()
-    for spec, P, shape, rows in specs:
+    for spec, P, L, rows, shape in specs:
         dst = out if shape is None else torch.empty(shape, dtype=torch.float32, device=parts.device)
         launches.append(spec.bind((parts, P, L, rows, dst)))
         parts = dst
@@ -836,10 +848,14 @@ def dc_workspace_bytes(M: int, D: int, r: int, elem: int) -> int:
     return 0 if groups == 1 else groups * r * r * 4
 
 
-def _mix_spec(M: int, r: int, R_PAD: int, elem: int, aligned: bool, precision: str) -> _Spec:
-    BM, BR, warps = mix_tiles(R_PAD, elem, aligned)
+def _mix_spec(M: int, r: int, R_PAD: int, elem: int, precision: str) -> _Spec:
+    BM, BR, warps = mix_tiles(R_PAD, elem)
     grid = (_cdiv(M, BM), R_PAD // BR)
-    return _spec("mix", _mix_kernel, lambda meta: grid, dict(BM=BM, BR=BR, PRECISION=precision), _fixed(warps))
+    # One stage: its loop has at most R_PAD / BR = 8 steps of small loads, and with
+    # pipelining (2-3 stages) 16 B spilled on sm_80 (triton 3.6, bf16 inputs, forward) or
+    # sm_90 (triton 3.9, fp32) at 4 and 8 warps (aot.py --full).
+    return _spec("mix", _mix_kernel, lambda meta: grid, dict(BM=BM, BR=BR, PRECISION=precision),
+                 _fixed(warps, stages=1))
 
 
 # Launch plans, cached per layout: everything that depends only on the sizes, strides,
@@ -883,7 +899,7 @@ def _forward_plan(x, U, V, bias):
                    dict(BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision, UPCAST_DOT=upcast),
                    usable_configs("shrink", BM, R_PAD, elem, aligned=aligned))
     sums = _sum_specs(split, M * r) if split > 1 else []  # split partials summed once, into Z
-    mix = None if prologue else _mix_spec(M, r, R_PAD, elem, aligned, mix_precision)
+    mix = None if prologue else _mix_spec(M, r, R_PAD, elem, mix_precision)
     eBM = expand_block_m(BM, elem, prologue, D, aligned)
     e_blocks = _cdiv(M, eBM)
     expand = _spec("expand", _expand_kernel, lambda meta: (e_blocks, _cdiv(D, meta["BN"])),
@@ -909,7 +925,8 @@ def _forward_plan(x, U, V, bias):
         rows = Z
         # T = Z @ C^T: C^T passed as C with its strides swapped
         if mix is not None:
-            rows = torch.empty((M, r), dtype=f32, device=dev)
+            # into the split partials' buffer once they are summed (stream order), else a new one
+            rows = parts if sums else torch.empty((M, r), dtype=f32, device=dev)
             launches.append(mix.bind((Z, C, cs[1], cs[0], rows, M, r)))
         launches.append(expand.bind((rows, C, cs[1], cs[0], U, Us[0], Us[1], y if bias is None else bias, bias_stride,
                                      y) + expand_ints))
@@ -925,11 +942,11 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
     key = _layout_key("bwd", G, U, V, C, Z.stride(), need_dx, need_dC, need_db)
     build = _PLANS.get(key)
     if build is None:
-        build = _PLANS[key] = _backward_plan(G, U, V, need_dx, need_dC, need_db)
+        build = _PLANS[key] = _backward_plan(G, Z.stride(), U, V, need_dx, need_dC, need_db)
     return build(G, Z, U, V, C)
 
 
-def _backward_plan(G, U, V, need_dx, need_dC, need_db):
+def _backward_plan(G, Z_strides, U, V, need_dx, need_dC, need_db):
     M, D = G.shape
     K, r = V.shape
     elem = G.element_size()
@@ -948,12 +965,13 @@ def _backward_plan(G, U, V, need_dx, need_dC, need_db):
                         UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem, aligned=aligned))
     dt_sums = _sum_specs(split, M * r) if need_dT and split > 1 else []  # split partials summed once, into dT
     dc = dc_sums = None
+    rows_per_group = groups = 0
     if need_dC:
         rows_per_group, groups, dBR = dc_groups(M, D, r, elem)
         dc = _spec("dc", _dc_kernel, lambda meta: (groups, R_PAD // dBR, R_PAD // dBR),
                    dict(BM=_DC_BM, BR=dBR, PRECISION=mix_precision), _fixed(4))
         dc_sums = _sum_specs(groups, r * r) if groups > 1 else []
-    mix = None if prologue or not need_dx else _mix_spec(M, r, R_PAD, elem, aligned, mix_precision)
+    mix = None if prologue or not need_dx else _mix_spec(M, r, R_PAD, elem, mix_precision)
     expand = None
     if need_dx:
         eBM = expand_block_m(BM, elem, prologue, K, aligned)
@@ -964,6 +982,10 @@ def _backward_plan(G, U, V, need_dx, need_dC, need_db):
                        usable_configs("expand", eBM, R_PAD, elem, aligned=aligned))
     db_sums = _sum_specs(m_blocks, D) if need_db and m_blocks > 1 else []
     f32 = torch.float32
+    # The strides are part of the plan's key: bound once here.
+    Gs, Us, Vs, Zs = G.stride(), U.stride(), V.stride(), Z_strides
+    shrink_ints = (M, D, r, n_per_split, keys[0], keys[2], keys[3])
+    expand_ints = (K, 1, M, K, r, keys[0], keys[1], keys[3])
 
     def build(G, Z, U, V, C):
         dev = G.device
@@ -974,23 +996,21 @@ def _backward_plan(G, U, V, need_dx, need_dC, need_db):
         db_part = (torch.empty((m_blocks, D), dtype=f32, device=dev) if db_sums else db) if need_db else Z
         dT = torch.empty((M, r), dtype=f32, device=dev) if need_dT else Z
         parts = torch.empty((split, M, r), dtype=f32, device=dev) if dt_sums else dT
-        launches = [shrink.bind((G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
-                                 M, D, r, n_per_split, keys[0], keys[2], keys[3]))]
+        launches = [shrink.bind((G, Gs[0], Gs[1], U, Us[0], Us[1], parts, db_part) + shrink_ints)]
         if dt_sums:
             launches += _bind_sums(dt_sums, parts, dT)
         if dc is not None:
-            rows_per_group, groups, _ = dc_groups(M, D, r, elem)
             dc_part = torch.empty((groups, r, r), dtype=f32, device=dev) if dc_sums else dC
-            launches.append(dc.bind((dT, Z, Z.stride(0), Z.stride(1), dc_part, M, r, rows_per_group)))
+            launches.append(dc.bind((dT, Z, Zs[0], Zs[1], dc_part, M, r, rows_per_group)))
             if dc_sums:
                 launches += _bind_sums(dc_sums, dc_part, dC)
         if expand is not None:  # dZ = dT @ C: the core is applied on the right as is
+            cs = C.stride()
             rows = dT
-            if mix is not None:
-                rows = torch.empty((M, r), dtype=f32, device=dev)
-                launches.append(mix.bind((dT, C, C.stride(0), C.stride(1), rows, M, r)))
-            launches.append(expand.bind((rows, C, C.stride(0), C.stride(1), V, V.stride(0), V.stride(1), Z, 0,
-                                         dx, dx.stride(0), dx.stride(1), M, K, r, keys[0], keys[1], keys[3])))
+            if mix is not None:  # (the split partials' buffer is free again, as in the forward)
+                rows = parts if dt_sums else torch.empty((M, r), dtype=f32, device=dev)
+                launches.append(mix.bind((dT, C, cs[0], cs[1], rows, M, r)))
+            launches.append(expand.bind((rows, C, cs[0], cs[1], V, Vs[0], Vs[1], Z, 0, dx) + expand_ints))
         if db_sums:
             launches += _bind_sums(db_sums, db_part, db)
         return dx, dC, db, launches
