@@ -14,9 +14,13 @@ kernel runs. For comparison, the same calls on the ``reference`` chain, on the s
 (tiny) CPU tensors, measured in the same interleaved rounds: its cost is the host cost
 of its ATen ops (their CPU arithmetic at this size is well under a microsecond).
 
-Prints one line per comparison and, last, the line
-``host overhead: forward N us, forward+backward N us per layer call``
-(median of the per-round medians of ``salt_linear`` on ``triton``).
+Three measurements, each against the reference chain in the same interleaved rounds: one
+``salt_linear`` call, one ``SALTLinear`` call, and ``SALTLinear`` per layer of a stack of
+8 (``K = D``) run as a model runs them, one backward for all layers (a single-layer
+forward+backward also pays ``torch.autograd.grad``'s own fixed cost, about 20 us here,
+which a model pays once per step, not per layer). The last line,
+``host overhead: forward N us, forward+backward N us per layer call``, is the stacked
+figure (medians).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def _inputs(M, K, D, r, rl, grad: bool):
     return t, [t[n] for n in trained], torch.randn(M, D, generator=g)
 
 
+STACK = 8  # layers in the stacked measurement
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per step (default 1)")
@@ -64,6 +71,10 @@ def main(argv=None) -> int:
     no_op_launches()
     t, trained, grad_out = _inputs(M, K, D, r, rl, grad=True)
     layer = salt_kernels.SALTLinear(K, D, r, rl, backend="triton")
+    # A stack of layers (K = D): a model's layers share one backward call, whose own fixed
+    # cost (torch.autograd.grad, the engine's start) a single-layer step pays in full.
+    stack = [salt_kernels.SALTLinear(D, D, r, rl, backend="triton") for _ in range(STACK)]
+    x_stack = torch.randn(M, D).requires_grad_(True)
 
     def call(backend):
         def forward(x, U, V, sigma, X, Y, bias):
@@ -71,29 +82,44 @@ def main(argv=None) -> int:
         return forward
 
     def module_call(backend):
-        def forward(x, *_):
+        def forward(x):
             layer.backend = backend
             return layer(x)
         return forward
 
+    def stack_call(backend):
+        def forward(x):
+            for m in stack:
+                m.backend = backend
+                x = m(x)
+            return x
+        return forward
+
     layer_trained = [t["x"]] + [p for p in layer.parameters() if p.requires_grad]
+    stack_trained = [x_stack] + [p for m in stack for p in m.parameters() if p.requires_grad]
+    stack_grad = torch.randn(M, D)
     steps = {}
     for mode in ("fwd", "fwd+bwd"):
         for backend in ("triton", "reference"):
             steps[("salt_linear", backend, mode)] = layer_step(call(backend), [(t, trained, grad_out)], mode)
             steps[("SALTLinear", backend, mode)] = layer_step(module_call(backend), [((t["x"],), layer_trained,
                                                                                      grad_out)], mode)
+            steps[("stack", backend, mode)] = layer_step(stack_call(backend), [((x_stack,), stack_trained,
+                                                                               stack_grad)], mode)
     names = {k: " ".join(k) for k in steps}
     times = time_steps({names[k]: s for k, s in steps.items()}, "cpu", args.min_time)
     print(f"host overhead of one layer call, M={M} K={K} D={D} r={r} r'={rl}, Triton launches replaced by no-ops; "
           f"{describe(environment('cpu', torch.float32))}")
-    for api in ("salt_linear", "SALTLinear"):
+    per_layer = {}
+    for api, label, n in (("salt_linear", "salt_linear, one layer", 1), ("SALTLinear", "SALTLinear, one layer", 1),
+                          ("stack", f"SALTLinear, per layer of {STACK} stacked", STACK)):
         for mode in ("fwd", "fwd+bwd"):
             tri, ref = times[names[(api, "triton", mode)]], times[names[(api, "reference", mode)]]
             ratio = paired_ratio(ref, tri)
-            print(f"  {api:11s} {mode:8s} triton {tri.median * 1e6:7.1f} us   reference chain {ref.median * 1e6:7.1f} us"
-                  f"   reference / triton {ratio.median:.2f}±{ratio.spread:.2f}")
-    fwd, fwd_bwd = (times[names[("salt_linear", "triton", mode)]].median * 1e6 for mode in ("fwd", "fwd+bwd"))
+            per_layer[api, mode] = tri.median / n * 1e6
+            print(f"  {label:36s} {mode:8s} triton {tri.median / n * 1e6:7.1f} us   reference chain "
+                  f"{ref.median / n * 1e6:7.1f} us   reference / triton {ratio.median:.2f}±{ratio.spread:.2f}")
+    fwd, fwd_bwd = per_layer["stack", "fwd"], per_layer["stack", "fwd+bwd"]
     print(f"host overhead: forward {fwd:.0f} us, forward+backward {fwd_bwd:.0f} us per layer call")
     return 0
 

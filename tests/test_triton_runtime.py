@@ -468,9 +468,16 @@ def test_decode_shrink_has_a_program_per_sm_and_sums_splits_once(dtype, r):
             assert shrink.name == "shrink" and _programs(shrink) >= 132, (M, shrink.default[0])
             parts = shrink.args[6]
             assert parts.shape[0] > 1
-            readers = [L for L in launches[1:] if any(a is parts for a in L.args)]
-            assert readers and all(L.name == "sum" for L in readers), [L.name for L in readers]
-            assert readers[0].args[1] == parts.shape[0]  # all partials in the first level
+            sums = [L for L in launches if L.name == "sum" and L.args[2] == M * r]
+            assert sums[0].args[0] is parts and sums[0].args[1] == parts.shape[0]  # every partial, in one chain
+            summed = sums[-1].args[4]  # Z (forward) or dT (backward)
+            assert summed.shape == (M, r) and summed is not parts
+            mix = [L for L in launches if L.name == "mix"]
+            for L in launches:
+                if L.name in ("mix", "dc") or (L.name == "expand" and not mix):
+                    assert L.args[0] is summed, L.name  # the summed rows, never the partials
+                elif L.name == "expand":
+                    assert L.args[0] is mix[0].args[4]  # the mixed rows (written after the sum)
         assert [L.name for L in fwd][-1] == "expand"
 
 

@@ -73,13 +73,14 @@ def _scenarios(full: bool = False):
     wider x / G), "stride0" (G an expanded scalar, as from y.sum()); with ``full`` also
     "odd" (sizes, so row strides, not multiples of 16), "transposed" at an odd M and
     "basis_t" (U and V stored transposed: the ops copy them to a unit rank stride, so this
-    checks that path plans the contiguous specialisations)."""
+    checks that path plans the contiguous specialisations); "transposed M19" gives the
+    32-row tiles with transposed x and G at every padded rank (R_PAD 128 included)."""
     out = [(f"contiguous M{M}", M, K, D, "contiguous") for M, K, D in SIZES]
     out += [("transposed M64", 64, 512, 512, "transposed"), ("strided", 48, 512, 512, "strided"),
             ("stride0", 48, 512, 512, "stride0")]
     if full:
         out += [("odd", 70, 1031, 517, "odd"), ("transposed M70", 70, 512, 512, "transposed"),
-                ("basis_t", 48, 512, 512, "basis_t")]
+                ("transposed M19", 19, 512, 512, "transposed"), ("basis_t", 48, 512, 512, "basis_t")]
     return out
 
 
