@@ -15,12 +15,14 @@ kernel runs. For comparison, the same calls on the ``reference`` chain, on the s
 of its ATen ops (their CPU arithmetic at this size is well under a microsecond).
 
 Three measurements, each against the reference chain in the same interleaved rounds: one
-``salt_linear`` call, one ``SALTLinear`` call, and ``SALTLinear`` per layer of a stack of
+``salt_linear`` call, one ``SALTLinear`` call, and ``salt_linear`` per layer of a stack of
 8 (``K = D``) run as a model runs them, one backward for all layers (a single-layer
 forward+backward also pays ``torch.autograd.grad``'s own fixed cost, about 20 us here,
 which a model pays once per step, not per layer). The last line,
 ``host overhead: forward N us, forward+backward N us per layer call``, is the stacked
-figure (medians).
+figure (medians). Timed by this process's CPU time by default (``--clock wall`` for wall
+time): the host code is single-threaded, and on a shared machine other processes' load
+would otherwise inflate it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per step (default 1)")
     ap.add_argument("--shape", default="1,64,64,16,4", help="M,K,D,r,r' (default: decode-like, tiny: 1,64,64,16,4)")
+    ap.add_argument("--clock", choices=("process", "wall"), default="process",
+                    help="process: this process's CPU time (default; other processes' load does not count), "
+                         "wall: wall time")
     args = ap.parse_args(argv)
     M, K, D, r, rl = (int(v) for v in args.shape.split(","))
     torch.set_num_threads(1)
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     layer = salt_kernels.SALTLinear(K, D, r, rl, backend="triton")
     # A stack of layers (K = D): a model's layers share one backward call, whose own fixed
     # cost (torch.autograd.grad, the engine's start) a single-layer step pays in full.
-    stack = [salt_kernels.SALTLinear(D, D, r, rl, backend="triton") for _ in range(STACK)]
+    stack = [_inputs(M, D, D, r, rl, grad=True)[0] for _ in range(STACK)]
     x_stack = torch.randn(M, D).requires_grad_(True)
 
     def call(backend):
@@ -89,14 +94,13 @@ def main(argv=None) -> int:
 
     def stack_call(backend):
         def forward(x):
-            for m in stack:
-                m.backend = backend
-                x = m(x)
+            for a in stack:
+                x = salt_kernels.salt_linear(x, a["U"], a["V"], a["sigma"], a["X"], a["Y"], a["bias"], backend=backend)
             return x
         return forward
 
     layer_trained = [t["x"]] + [p for p in layer.parameters() if p.requires_grad]
-    stack_trained = [x_stack] + [p for m in stack for p in m.parameters() if p.requires_grad]
+    stack_trained = [x_stack] + [a[n] for a in stack for n in ("sigma", "X", "Y", "bias")]
     stack_grad = torch.randn(M, D)
     steps = {}
     for mode in ("fwd", "fwd+bwd"):
@@ -107,12 +111,12 @@ def main(argv=None) -> int:
             steps[("stack", backend, mode)] = layer_step(stack_call(backend), [((x_stack,), stack_trained,
                                                                                stack_grad)], mode)
     names = {k: " ".join(k) for k in steps}
-    times = time_steps({names[k]: s for k, s in steps.items()}, "cpu", args.min_time)
-    print(f"host overhead of one layer call, M={M} K={K} D={D} r={r} r'={rl}, Triton launches replaced by no-ops; "
-          f"{describe(environment('cpu', torch.float32))}")
+    times = time_steps({names[k]: s for k, s in steps.items()}, "cpu", args.min_time, clock=args.clock)
+    print(f"host overhead of one layer call, M={M} K={K} D={D} r={r} r'={rl}, Triton launches replaced by no-ops, "
+          f"{args.clock} clock; {describe(environment('cpu', torch.float32))}")
     per_layer = {}
     for api, label, n in (("salt_linear", "salt_linear, one layer", 1), ("SALTLinear", "SALTLinear, one layer", 1),
-                          ("stack", f"SALTLinear, per layer of {STACK} stacked", STACK)):
+                          ("stack", f"salt_linear, per layer of {STACK} stacked", STACK)):
         for mode in ("fwd", "fwd+bwd"):
             tri, ref = times[names[(api, "triton", mode)]], times[names[(api, "reference", mode)]]
             ratio = paired_ratio(ref, tri)

@@ -97,10 +97,10 @@ class _EagerSalt(torch.autograd.Function):
                 acc = C.dtype
                 sdC = dC if ctx.scaling == 1.0 else dC * ctx.scaling
                 if need_X:
-                    dX = sdC @ (Y if Y.dtype == acc else Y.to(acc)).t()
+                    dX = torch.mm(sdC, (Y if Y.dtype == acc else Y.to(acc)).t())
                     dX = dX if dX.dtype == X_t else dX.to(X_t)
                 if need_Y:
-                    dY = (X if X.dtype == acc else X.to(acc)).t() @ sdC
+                    dY = torch.mm((X if X.dtype == acc else X.to(acc)).t(), sdC)
                     dY = dY if dY.dtype == Y_t else dY.to(Y_t)
         return None, None, dx if need_x else None, dU, dV, dsigma, dX, dY, db if need_b else None, None
 

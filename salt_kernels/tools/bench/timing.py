@@ -93,7 +93,14 @@ def paired_ratio(base: Timing, other: Timing) -> Ratio:
     return Ratio(base.median / other.median)
 
 
-def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, block: float = BLOCK) -> dict:
+# Clocks for CPU timing: wall time (default), or this process's CPU time, for host-side
+# code (single-threaded Python and dispatch) on a machine shared with other processes,
+# whose load then does not count against the step.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, block: float = BLOCK,
+                 clock: str = "wall") -> dict:
     """Seconds per call of each named CPU step, one sample per round: ``{name: [s, ...]}``.
 
     Interleaved rounds -- every round runs each step ``n`` times back to back (``n``
@@ -102,8 +109,10 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, 
     processes hits all methods alike instead of one of them. The order rotates from
     round to round, so that no step always follows the same one: a step that churns
     memory (the official baseline frees hundreds of MiB, which glibc returns to the OS)
-    would otherwise always hand the next step cold caches and page faults.
+    would otherwise always hand the next step cold caches and page faults. ``clock``: a
+    key of :data:`CLOCKS` (the rounds' length is always wall time).
     """
+    now = CLOCKS[clock]
     number = {}
     for name, step in steps.items():
         step()  # warm-up: first-call costs (allocator, lazy init) are not the step's
@@ -117,19 +126,20 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, 
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
             step = steps[name]
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(number[name]):
                 step()
-            samples[name].append((time.perf_counter() - t0) / number[name])
+            samples[name].append((now() - t0) / number[name])
         if rounds >= 1000 or (rounds >= min_rounds and time.perf_counter() - start >= min_time * len(steps)):
             break
     return samples
 
 
 def time_steps(steps: dict, device, min_time: float, *, min_rounds: int = MIN_ROUNDS,
-               block: float = BLOCK, back_to_back: bool = False) -> dict:
+               block: float = BLOCK, back_to_back: bool = False, clock: str = "wall") -> dict:
     """:class:`Timing` of each named step (``{name: Timing}``): on CPU from one
-    :func:`sample_steps` run (paired; CPU calls always run back to back), on CUDA from
+    :func:`sample_steps` run (paired; CPU calls always run back to back; ``clock``: see
+    :data:`CLOCKS`), on CUDA from
     :func:`_cuda_samples` per step, with ``back_to_back`` also from
     :func:`cuda_back_to_back` and :func:`cuda_graph_seconds`."""
     device = torch.device(device)
@@ -141,7 +151,7 @@ def time_steps(steps: dict, device, min_time: float, *, min_rounds: int = MIN_RO
                 out[name].back_to_back = cuda_back_to_back(step, min_time)
                 out[name].graph = cuda_graph_seconds(step, min_time)
         return out
-    samples = sample_steps(steps, min_time, min_rounds=min_rounds, block=block)
+    samples = sample_steps(steps, min_time, min_rounds=min_rounds, block=block, clock=clock)
     return {name: Timing(v, paired=True) for name, v in samples.items()}
 
 
