@@ -59,5 +59,8 @@ def autocast_off(device_type: str):
     forward that ran with autocast off (salt_linear casts first)."""
     if autocast_active(device_type):
         return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # (reusable: it holds no state)
 

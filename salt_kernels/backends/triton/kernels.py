@@ -106,7 +106,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autograd import register_salt_autograd, run_salt_eager, run_salt_op
+from ..autograd import eager_function, register_salt_autograd, run_salt_eager, run_salt_op
 
 # Read once, like triton itself: the variable must be set before triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -1104,6 +1104,7 @@ def _(G, Z, U, V, C, need_dx, need_dC, need_db):
 
 
 register_salt_autograd(salt_forward, salt_backward)
+_EAGER = eager_function(forward_impl, backward_impl)
 
 
 def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
@@ -1111,4 +1112,4 @@ def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
     one autograd Function, without the custom-op dispatch (tens of microseconds a call)."""
     if torch.compiler.is_compiling():
         return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)
-    return run_salt_eager(forward_impl, backward_impl, x, U, V, sigma, X, Y, bias, scaling)
+    return run_salt_eager(_EAGER, forward_impl, x, U, V, sigma, X, Y, bias, scaling)
