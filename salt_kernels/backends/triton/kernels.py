@@ -865,6 +865,7 @@ def _mix_spec(M: int, r: int, R_PAD: int, elem: int, precision: str) -> _Spec:
 # then allocates its outputs and binds the arguments. Tests that change the planner's
 # inputs (FORCE_SPLIT, usable_configs) call clear_plan_cache().
 _PLANS: dict = {}
+_MAX_PLANS = 4096  # a bound for runs that see ever new layouts (plans are rebuilt on demand)
 
 
 def clear_plan_cache() -> None:
@@ -882,6 +883,8 @@ def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list
     key = _layout_key("fwd", x, U, V, C, None if bias is None else bias.stride(0))
     build = _PLANS.get(key)
     if build is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
         build = _PLANS[key] = _forward_plan(x, U, V, bias)
     return build(x, U, V, C, bias)
 
@@ -944,6 +947,8 @@ def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
     key = _layout_key("bwd", G, U, V, C, Z.stride(), need_dx, need_dC, need_db)
     build = _PLANS.get(key)
     if build is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
         build = _PLANS[key] = _backward_plan(G, Z.stride(), U, V, need_dx, need_dC, need_db)
     return build(G, Z, U, V, C)
 
@@ -1108,8 +1113,9 @@ _EAGER = eager_function(forward_impl, backward_impl)
 
 
 def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
-    """Traced (torch.compile, export): the custom ops above. Eager: the same bodies through
-    one autograd Function, without the custom-op dispatch (tens of microseconds a call)."""
-    if torch.compiler.is_compiling():
+    """Traced (torch.compile, export) and under torch.func transforms: the custom ops
+    above. Eager: the same bodies through one autograd Function, without the custom-op
+    dispatch (tens of microseconds a call)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)
     return run_salt_eager(_EAGER, forward_impl, x, U, V, sigma, X, Y, bias, scaling)
