@@ -49,15 +49,17 @@ def no_op_launches() -> None:
     tk._launch = _no_launch
 
 
-def _inputs(M, K, D, r, rl, grad: bool):
+def _inputs(M, K, D, r, rl, grad: bool, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     t = dict(x=torch.randn(M, K, generator=g), U=torch.randn(D, r, generator=g) / D ** 0.5,
              V=torch.randn(K, r, generator=g) / K ** 0.5, sigma=torch.rand(r, generator=g) + 0.5,
              X=torch.randn(r, rl, generator=g), Y=torch.randn(rl, r, generator=g), bias=torch.randn(D, generator=g))
+    # sigma, X, Y stay fp32 (master parameters, as for a bf16 model): the r x r core is fp32
+    t = {k: v.to(dtype) if k in ("x", "U", "V", "bias") else v for k, v in t.items()}
     trained = ("x", "sigma", "X", "Y", "bias")
     for name in trained:
         t[name].requires_grad_(grad)
-    return t, [t[n] for n in trained], torch.randn(M, D, generator=g)
+    return t, [t[n] for n in trained], torch.randn(M, D, generator=g).to(dtype)
 
 
 STACK = 8  # layers in the stacked measurement
@@ -70,16 +72,19 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=("process", "wall"), default="process",
                     help="process: this process's CPU time (default; other processes' load does not count), "
                          "wall: wall time")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="dtype of x, the basis and the bias (default float32; sigma, X, Y stay float32)")
     args = ap.parse_args(argv)
     M, K, D, r, rl = (int(v) for v in args.shape.split(","))
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     no_op_launches()
-    t, trained, grad_out = _inputs(M, K, D, r, rl, grad=True)
-    layer = salt_kernels.SALTLinear(K, D, r, rl, backend="triton")
+    t, trained, grad_out = _inputs(M, K, D, r, rl, grad=True, dtype=dtype)
+    layer = salt_kernels.SALTLinear(K, D, r, rl, backend="triton", dtype=dtype)
     # A stack of layers (K = D): a model's layers share one backward call, whose own fixed
     # cost (torch.autograd.grad, the engine's start) a single-layer step pays in full.
-    stack = [_inputs(M, D, D, r, rl, grad=True)[0] for _ in range(STACK)]
-    x_stack = torch.randn(M, D).requires_grad_(True)
+    stack = [_inputs(M, D, D, r, rl, grad=True, dtype=dtype)[0] for _ in range(STACK)]
+    x_stack = torch.randn(M, D).to(dtype).requires_grad_(True)
 
     def call(backend):
         def forward(x, U, V, sigma, X, Y, bias):
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
 
     layer_trained = [t["x"]] + [p for p in layer.parameters() if p.requires_grad]
     stack_trained = [x_stack] + [a[n] for a in stack for n in ("sigma", "X", "Y", "bias")]
-    stack_grad = torch.randn(M, D)
+    stack_grad = torch.randn(M, D).to(dtype)
     steps = {}
     for mode in ("fwd", "fwd+bwd"):
         for backend in ("triton", "reference"):
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
     names = {k: " ".join(k) for k in steps}
     times = time_steps({names[k]: s for k, s in steps.items()}, "cpu", args.min_time, clock=args.clock)
     print(f"host overhead of one layer call, M={M} K={K} D={D} r={r} r'={rl}, Triton launches replaced by no-ops, "
-          f"{args.clock} clock; {describe(environment('cpu', torch.float32))}")
+          f"{args.clock} clock; {describe(environment('cpu', dtype))}")
     per_layer = {}
     for api, label, n in (("salt_linear", "salt_linear, one layer", 1), ("SALTLinear", "SALTLinear, one layer", 1),
                           ("stack", f"salt_linear, per layer of {STACK} stacked", STACK)):

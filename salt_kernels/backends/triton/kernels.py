@@ -691,8 +691,8 @@ def expand_block_m(BM: int, elem: int, prologue: bool, out_row_stride: int, alig
     vectorised stores, and at 32 rows the tf32x3 tile then sat at 255 registers or
     spilled 8-28 B with every BN / warps / stages tried (aot.py --full); unaligned rank
     strides (scalar U/V loads) spilled 12-24 B at 32 rows with the r <= 32 config.
-    Only without the prologue mix (always so for fp32) can the expand pick its own BM: it
-    then reads the mix kernel's (M, r) output, not the shrink's BM-sized partials."""
+    (The expand reads whole (M, r) rows, Z / dT or the mix kernel's output, so its row
+    tile need not match the shrink's; ``prologue`` only says which configs were checked.)"""
     if elem == 4 and not prologue and (out_row_stride % 16 or not aligned):
         return min(BM, 16)
     return BM
