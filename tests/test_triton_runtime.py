@@ -498,6 +498,17 @@ def test_launch_plans_are_cached_per_layout():
     assert len(tk._PLANS) == 6
 
 
+def test_layers_that_differ_only_in_K_get_their_own_backward_plan():
+    """The backward sees G (M, D), so K reaches its plan through V alone: a layer with
+    the same M, D, r but another K must not reuse the first one's plan (dx would have the
+    first layer's width)."""
+    tk.clear_plan_cache()
+    for K in (2, 4, 1, 3):
+        t = make_salt_inputs((), K, 1, 1, 0, torch.float32, bias=True, device=DEVICE, seed=K)
+        assert_matches_ground_truth(lambda **kw: salt_kernels.salt_linear(**kw, backend="triton"), t,
+                                    torch.float32, seed=K, upstream="sum", scale="magnitude")
+
+
 def test_sum_levels_are_a_function_of_the_sizes():
     """Two levels (or more) over fixed chunks of 32 partials, columns per program from the
     length alone: the order of every sum depends on (P, L) only."""

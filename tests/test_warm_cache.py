@@ -42,9 +42,14 @@ def test_recording_plans_as_on_a_gpu_and_computes_with_torch(tmp_path):
     records = plan.read_plan(path)
     names = {r["name"] for r in records}
     assert {"shrink", "expand"} <= names and all(r["source"] == "test" for r in records)
-    for r in records:
-        if "PRECISION" in r["kwargs"]:
-            assert r["kwargs"]["PRECISION"] == tk.FP32_PRECISION and r["kwargs"]["UPCAST_DOT"] is False
+    for r in records:  # GPU flags: tf32x3 dots on the inputs, one TF32 pass for the r x r mix of bf16
+        kw = r["kwargs"]
+        if r["name"] in ("mix", "dc"):
+            assert kw["PRECISION"] == "tf32", r["name"]
+        elif "PRECISION" in kw:
+            assert kw["PRECISION"] == "tf32x3" and kw["UPCAST_DOT"] is False, r["name"]
+        if "MIX_PRECISION" in kw:
+            assert kw["MIX_PRECISION"] == "tf32", r["name"]
         assert r["kernel"].startswith("salt_kernels.backends.triton.") and r["configs"]
     shrink = next(r for r in records if r["name"] == "shrink")
     assert shrink["args"][0] == {"tensor": "bfloat16", "aligned": True}

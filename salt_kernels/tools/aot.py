@@ -405,7 +405,9 @@ def _planned_launch(rec: dict, cfg: dict):
     module, name = rec["kernel"].split(":")
     fn = getattr(importlib.import_module(module), name)
     config = triton.Config(cfg["kwargs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return tk.Launch(rec["name"], fn, None, tuple(_decode_arg(a) for a in rec["args"]), rec["kwargs"], [config]), config
+    # no grid and no launch-time keywords: only compiled, never launched
+    return tk.Launch(rec["name"], fn, None, tuple(_decode_arg(a) for a in rec["args"]), rec["kwargs"], [config],
+                     None, None), config
 
 
 def warm_jobs(plan: list, archs, sources=None) -> list:

@@ -873,8 +873,11 @@ def clear_plan_cache() -> None:
 
 
 def _layout_key(kind: str, a: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, *rest) -> tuple:
-    return (kind, a.shape, a.stride(), a.dtype, a.device, U.shape, U.stride(), V.stride(), C.dtype, C.stride(),
-            FORCE_SPLIT, *rest)
+    # V's shape carries K in the backward (G is (M, D)): without it two layers that differ
+    # only in K would share a plan. INTERPRET picks the precision flags (the GPU check
+    # records GPU plans in an interpreting process).
+    return (kind, a.shape, a.stride(), a.dtype, a.device, U.shape, U.stride(), V.shape, V.stride(), C.dtype, C.stride(),
+            FORCE_SPLIT, INTERPRET, *rest)
 
 
 def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list[Launch]]:
