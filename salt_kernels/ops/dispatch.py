@@ -38,6 +38,8 @@ import warnings
 
 import torch
 
+from ..backends.core import constant_for_compile
+
 # backend name -> module declaring it (imported lazily: optional pieces may be absent)
 _BACKEND_MODULES = {
     "reference": "salt_kernels.backends.reference",
@@ -202,7 +204,7 @@ _IMPLS: dict[tuple[str, str], object] = {}  # (backend name, need) -> its salt_l
 _warned: set[str] = set()
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def _candidates(backend: str, device_type: str, row: int = 0, need: str = PLAIN, dtype=None) -> tuple:
     key = (backend, device_type, row, need, dtype)
     if key not in _RESOLVED:
