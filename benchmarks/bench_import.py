@@ -3,8 +3,8 @@ each in a fresh interpreter.
 
     PYTHONPATH=. python benchmarks/bench_import.py [--rounds 15]
 
-The three commands run in interleaved rounds (the order shuffled each round), so load
-from other processes hits them alike; reported: the median wall time of each and its
+The three commands run in the toolkit's interleaved rounds (``sample_steps``: warmed up,
+the order shuffled each round), so load from other processes hits them alike; reported: the median wall time of each and its
 ratio to ``import torch`` (median of the per-round paired ratios ± half their
 interquartile range, ``salt_kernels.tools.bench.timing.paired_ratio``).
 """
@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
-import time
 
-from salt_kernels.tools.bench.timing import Timing, paired_ratio
+from salt_kernels.tools.bench.timing import Timing, paired_ratio, sample_steps
 
 COMMANDS = {
     "import torch": [sys.executable, "-c", "import torch"],
@@ -32,15 +30,10 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    rng = random.Random(0)
-    samples = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # warm the file cache
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-    for _ in range(args.rounds):
-        for name in rng.sample(list(COMMANDS), len(COMMANDS)):
-            t0 = time.perf_counter()
-            subprocess.run(COMMANDS[name], env=env, check=True, capture_output=True)
-            samples[name].append(time.perf_counter() - t0)
+    steps = {name: (lambda cmd=cmd: subprocess.run(cmd, env=env, check=True, capture_output=True))
+             for name, cmd in COMMANDS.items()}
+    # block=0: one run per round and step (a run is a whole interpreter start)
+    samples = sample_steps(steps, 0.0, min_rounds=args.rounds, block=0.0)
     base = Timing(samples["import torch"], paired=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.rounds} rounds, load average {load:.1f} on {os.cpu_count()} cores")
