@@ -25,6 +25,7 @@ def dry_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # the whole dry run: CI's slow-tests job
 def test_dry_run_passes_every_step(dry_run):
     out, proc = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -41,6 +42,7 @@ def test_dry_run_passes_every_step(dry_run):
         assert (out / s["log"]).stat().st_size > 0
 
 
+@pytest.mark.slow  # the whole dry run: CI's slow-tests job
 def test_dry_run_figures(dry_run):
     out, _ = dry_run
     steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}

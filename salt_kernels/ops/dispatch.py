@@ -119,10 +119,18 @@ def unavailable_reason(name: str, device) -> str | None:
     return mod.availability(device, name)
 
 
+def why_unavailable(backend: str, device="cpu") -> str | None:
+    """Why ``backend`` cannot run on ``device`` (what is missing, and how to get it), or
+    None if it can: the reason a backend is absent from :func:`available_backends`."""
+    if backend not in _BACKEND_MODULES:
+        raise ValueError(f"backend: expected one of {sorted(_BACKEND_MODULES)}, got {backend!r}")
+    return unavailable_reason(backend, device)
+
+
 def available_backends(device="cpu") -> list[str]:
     """Backends usable for tensors on ``device``, fastest first (the ``auto`` order,
     then any other backend that can run there, e.g. ``triton`` on CPU under
-    ``TRITON_INTERPRET=1``)."""
+    ``TRITON_INTERPRET=1``). :func:`why_unavailable` says why one is missing."""
     device = torch.device(device)
     order = list(auto_order(device.type))
     order += [b for b in _BACKEND_MODULES if b not in order]
