@@ -135,6 +135,16 @@ def test_links_stay_inside_the_repository_and_resolve(path):
             assert anchor in set(anchors(file)), f"{path.name}: link {target}: no such heading in {file.name}"
 
 
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
+def test_installs_come_from_the_checkout(path):
+    """salt_kernels is not on a package index: an install command names the checkout
+    (``-e .``, ``-e '.[peft]'``), never the package."""
+    for line in path.read_text().splitlines():
+        for command in re.findall(r"pip install [^`|&;]*", line):
+            assert not re.search(r"(^|[\s'\"])salt[_-]kernels\b", command.split("install", 1)[1]), \
+                f"{path.name}: {command.strip()!r} installs a package that is not published"
+
+
 def test_license_matches_package_metadata():
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text

@@ -35,7 +35,8 @@ Verify every available SALT backend, then time it against the baselines.
    its inputs.
 
 Timing. CPU: all methods of a shape are timed in interleaved rounds (at least 15,
-warm-up first), so load from other processes hits them alike; times are medians, and
+warm-up first, the order shuffled every round), so load from other processes hits
+them alike; times are medians, and
 each speed-up is the median of the per-round paired ratios, shown as "ratio±noise"
 where the noise is half the interquartile range of those ratios. CUDA:
 triton.testing.do_bench (CUDA events, L2 flushed before each call), medians. Inputs
