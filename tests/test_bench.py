@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from salt_kernels.ops import dispatch
 from salt_kernels.tools import bench
 from salt_kernels.backends import reference
-from salt_kernels.tools.bench import plots, presets, timing
+from salt_kernels.tools.bench import plots, presets, report, timing
 from salt_kernels.tools.bench.baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
                                           unfused_salt_chain)
 from salt_kernels.tools.bench.report import Row, policy_in_words
@@ -323,7 +323,8 @@ def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "auto vs reference" in out and "fwd+bwd  worst" in out and f"of {len(tiny)} shapes" in out
-    assert "auto policy: on this machine, auto should use " in out and "\n  auto uses " in out
+    assert "auto policy: on this machine, auto should use " in out
+    assert re.search(r"\n  auto (uses .* \(AUTO_POLICY in|does the same at these row counts)", out)
     assert "0.005 s per measurement is short and noisy" in out
     data = json.loads(out_json.read_text())
     assert data["command"] == ["salt-bench", *argv] and data["environment"]["device"] == "cpu"
@@ -372,6 +373,23 @@ def test_policy_in_words():
     assert policy_in_words(((None, ("reference",)),)) == "reference at every row count"
     assert policy_in_words(((1, ("cpu",)), (64, ("triton", "cpu")), (None, ("reference",)))) == \
         "cpu up to 1 rows, triton up to 64 rows and reference above"
+
+
+def test_policy_summary_compares_at_the_timed_row_counts(monkeypatch):
+    """The measured policy is compared with auto's at the row counts timed: auto's rows
+    beyond them do not make a difference."""
+    shape = bench.PRESETS["smoke"][0]
+    methods = {m.name: m for m in bench.build_methods("cpu", ["reference", "cpu"])}
+
+    def rows(speedup):
+        return [Row(shape, methods[n], "fwd", timing=bench.Timing([1.0]), vs_reference=bench.Ratio(r))
+                for n, r in (("reference", 1.0), ("cpu", speedup))]
+    monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", ((1024, ("reference",)), (None, ("cpu", "reference"))))
+    same = report.policy_summary(rows(0.9), "cpu")  # smoke: M = 64
+    assert "should use reference at every row count (timed at 64 rows" in same and "does the same" in same
+    differs = report.policy_summary(rows(1.2), "cpu")
+    assert "should use cpu at every row count" in differs
+    assert "auto uses reference up to 1024 rows and cpu above (AUTO_POLICY in" in differs
 
 
 def test_sample_steps_varies_the_order():

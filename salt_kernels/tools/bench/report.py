@@ -188,13 +188,18 @@ def policy_summary(rows: list[Row], device_type: str) -> str | None:
         return None
     measured = sorted({r.shape.M for r in rows if r.method.kind == "salt" and r.timing})
     span = f"{measured[0]} rows" if len(measured) == 1 else f"{measured[0]} to {measured[-1]} rows"
-    current = AUTO_POLICY.get(device_type)
-    now = ("  auto uses exactly that." if current == policy else
-           f"  auto uses {policy_in_words(current) if current else 'reference'} (AUTO_POLICY in "
-           "salt_kernels/ops/dispatch.py).")
+    current = AUTO_POLICY.get(device_type, ((None, ("reference",)),))
+    now = ("  auto does the same at these row counts." if all(_order_at(current, M) == _order_at(policy, M)
+                                                           for M in measured) else
+           f"  auto uses {policy_in_words(current)} (AUTO_POLICY in salt_kernels/ops/dispatch.py).")
     return (f"auto policy: on this machine, auto should use {policy_in_words(policy)} (timed at {span}; a "
             "backend goes first where its speed-up over reference, the geometric mean over the shapes and modes "
             f"timed at that row count, is at least 1).\n{now}")
+
+
+def _order_at(policy: tuple, M: int) -> tuple:
+    """The backends a policy row tuple gives M rows."""
+    return next(order for bound, order in policy if bound is None or M <= bound)
 
 
 CSV_FIELDS = ["device", "device_name", "dtype", "threads", "torch", "triton", "salt_kernels", "backend", "kind",

@@ -251,7 +251,8 @@ def environment(device, dtype) -> dict:
 def describe(env: dict) -> str:
     """One line naming the machine and versions of :func:`environment`."""
     return (f"{env['device_name']}, {env['dtype']}, torch {env['torch']}"
-            + (f", triton {env['triton']}" if env["triton"] else "") + f", {env['threads']} threads")
+            + (f", triton {env['triton']}" if env["triton"] else "") + f", {env['threads']} thread"
+            + ("s" if env["threads"] != 1 else ""))
 
 
 def load_note(device) -> str | None:
