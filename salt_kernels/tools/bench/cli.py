@@ -132,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
                    help="device to verify and time on, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=None,
-                      help="small shape set and short timing (default on CPU; under 2 min on 2 cores)")
+                      help="small shape set and short timing (default on CPU; about 30 s on an idle 2-core CPU)")
     size.add_argument("--full", action="store_true", help=f"the model presets: {', '.join(FULL_PRESETS)} (default on CUDA)")
     p.add_argument("--presets", default=None,
                    help=f"comma-separated presets to run instead ({', '.join(PRESETS)}); see --list-presets")
