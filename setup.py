@@ -84,7 +84,9 @@ def _extension_kwargs() -> dict:
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if cuda_home is not None:
-        include_dirs = [str(ROOT / "csrc")]
+        # The toolkit's own headers first: pip's CUDA headers (nvidia/cu13/include) may be of
+        # another 13.x release than nvcc, and must only fill in what the toolkit lacks.
+        include_dirs = [str(ROOT / "csrc"), str(Path(cuda_home) / "include")]
         # The torch CUDA wheels ship cuBLAS/cuSPARSE headers here, not in the toolkit dir.
         for site in map(Path, sys.path):
             for sub in ("nvidia/cu13/include", "nvidia/cublas/include", "nvidia/cusparse/include"):

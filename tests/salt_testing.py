@@ -133,16 +133,22 @@ def assert_matches_ground_truth(fn, tensors, dtype, *, scaling=1.0, tol=None, se
 def dense_layer_f64(layer, p, x):
     """The layer's output from its float64 tensors ``p`` (name -> tensor), written out
     independently of the package: sigma' = sigma or relu(alpha * sigma0 + beta),
-    W = residual + U (diag(sigma') + s X Y) V^T, then F.linear / F.conv2d with W."""
+    W = residual + U (diag(sigma') + s X Y) V^T (a quantized residual dequantized by
+    bitsandbytes), then F.linear / F.conv2d with W."""
     import torch.nn.functional as F
 
     if layer.sigma_mode == "direct":
         sigma = p["sigma"]
     else:
         sigma = torch.relu(p["alpha"] * p["sigma0"] + p["beta"])
+    quantized = getattr(layer, "quantized_residual", None)
+    if getattr(layer, "quantized_base", False):  # the quantized weight is the whole base: C - Sigma0
+        sigma = sigma - p["sigma0"]
     W = p["U"] @ (torch.diag(sigma) + layer.scaling * p["X"] @ p["Y"]) @ p["V"].t()
     if p.get("residual_weight") is not None:
         W = W + p["residual_weight"].reshape(W.shape)
+    if quantized is not None:  # a quantized residual: its dequantized values (exact in float32)
+        W = W + quantized.dequantize(torch.float32).double().cpu()
     if hasattr(layer, "kernel_size"):
         W = W.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
         return F.conv2d(x, W, p.get("bias"), layer.stride, layer.padding, layer.dilation)

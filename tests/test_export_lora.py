@@ -100,7 +100,7 @@ def test_truncated_low_rank_refuses_with_reason(tmp_path):
     model = apply_salt(toy(), rank=3, lora_rank=2, progress=False)
     with pytest.raises(ValueError, match=r"truncated SALT \(rank 3 < min\(in, out\) = 11.*residual=True"):
         export_lora(model, tmp_path)
-    peft_model = get_peft_model(toy(), SaltConfig(rank=3, lora_rank=2, target_modules=["a"]))
+    peft_model = get_peft_model(toy(), SaltConfig(rank=3, lora_rank=2, target_modules=["a"], residual=False))
     with pytest.raises(ValueError, match="no rank-3 LoRA"):
         export_lora(peft_model, tmp_path)
     assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -1,6 +1,7 @@
 """``import salt_kernels`` stays light: it loads torch and the package, never Dynamo,
-Triton or sympy (those load on the paths that need them: torch.compile, the triton
-backend, ``available_backends``). Import time itself is measured, not asserted
+Triton, sympy, bitsandbytes, PEFT or transformers (those load on the paths that need
+them: torch.compile, the triton backend, ``available_backends``, a quantized base,
+``salt_kernels.peft``). Import time itself is measured, not asserted
 (docs/verification.md, "Import time")."""
 
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch._dynamo", "torch._inductor", "triton", "sympy")
+HEAVY = ("torch._dynamo", "torch._inductor", "triton", "sympy", "bitsandbytes", "peft", "transformers")
 
 
 def _loaded_after(code: str) -> dict:

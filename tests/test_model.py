@@ -116,7 +116,7 @@ def test_target_modules_suffix_is_dotted_not_substring():
 
 
 def test_target_modules_matching_non_linear_is_explained():
-    with pytest.raises(ValueError, match=r"not nn.Linear / nn.Conv2d: blocks.0.norm \(LayerNorm\)"):
+    with pytest.raises(ValueError, match=r"not nn.Linear / Conv1D / nn.Conv2d: blocks.0.norm \(LayerNorm\)"):
         apply_salt(Toy(), rank=4, lora_rank=2, target_modules=["norm"])
 
 

@@ -18,6 +18,10 @@ names in ``layer.salt_bank_names``; ``bias`` is banked only once an adapter file
 carries its own bias. :func:`set_adapter` writes the active parameters back into the
 bank before switching, so training the active adapter and switching never loses work.
 
+On a PEFT model built with ``salt_kernels.peft.SaltConfig``, :func:`adapters` passes the
+names to PEFT's own ``adapter_names=`` (``None`` becomes ``"__base__"``); the layers run
+the same mixed-adapter op.
+
 Mixed batches: :func:`adapters` takes one name per sample of the batch, i.e. per entry
 of the first dimension of every SALT layer's input, broadcast over the other leading
 dimensions (the tokens of a sequence). A layer whose input is already flattened to
@@ -160,7 +164,7 @@ def _bank_tensors(layer) -> dict:
         sigma = bank["sigma"]
     else:
         sigma = torch.relu(torch.addcmul(bank["beta"], bank["alpha"], layer.sigma0.to(bank["alpha"].dtype)))
-    return {"sigma": sigma, "X": bank["X"], "Y": bank["Y"], "bias": bank.get("bias", layer.bias)}
+    return {"sigma": layer.op_sigma(sigma), "X": bank["X"], "Y": bank["Y"], "bias": bank.get("bias", layer.bias)}
 
 
 # --------------------------------------------------------------------------- mixed batches
@@ -200,8 +204,10 @@ class _MixedRows:
         """(sigma, X, Y, bias) and the op running them for ``layer`` on input ``x``."""
         bank = _bank_tensors(layer)
         base_bias = layer.salt_base_bias if bank["bias"] is not None and bank["bias"].dim() == 2 else None
-        op = functools.partial(salt_linear_multi, adapter_index=self.index(layer, x), base_sigma=layer.sigma0,
-                               base_bias=base_bias, check_range=False)  # built from checked names
+        # base rows: sigma0, i.e. the base layer (op_sigma: zero where the quantized weight is the whole base)
+        op = functools.partial(salt_linear_multi, adapter_index=self.index(layer, x),
+                               base_sigma=layer.op_sigma(layer.sigma0), base_bias=base_bias,
+                               check_range=False)  # built from checked names
         return (bank["sigma"], bank["X"], bank["Y"], bank["bias"]), op
 
 
@@ -217,6 +223,10 @@ def adapters(model: nn.Module, names):
     bad = [n for n in names if n is not None and not isinstance(n, str)]
     if bad:
         raise TypeError(f"names: expected adapter names (str) or None, got {bad[:3]}")
+    if _has_peft_salt_layers(model):
+        with _peft_mixed_batch(model, names):
+            yield model
+        return
     layers = _salt_layers(model)
     if not layers:
         raise ValueError("model: has no SALT layers; call apply_salt or load_salt first")
@@ -238,6 +248,25 @@ def adapters(model: nn.Module, names):
     finally:
         for (_, layer), prev in zip(layers, previous):
             layer.salt_rows = prev
+
+
+def _has_peft_salt_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds SALT layers of ``salt_kernels.peft`` (PEFT tuner layers)."""
+    return isinstance(model, nn.Module) and any(
+        isinstance(getattr(m, "salt_core", None), nn.ModuleDict) and hasattr(m, "base_layer") for m in model.modules())
+
+
+def _peft_mixed_batch(model: nn.Module, names: list):
+    """A SALT PeftModel runs mixed batches itself (``adapter_names=``, the same op): the
+    block passes the names to every layer the way PEFT's forward does."""
+    hooks = getattr(model, "_enable_peft_forward_hooks", None)
+    if hooks is None:
+        raise TypeError(
+            f"adapters: {type(model).__name__} holds PEFT SALT layers but is not the PeftModel (or its "
+            "base_model): call adapters() on the PeftModel, or pass adapter_names=[...] to its forward / generate "
+            "('__base__' for the base model)"
+        )
+    return hooks(adapter_names=["__base__" if n is None else n for n in names])
 
 
 # --------------------------------------------------------------------------- model level

@@ -32,8 +32,10 @@ from ..nn import sharding
 from . import adapter_file, bank
 from .adapter_file import FORMAT_NAME, FORMAT_VERSION
 from .basis import CHECK_PREFIX, align_basis, basis_check
+from ..nn.linear import residual_format_for
+from ..nn.quantized import QuantFormat
 from .convert import (_CONFIG_ATTR, _KINDS, _check_model, _geometry, _is_salt, _kind_of_base, _layer_spec,
-                      _make_salt_layer, _progress, _replace_module)
+                      _make_salt_layer, _progress, _replace_module, model_dtype, residual_format)
 
 
 def _refuse_non_finite(name: str, t: torch.Tensor) -> None:
@@ -158,6 +160,34 @@ def load_salt(model: nn.Module, path, *, progress: bool | None = None, adapter_n
     return _load(model, path, progress)
 
 
+def _check_residual_format(name: str, module: nn.Module, spec: dict) -> None:
+    """The layer's residual (once converted) is stored as it was when the adapter was
+    trained: a 4-bit residual and a dense one are different bases."""
+    if "residual_format" not in spec:  # (a file from before quantized residuals)
+        return
+    if _is_salt(module):
+        have = residual_format(module)
+    elif spec["type"] == "SALTLinear":
+        kw = spec.get("kwargs", {})
+        fmt, keeps_base = residual_format_for(module, kw.get("residual", False), kw.get("quantize"),
+                                              kw.get("quantize_blocksize"), kw.get("quantize_double"),
+                                              kw.get("quantize_iters", 1))
+        have = None if fmt is None else {**vars(fmt), "quantized_base": keeps_base}
+    else:
+        have = None
+    want = spec["residual_format"]
+    if have != want:
+        def say(f):
+            if f is None:
+                return "a dense (or no) residual"
+            what = "base" if f.get("quantized_base") else "residual"
+            return f"a {QuantFormat(f['quant_type'], f['blocksize'], f['double_quant']).describe()} {what}"
+        raise ValueError(
+            f"load_salt: layer {name!r}: the adapter was trained on {say(want)}, this model's layer gives "
+            f"{say(have)}; load it onto the base it was trained on (e.g. the same model loaded in 4 bits)"
+        )
+
+
 def _load(model: nn.Module, path, progress) -> nn.Module:
     config, tensors = adapter_file.read_adapter(path)
     layers = config["layers"]
@@ -195,9 +225,11 @@ def _load(model: nn.Module, path, progress) -> nn.Module:
             )
         else:
             to_convert.append((name, module, spec))
+        _check_residual_format(name, module, spec)
 
+    dtype = model_dtype(model)
     for name, module, spec in _progress(to_convert, progress, "load_salt"):
-        _replace_module(model, name, _make_salt_layer(module, spec))
+        _replace_module(model, name, _make_salt_layer(module, spec, dtype))
 
     for name, spec in layers.items():
         layer = model.get_submodule(name)

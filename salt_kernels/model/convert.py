@@ -1,4 +1,5 @@
-"""Convert a pretrained model's ``nn.Linear`` (and named ``nn.Conv2d``) layers to SALT
+"""Convert a pretrained model's ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) layers
+(and named ``nn.Conv2d`` layers) to SALT
 layers in place, in the style of PEFT, and merge them back.
 
     model = apply_salt(model, rank=0.5, lora_rank=8, target_modules=["query", "value"])
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import numbers
 import re
 from typing import Iterable
@@ -21,8 +23,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..nn import SALT_MODULE_TYPES, SALTConv2d, SALTLinear
-from ..nn.linear import SVD_METHODS, TRAINABLE_NAMES
+from ..nn import SALT_MODULE_TYPES, SALTConv1D, SALTConv2d, SALTLinear
+from ..nn.conv1d import TransformersConv1D, is_conv1d
+from ..nn.linear import SVD_METHODS, TRAINABLE_NAMES, check_quantize_args
+from ..nn.quantized import dequantize_linear, import_bitsandbytes, linear_format
 from ..nn import sharding
 from .adapter_file import FORMAT_NAME, FORMAT_VERSION
 
@@ -35,7 +39,10 @@ _PROGRESS_MIN_LAYERS = 32
 _KINDS = {
     "SALTLinear": (nn.Linear, SALTLinear.from_linear, "to_linear"),
     "SALTConv2d": (nn.Conv2d, SALTConv2d.from_conv2d, "to_conv2d"),
+    "SALTConv1D": (TransformersConv1D, SALTConv1D.from_conv1d, "to_conv1d"),
 }
+# The kinds "all-linear" (and no target_modules) converts: linear layers, GPT-2's included.
+_LINEAR_KINDS = ("SALTLinear", "SALTConv1D")
 _BASE_TYPES: tuple[type, ...] = tuple(base for base, _, _ in _KINDS.values())
 
 
@@ -47,7 +54,7 @@ def _is_salt(module: nn.Module) -> bool:
 
 
 def _kind_of_base(module: nn.Module) -> str | None:
-    """The SALT layer type that replaces ``module`` (an nn.Linear or nn.Conv2d)."""
+    """The SALT layer type that replaces ``module`` (an nn.Linear, Conv1D or nn.Conv2d)."""
     for kind, (base, _, _) in _KINDS.items():
         if type(module) is base or isinstance(module, base):
             return kind
@@ -55,7 +62,10 @@ def _kind_of_base(module: nn.Module) -> str | None:
 
 
 def _io(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a Linear / SALTLinear, channels of a Conv2d / SALTConv2d."""
+    """(in, out) features of a Linear / SALTLinear / SALTConv1D, channels of a Conv2d /
+    SALTConv2d, the weight's (in, out) shape of a transformers Conv1D."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
     if hasattr(module, "in_channels"):  # SALTConv2d also has in_features = in*kh*kw
         return module.in_channels, module.out_channels
     return module.in_features, module.out_features
@@ -137,13 +147,54 @@ def _check_rank_spec(rank, energy):
             raise ValueError(f"energy: expected a fraction of the squared spectrum in (0, 1], got {energy}")
 
 
-def _layer_rank(weight: torch.Tensor, rank, energy) -> int:
+def _rank_source(module: nn.Module, energy) -> torch.Tensor:
+    """The (D, K) matrix a layer's rank is chosen from: its weight (a conv kernel
+    flattened); a quantized layer's dequantized (for ``energy``), else only its shape."""
+    if linear_format(module) is None:
+        return module.weight.flatten(1)
+    if energy is not None:
+        return dequantize_linear(module)
+    return torch.empty(module.out_features, module.in_features, device="meta")
+
+
+def _check_quantize_kwargs(layer_kwargs: dict) -> None:
+    """The quantized-residual options of apply_salt, checked before any layer is touched."""
+    keys = ("quantize", "quantize_blocksize", "quantize_double", "quantize_iters")
+    if not any(k in layer_kwargs for k in keys):
+        return
+    check_quantize_args(layer_kwargs.get("residual", False), *(layer_kwargs.get(k) for k in keys[:3]),
+                        layer_kwargs.get("quantize_iters", 1))
+    if layer_kwargs.get("quantize") is not None:
+        import_bitsandbytes()
+
+
+def _check_target(name: str, module: nn.Module, kind: str, layer_kwargs: dict) -> None:
+    """A clear error, naming the layer, for a target SALT cannot convert as asked."""
+    if kind == "SALTLinear":
+        linear_format(module, name=f"layer {name!r}")
+    elif kind not in _LINEAR_KINDS and any(k.startswith("quantize") for k in layer_kwargs):
+        raise ValueError(f"quantize: applies to linear layers (nn.Linear, Conv1D); layer {name!r} is a "
+                         f"{type(module).__name__} (leave it out of target_modules, or convert it without quantize)")
+
+
+def residual_format(layer: nn.Module) -> dict | None:
+    """The format of a SALT layer's quantized weight, as saved in an adapter's config:
+    ``quant_type``, ``blocksize``, ``double_quant`` and ``quantized_base`` (the weight
+    is the whole quantized base, not the quantized residual); None without one."""
+    q = getattr(layer, "quantized_residual", None)
+    return None if q is None else {**vars(q.format), "quantized_base": bool(layer.quantized_base)}
+
+
+def _layer_rank(weight: torch.Tensor, rank, energy, spectrum: torch.Tensor | None = None) -> int:
     """The rank for one (D, K) weight: an int capped at min(D, K), a fraction of
     min(D, K) (rounded up, at least 1), or the smallest rank keeping ``energy`` of the
-    squared spectrum (singular values in float32 on the weight's device)."""
+    squared spectrum (singular values in float32 on the weight's device, or ``spectrum``
+    if the caller has them)."""
     full = min(weight.shape)
     if energy is not None:
-        s2 = torch.linalg.svdvals(weight.detach().to(torch.float32)).double() ** 2
+        if spectrum is None:
+            spectrum = torch.linalg.svdvals(weight.detach().to(torch.float32))
+        s2 = spectrum.double() ** 2
         total = s2.sum()
         if total <= 0:
             return 1
@@ -163,17 +214,28 @@ def _json_ready(kwargs: dict) -> dict:
     return dict(kwargs)
 
 
-def _make_salt_layer(module: nn.Module, spec: dict) -> nn.Module:
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype most of ``model``'s parameters have: its activations' dtype."""
+    counts = Counter()
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _make_salt_layer(module: nn.Module, spec: dict, dtype: torch.dtype | None = None) -> nn.Module:
     """Build the SALT layer for ``module`` from a per-layer spec (the one place a
-    layer is constructed, used by both ``apply_salt`` and ``load_salt``)."""
+    layer is constructed, used by both ``apply_salt`` and ``load_salt``); ``dtype``, the
+    model's, for a quantized layer that does not tell its own (see ``SALTLinear.from_linear``)."""
     if spec["type"] not in _KINDS:
         raise ValueError(f"unknown SALT layer type {spec['type']!r}, expected one of {sorted(_KINDS)}")
     base, convert, _ = _KINDS[spec["type"]]
     if not isinstance(module, base):
         raise TypeError(f"expected an nn.{base.__name__} to convert to {spec['type']}, got {type(module).__name__}")
+    extra = {"dtype": dtype} if base is nn.Linear and linear_format(module) is not None else {}
     return convert(
         module, spec["rank"], spec["lora_rank"], scaling=spec["scaling"], svd=spec["svd"],
-        **spec.get("kwargs", {}),
+        **spec.get("kwargs", {}), **extra,
     )
 
 
@@ -187,6 +249,7 @@ def _layer_spec(name: str, layer: nn.Module, svd: str, kwargs: dict) -> dict:
         "scaling": layer.scaling,
         "svd": svd,
         "kwargs": kwargs,
+        "residual_format": residual_format(layer),
     }
 
 
@@ -228,7 +291,8 @@ def apply_salt(
     progress: bool | None = None,
     **layer_kwargs,
 ) -> nn.Module:
-    """Replace matching ``nn.Linear`` layers of ``model`` in place by ``SALTLinear``.
+    """Replace matching ``nn.Linear`` layers of ``model`` in place by ``SALTLinear`` (and
+    transformers ``Conv1D`` layers, GPT-2's, by ``SALTConv1D``).
 
     rank: an int (capped at each layer's ``min(in, out)``) or a float in (0, 1], the
         fraction of ``min(in, out)`` kept (rounded up). Alternative: ``energy``.
@@ -236,7 +300,7 @@ def apply_salt(
         ``sum(sigma**2)`` (per layer).
     lora_rank: ``r'`` of the ``X (r, r')``, ``Y (r', r)`` update; capped at each layer's
         rank. 0 trains the singular values alone.
-    target_modules: ``None`` / ``"all-linear"`` (every ``nn.Linear``), a regex matched
+    target_modules: ``None`` / ``"all-linear"`` (every ``nn.Linear`` and ``Conv1D``), a regex matched
         against full module names, or a list of names matched exactly or as a dotted
         suffix (PEFT's rules). ``nn.Conv2d`` layers (``groups=1``) become ``SALTConv2d``
         when named by a regex or list; the default converts Linear layers only.
@@ -244,10 +308,16 @@ def apply_salt(
         SALT biases when ``train_bias``, like PEFT's ``bias="lora_only"``).
     progress: progress bar over layers (default: on for 32 layers or more).
     layer_kwargs: passed to the layer constructor (``SALTLinear.from_linear``) and
-        saved with the adapter; must be JSON-serialisable.
+        saved with the adapter; must be JSON-serialisable. E.g. ``residual=True,
+        quantize="nf4"`` (``"fp4"``, ``"int8"``; ``quantize_iters``,
+        ``quantize_blocksize``, ``quantize_double``): the residual stored quantized by
+        bitsandbytes.
 
-    SVDs run in float32 on each layer's device; layers keep their dtype. The options and
-    per-layer ranks are recorded in ``model.salt_config`` for :func:`save_salt`.
+    SVDs run in float32 on each layer's device, one layer at a time; layers keep their
+    dtype. Target layers may be bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a model
+    loaded in 4 or 8 bits): each is dequantized to float32, decomposed and, with
+    ``residual=True``, its residual quantized again in the layer's own format. The
+    options and per-layer ranks are recorded in ``model.salt_config`` for :func:`save_salt`.
     """
     _check_model(model)
     converted = [n for n, m in model.named_modules() if _is_salt(m)]
@@ -268,6 +338,7 @@ def apply_salt(
         raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
     target_modules = _check_target_modules(target_modules)
     layer_kwargs = _json_ready(layer_kwargs)
+    _check_quantize_kwargs(layer_kwargs)
     # plain Python numbers (e.g. not numpy scalars) so that the config is JSON
     if rank is not None:
         rank = int(rank) if isinstance(rank, numbers.Integral) else float(rank)
@@ -282,7 +353,7 @@ def apply_salt(
             continue
         kind = _kind_of_base(module)
         every_linear = target_modules is None or target_modules == "all-linear"
-        if kind == "SALTLinear" or (kind is not None and not every_linear):
+        if kind in _LINEAR_KINDS or (kind is not None and not every_linear):
             targets.append((first_name[id(module)], module, kind))
             seen.add(id(module))
         else:
@@ -291,19 +362,22 @@ def apply_salt(
         extra = ""
         if matched_other:
             kinds = ", ".join(f"{n} ({type(m).__name__})" for n, m in matched_other[:5])
-            extra = f"; these names matched but are not nn.Linear / nn.Conv2d: {kinds}"
+            extra = f"; these names matched but are not nn.Linear / Conv1D / nn.Conv2d: {kinds}"
         raise ValueError(
-            f"target_modules: {target_modules!r} matched no nn.Linear (or named nn.Conv2d) in the model{extra}"
+            f"target_modules: {target_modules!r} matched no nn.Linear / Conv1D (or named nn.Conv2d) in the model{extra}"
         )
+    for name, module, kind in targets:
+        _check_target(name, module, kind, layer_kwargs)
 
     config = getattr(model, _CONFIG_ATTR, None) or {"layers": {}}
     layers = config["layers"]
+    dtype = model_dtype(model)
     for name, base, kind in _progress(targets, progress, "apply_salt"):
         # a conv kernel (out, in, kh, kw) is decomposed as the (out, in*kh*kw) matrix
-        r = _layer_rank(base.weight.flatten(1), rank, energy)
+        r = _layer_rank(_rank_source(base, energy), rank, energy)
         spec = {"type": kind, "rank": r, "lora_rank": min(int(lora_rank), r),
                 "scaling": float(scaling), "svd": svd, "kwargs": layer_kwargs}
-        layer = _make_salt_layer(base, spec)
+        layer = _make_salt_layer(base, spec, dtype)
         _replace_module(model, name, layer)
         layers[name] = _layer_spec(name, layer, svd, layer_kwargs)
 
@@ -321,15 +395,24 @@ def apply_salt(
 
 
 @torch.no_grad()
-def merge_salt(model: nn.Module) -> nn.Module:
-    """Replace every SALT layer by a plain ``nn.Linear`` / ``nn.Conv2d`` holding its merged weight
+def merge_salt(model: nn.Module, *, requantize: bool = False) -> nn.Module:
+    """Replace every SALT layer by a plain ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` holding its merged weight
     (merged in float32, cast once to the layer's dtype) and return ``model``.
+
+    A layer with a quantized residual (``quantize=``) merges to a dense ``nn.Linear`` in
+    its dtype, exact: ``dequantized residual + U C V^T``. With ``requantize=True`` it
+    becomes a bitsandbytes ``Linear4bit`` (``Linear8bitLt``) holding the merged weight
+    quantized again in the residual's format: the 4-bit model's size, at the price of
+    quantizing the whole merged weight (about QLoRA's base error rather than the smaller
+    one of the quantized residual).
 
     Like PEFT's ``merge_and_unload``, this modifies ``model`` in place and returns the
     same object: merge a ``copy.deepcopy(model)`` to keep the SALT model. The merged
     layers' parameters require grad as the SALT layer's ``sigma`` did; the rest of the
     model is untouched."""
     _check_model(model)
+    if not isinstance(requantize, bool):
+        raise TypeError(f"requantize: expected a bool, got {type(requantize).__name__}")
     if _is_salt(model):
         raise TypeError("model: merge_salt replaces layers inside a model; call .to_linear() on a bare SALT layer")
     salt_layers = [(n, m) for n, m in model.named_modules() if _is_salt(m)]
@@ -341,10 +424,13 @@ def merge_salt(model: nn.Module) -> nn.Module:
             "adapter into an unsharded copy of the base with load_salt and merge that"
         )
     for name, layer in salt_layers:
-        merged = getattr(layer, _KINDS[type(layer).__name__][2])()
+        if requantize and getattr(layer, "quantized_residual", None) is not None:
+            merged = layer.to_quantized_linear()
+        else:
+            merged = getattr(layer, _KINDS[type(layer).__name__][2])()
         trainable = any(p.requires_grad for p in layer.parameters())
         for p in merged.parameters():
-            p.requires_grad_(trainable)
+            p.requires_grad_(trainable and p.is_floating_point())  # (not a 4-bit packed weight)
         _replace_module(model, name, merged)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)

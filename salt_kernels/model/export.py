@@ -7,6 +7,12 @@ Full-rank SALT (r = min(in, out)) is the same with ``W = U Sigma0 V^T``. Truncat
 without the residual computes ``U_r C V_r^T``: it has dropped ``W - U_r Sigma0 V_r^T``, so
 no rank-r LoRA on the original weight reproduces it, and :func:`export_lora` refuses it.
 
+A quantized residual (``quantize=``) makes the SALT model's base ``U_r Sigma0 V_r^T +
+Q(W - U_r Sigma0 V_r^T)`` rather than ``W``. The LoRA still applies to the weights the
+model was converted from (the float weights, or a 4-bit model's dequantized ones) and
+there reproduces the SALT model up to that base's error, ``||W - base|| / ||W||``, which
+each layer measured at conversion (``base_error``) and :func:`export_lora` reports.
+
 The files are what ``LoraConfig`` / ``PeftModel.save_pretrained`` write
 (``adapter_config.json``, ``adapter_model.safetensors``), so any LoRA server (vLLM,
 SGLang, LoRAX, TGI) or ``PeftModel.from_pretrained`` loads them; ``peft`` itself is not
@@ -41,8 +47,9 @@ def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _salt_updates(model: nn.Module, adapter_name):
-    """(name in the original model, SALT core, residual?) for every SALT layer of an
-    ``apply_salt`` model or of a PEFT model built with ``SaltConfig``."""
+    """(name in the original model, SALT core, residual?, fan_in_fan_out?) for every SALT
+    layer of an ``apply_salt`` model or of a PEFT model built with ``SaltConfig``
+    (``fan_in_fan_out``: the base layer is a transformers Conv1D, GPT-2's)."""
     found = []
     for name, module in model.named_modules():
         cores = getattr(module, "salt_core", None)
@@ -50,17 +57,23 @@ def _salt_updates(model: nn.Module, adapter_name):
             if module.merged:
                 raise ValueError(f"export_lora: layer {name!r} is merged; call unmerge_adapter() first")
             names = [adapter_name] if adapter_name is not None else [a for a in module.active_adapters if a in cores]
-            if len(names) != 1 or names[0] not in cores:
+            names = [a for a in names if a in cores]
+            if not names:  # the adapter does not target this layer: it is unchanged
+                continue
+            if len(names) > 1:
                 raise ValueError(
                     f"export_lora: layer {name!r} has adapters {sorted(cores)} (active: {module.active_adapters}); "
                     "pass adapter_name= to choose exactly one"
                 )
+            if isinstance(module.get_base_layer(), nn.Conv2d):
+                raise TypeError(f"export_lora: layer {name!r} adapts an nn.Conv2d; only linear layers (nn.Linear, "
+                                "Conv1D) export to LoRA")
             orig = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-            found.append((orig, cores[names[0]], module.salt_residual[names[0]]))
+            found.append((orig, cores[names[0]], module.salt_residual[names[0]], module.fan_in_fan_out))
         elif isinstance(module, SALT_MODULE_TYPES) and not _inside_peft_layer(model, name):
             if not isinstance(module, SALTLinear):
                 raise TypeError(f"export_lora: layer {name!r} is a {type(module).__name__}; only SALTLinear layers export to LoRA")
-            found.append((name, module, module.residual_weight is not None))
+            found.append((name, module, module.residual, getattr(module, "fan_in_fan_out", False)))
     return found
 
 
@@ -106,7 +119,10 @@ def export_lora(
     layer and any LoRA server reads the file). Layers must use ``residual=True`` or be full
     rank. dtype: of the written tensors (default: each layer's).
 
-    Returns ``{"path", "rank", "num_layers", "file_bytes"}``.
+    Returns ``{"path", "rank", "num_layers", "file_bytes", "base_error"}``: ``base_error``
+    is the largest ``||W - base|| / ||W||`` over the layers with a quantized residual,
+    i.e. how far the LoRA applied to the converted-from weights ``W`` is from the SALT
+    model (``None`` without quantized residuals, where it is exact up to rounding).
     """
     from safetensors.torch import save_file
 
@@ -116,9 +132,11 @@ def export_lora(
         raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
     _check_bias_untrained(model)
     updates = _salt_updates(model, adapter_name)
+    if not updates and adapter_name is not None:
+        raise ValueError(f"adapter_name: no SALT layer of the model has an adapter named {adapter_name!r}")
     if not updates:
         raise ValueError("model: has no SALT layers (apply_salt or get_peft_model with SaltConfig first)")
-    for name, layer, residual in updates:
+    for name, layer, residual, _ in updates:
         full = min(layer.in_features, layer.out_features)
         if not residual and layer.rank < full:
             raise ValueError(
@@ -130,9 +148,9 @@ def export_lora(
                 "merged model (merge_salt / merge_and_unload) instead."
             )
 
-    rank = max(layer.rank for _, layer, _ in updates)
+    rank = max(layer.rank for _, layer, _, _ in updates)
     tensors = {}
-    for name, layer, _ in updates:
+    for name, layer, _, _ in updates:
         B, A = lora_factors(layer)
         out_dtype = dtype or layer.U.dtype
         pad = rank - layer.rank
@@ -155,9 +173,10 @@ def export_lora(
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": 0.0,
-        "target_modules": sorted(name for name, _, _ in updates),
+        "target_modules": sorted(name for name, _, _, _ in updates),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # a GPT-2 Conv1D's weight is (in, out); lora_A, lora_B are the same either way
+        "fan_in_fan_out": all(conv1d for _, _, _, conv1d in updates),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -177,4 +196,6 @@ def export_lora(
             json.dump(config, f, indent=2, sort_keys=True)
 
     atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
-    return {"path": directory, "rank": rank, "num_layers": len(updates), "file_bytes": os.path.getsize(weights)}
+    errors = [layer.base_error for _, layer, _, _ in updates if getattr(layer, "quantized_residual", None) is not None]
+    return {"path": directory, "rank": rank, "num_layers": len(updates), "file_bytes": os.path.getsize(weights),
+            "base_error": max((e for e in errors if e is not None), default=None)}

@@ -24,6 +24,23 @@ from ..backends.core import accumulate_dtype
 from .linear import SVD_METHODS, SALTAdapterMixin, _check_finite, _check_ranks
 
 
+def conv2d_shrink(x: torch.Tensor, V: torch.Tensor, conv) -> torch.Tensor:
+    """``Z = conv2d(x, V^T as r filters)``: the shrink step, ``(N, r, H', W')``. ``conv``
+    gives the geometry (``in_channels``, ``kernel_size``, ``stride``, ``padding``,
+    ``dilation``: an ``nn.Conv2d`` or a ``SALTConv2d``)."""
+    # V^T (r, in*kh*kw) viewed as r filters: a view of V, no copy.
+    filters = V.t().reshape(V.shape[1], conv.in_channels, *conv.kernel_size)
+    return F.conv2d(x, filters, None, conv.stride, conv.padding, conv.dilation)
+
+
+def salt_conv2d(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, bias, conv) -> torch.Tensor:
+    """The convolution with kernel ``U C V^T`` (reshaped to ``conv``'s kernel) plus ``bias``,
+    without forming the kernel: the shrink, then ``U C`` as a 1x1 convolution. ``C (r, r)``
+    is folded into the expansion in float32 (``out * r * r`` FLOPs, once per call)."""
+    expand = (U.to(C.dtype) @ C).to(U.dtype)  # (out, r): U C, tiny
+    return F.conv2d(conv2d_shrink(x, V, conv), expand[:, :, None, None], bias)
+
+
 class SALTConv2d(SALTAdapterMixin, nn.Module):
     """A SALT ``nn.Conv2d`` (``groups=1``, ``padding_mode="zeros"``).
 
@@ -72,10 +89,6 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
                         (out_channels, in_channels, *kernel_size), {"device": device, "dtype": dtype})
         self.reset_parameters()
 
-    def _shrink_filters(self) -> torch.Tensor:
-        # V^T (r, in*kh*kw) viewed as r filters: a view of V, no copy.
-        return self.V.t().reshape(self.rank, self.in_channels, *self.kernel_size)
-
     def _conv(self, x, weight, bias=None):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
@@ -89,12 +102,10 @@ class SALTConv2d(SALTAdapterMixin, nn.Module):
             )
         self._check_input_dtype(x)
         acc = accumulate_dtype(self.U.dtype)
-        expand = (self.U.to(acc) @ self.mix(acc)).to(self.U.dtype)  # (out, r): U C, tiny
-        z = self._conv(x, self._shrink_filters())
         if self.residual_weight is None:
-            return F.conv2d(z, expand[:, :, None, None], self.bias)
+            return salt_conv2d(x, self.U, self.V, self.mix(acc), self.bias, self)
         y = self._conv(x, self.residual_weight, self.bias)
-        return y.add_(F.conv2d(z, expand[:, :, None, None]))
+        return y.add_(salt_conv2d(x, self.U, self.V, self.mix(acc), None, self))
 
     @classmethod
     def from_conv2d(

@@ -7,6 +7,9 @@ The variants of the official SALT layer live here too, all feeding the same op:
   trains ``sigma`` itself. Either way ``sigma'`` goes into :func:`salt_linear` unchanged.
 * ``residual=True`` keeps the frozen residual ``W - U_r diag(S_r) V_r^T`` so the layer
   equals the pretrained one at init for any rank (lossless, the PiSSA idea).
+  ``quantize="nf4"`` (``"fp4"``, ``"int8"``) stores that residual quantized by
+  bitsandbytes (:mod:`.quantized`): SALT on a quantized base. A layer converted from a
+  bitsandbytes 4-/8-bit layer keeps that layer's quantized weight as it is instead.
 
 :class:`SALTAdapterMixin` holds what :class:`SALTLinear` and
 :class:`~salt_kernels.SALTConv2d` share.
@@ -23,6 +26,7 @@ from torch import nn
 from ..backends.core import accumulate_dtype, autocast_active, mix_matrix
 from ..ops import salt_linear
 from ..ops.validate import BACKENDS, FLOAT_DTYPES, _check_tensor
+from .quantized import QuantizedWeight, add_quantized_product, linear_dtype, linear_format, quant_format
 from .sharding import full
 
 SVD_METHODS = ("exact", "lowrank")
@@ -112,6 +116,37 @@ def _check_variant_args(sigma_mode, residual):
         raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
 
 
+def check_quantize_args(residual, quantize, quantize_blocksize=None, quantize_double=None, quantize_iters=1):
+    """The format of a quantized residual (None: not quantized), after checking the
+    ``quantize*`` arguments of a layer together with ``residual``."""
+    fmt = quant_format(quantize, quantize_blocksize, quantize_double)
+    if fmt is not None and residual is not True:
+        raise ValueError(
+            f"quantize: quantize={quantize!r} needs residual=True (got residual={residual!r}): only the residual "
+            "W - U_r diag(sigma) V_r^T is quantized, U_r, V_r and sigma stay in the layer's dtype"
+        )
+    if isinstance(quantize_iters, bool) or not isinstance(quantize_iters, int) or quantize_iters < 1:
+        raise ValueError(f"quantize_iters: expected an int >= 1, got {quantize_iters!r}")
+    return fmt
+
+
+def residual_format_for(linear: nn.Module, residual, quantize=None, quantize_blocksize=None, quantize_double=None,
+                        quantize_iters=1):
+    """``(format, quantized_base)`` of the quantized weight ``SALTLinear.from_linear``
+    gives ``linear`` with these arguments: ``quantize``'s (the residual quantized,
+    ``quantized_base`` False); else, with ``residual=True``, a bitsandbytes layer's own
+    weight kept as it is (``quantized_base`` True); ``(None, False)`` for a dense
+    residual or none."""
+    fmt = check_quantize_args(residual, quantize, quantize_blocksize, quantize_double, quantize_iters)
+    if fmt is not None:
+        return fmt, False
+    if quantize_iters != 1:
+        raise ValueError(f"quantize_iters: only applies to a residual quantized at conversion (quantize=...), "
+                         f"got quantize_iters={quantize_iters}")
+    fmt = linear_format(linear) if residual else None
+    return fmt, fmt is not None
+
+
 class SALTAdapterMixin:
     """The SALT parametrisation shared by :class:`SALTLinear` and ``SALTConv2d``.
 
@@ -146,9 +181,16 @@ class SALTAdapterMixin:
         self.X = nn.Parameter(torch.empty(rank, lora_rank, **factory))
         self.Y = nn.Parameter(torch.empty(lora_rank, rank, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # (residual_shape None: the residual is stored quantized, see SALTLinear)
+        dense = residual and residual_shape is not None
         self.register_parameter(
-            "residual_weight", _frozen(torch.zeros(residual_shape, **factory)) if residual else None
+            "residual_weight", _frozen(torch.zeros(residual_shape, **factory)) if dense else None
         )
+        self.quantized_residual = None
+        self.quantized_base = False
+        # ||W - base|| / ||W|| (Frobenius) of the weight this layer was converted from, where
+        # the base (U_r diag(sigma0) V_r^T + residual) is not W exactly: a quantized residual
+        self.base_error: float | None = None
 
     def _check_input_dtype(self, x: torch.Tensor) -> None:
         """x must have the layer's dtype, as for nn.Linear (autocast casts, so any dtype
@@ -170,6 +212,8 @@ class SALTAdapterMixin:
         self.reset_adapter()
         if self.residual_weight is not None:
             self.residual_weight.zero_()
+        if self.quantized_residual is not None:
+            self.quantized_residual.zero_()
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -191,22 +235,42 @@ class SALTAdapterMixin:
         self.Y.zero_()
 
     @torch.no_grad()
-    def _init_from_pretrained(self, weight: torch.Tensor, bias, svd: str) -> None:
+    def _init_from_pretrained(self, weight: torch.Tensor, bias, svd: str, quantize_iters: int = 1) -> None:
         """Set U, sigma0, V from the rank-r SVD of ``weight`` (flattened to (D, K)), copy
         ``bias`` (or None) and, with ``residual``, the residual against the factors as
-        stored (after the cast to the layer's dtype), so that it absorbs their rounding too."""
+        stored (after the cast to the layer's dtype), so that it absorbs their rounding too.
+
+        A quantized residual: ``Q = quant(W - L)`` with ``L = U_r diag(sigma0) V_r^T``;
+        each of ``quantize_iters - 1`` further rounds takes the basis from the SVD of
+        ``W - Q`` and quantizes ``W - L`` again (LoftQ's alternation), so that ``L + Q``
+        gets closer to ``W``. ``base_error`` records ``||W - L - Q|| / ||W||``."""
         if bias is not None:
             self.bias.copy_(bias)
+        acc = accumulate_dtype(self.U.dtype)
         W = weight.detach().reshape(self.out_features, self.in_features)
+        self._set_basis(W, svd)
+        if self.residual_weight is not None:
+            self.residual_weight.copy_((W.to(acc) - self._low_rank(acc)).reshape(self.residual_weight.shape))
+        if self.quantized_residual is not None and not self.quantized_base:
+            W = W.to(acc)
+            for round_ in range(quantize_iters):
+                if round_:
+                    self._set_basis(W - self.quantized_residual.dequantize(acc), svd)
+                low_rank = self._low_rank(acc)
+                self.quantized_residual.quantize_(W - low_rank)
+            error = W - low_rank - self.quantized_residual.dequantize(acc)
+            self.base_error = (torch.linalg.matrix_norm(error) / torch.linalg.matrix_norm(W).clamp_min(1e-30)).item()
+
+    def _set_basis(self, W: torch.Tensor, svd: str) -> None:
         U, S, V = truncated_svd(W, self.rank, svd)
         self.U.copy_(U)
         self.V.copy_(V)
         self.sigma0.copy_(S)
         self.reset_sigma()
-        if self.residual_weight is not None:
-            acc = accumulate_dtype(self.U.dtype)
-            low_rank = (self.U.to(acc) * self.sigma0.to(acc)) @ self.V.to(acc).t()
-            self.residual_weight.copy_((W.to(acc) - low_rank).reshape(self.residual_weight.shape))
+
+    def _low_rank(self, acc: torch.dtype) -> torch.Tensor:
+        """``U diag(sigma0) V^T`` (D, K) from the stored factors, in ``acc``."""
+        return (self.U.to(acc) * self.sigma0.to(acc)) @ self.V.to(acc).t()
 
     # --- the parametrisation --------------------------------------------------------
     def effective_sigma(self) -> torch.Tensor:
@@ -224,9 +288,16 @@ class SALTAdapterMixin:
         """The dense weight ``residual + U (diag(sigma') + s X Y) V^T`` as (out, in_flat),
         computed in float32 (float64 for a float64 layer) and returned in that precision."""
         acc = accumulate_dtype(self.U.dtype)
-        W = self.U.to(acc) @ self.mix(acc) @ self.V.to(acc).t()
+        core = self.mix(acc)
+        # (getattr: users of the mixin that hold no residual of their own, PEFT's cores)
+        quantized = getattr(self, "quantized_residual", None)
+        if getattr(self, "quantized_base", False):
+            core -= torch.diag(self.sigma0.to(acc))
+        W = self.U.to(acc) @ core @ self.V.to(acc).t()
         if self.residual_weight is not None:
             W += self.residual_weight.reshape(W.shape).to(acc)
+        elif quantized is not None:
+            W += quantized.dequantize(acc)
         return W
 
     def regularization(self) -> torch.Tensor:
@@ -268,6 +339,13 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
     and A). ``lora_rank=0`` trains the singular values alone. ``residual=True`` adds the
     frozen ``residual_weight (out, in)``: ``W_res x`` is accumulated into the SALT output
     in place (no extra M x out temporary); a layer built from scratch has a zero residual.
+    ``quantize="nf4"`` / ``"fp4"`` / ``"int8"`` (with ``residual=True``) stores the residual
+    quantized by bitsandbytes instead, in the submodule ``quantized_residual``
+    (``quantize_blocksize``, default 64, and ``quantize_double``, default True, as
+    ``bitsandbytes.nn.Linear4bit``): ``y = Q(W_res) x + U C V^T x + b``. With
+    ``quantized_base=True`` that submodule holds the whole base weight instead (a
+    4-bit model's weight, kept bit for bit) and ``y = Q(W) x + U (C - Sigma0) V^T x + b``,
+    the same layer with the residual ``Q(W) - U Sigma0 V^T`` left unquantized.
     """
 
     def __init__(
@@ -284,12 +362,22 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         *,
         sigma_mode: str = "direct",
         residual: bool = False,
+        quantize: str | None = None,
+        quantize_blocksize: int | None = None,
+        quantize_double: bool | None = None,
+        quantized_base: bool = False,
     ):
         super().__init__()
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self._init_salt(in_features, out_features, rank, lora_rank, bias, scaling, sigma_mode,
-                        residual, (out_features, in_features), {"device": device, "dtype": dtype})
+        fmt = check_quantize_args(residual, quantize, quantize_blocksize, quantize_double)
+        if not isinstance(quantized_base, bool) or (quantized_base and fmt is None):
+            raise ValueError(f"quantized_base: expected a bool, True only with quantize=..., got {quantized_base!r}")
+        self._init_salt(in_features, out_features, rank, lora_rank, bias, scaling, sigma_mode, residual,
+                        None if fmt else (out_features, in_features), {"device": device, "dtype": dtype})
+        if fmt is not None:
+            self.quantized_residual = QuantizedWeight(out_features, in_features, fmt, device=device)
+            self.quantized_base = quantized_base
         self.backend = backend
         self.reset_parameters()
 
@@ -298,10 +386,10 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
             self._check_input_dtype(x)
         rows = getattr(self, "salt_rows", None)  # set inside salt_kernels.adapters(...)
         if rows is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
-            (sigma, X, Y, bias), op = (self.effective_sigma(), self.X, self.Y, self.bias), salt_linear
+            (sigma, X, Y, bias), op = (self.op_sigma(), self.X, self.Y, self.bias), salt_linear
         else:  # a mixed-adapter batch: the adapter bank and per-row indices
             (sigma, X, Y, bias), op = rows.op(self, x)
-        if self.residual_weight is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
+        if not self.residual or not isinstance(x, torch.Tensor) or x.dim() == 0:
             # (salt_linear's validation reports a bad x)
             return op(x, self.U, self.V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
         # Lossless mode: y = SALT(x) + W_res x. Produce y once (bias fused in salt_linear)
@@ -309,7 +397,10 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = op(x2d, self.U, self.V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
         # y's dtype is x's, or the autocast dtype under torch.autocast (as in nn.Linear).
-        y.addmm_(x2d.to(y.dtype), self.residual_weight.to(y.dtype).t())
+        if self.quantized_residual is not None:
+            add_quantized_product(y, x2d.to(y.dtype), self.quantized_residual)
+        else:
+            y.addmm_(x2d.to(y.dtype), self.residual_weight.to(y.dtype).t())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
@@ -324,24 +415,56 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         backend: str = "auto",
         sigma_mode: str = "direct",
         residual: bool = False,
+        quantize: str | None = None,
+        quantize_iters: int = 1,
+        quantize_blocksize: int | None = None,
+        quantize_double: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "SALTLinear":
         """Build from a pretrained ``nn.Linear``: rank-``rank`` SVD of its weight in
         float32 on its device, cast to the layer's dtype; bias copied. ``residual=True``
-        also keeps ``W - U_r diag(S_r) V_r^T``, so the layer equals ``linear`` at init."""
+        also keeps ``W - U_r diag(S_r) V_r^T``, so the layer equals ``linear`` at init.
+
+        ``quantize`` (with ``residual=True``): store that residual in ``"nf4"``, ``"fp4"``
+        or ``"int8"`` (bitsandbytes); ``quantize_iters`` rounds of SVD and quantization
+        (see ``_init_from_pretrained``).
+
+        ``linear`` may be a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a model loaded
+        in 4 or 8 bits): the SVD is of its dequantized weight, and the layer takes the dtype
+        of the model around it (its bias's, else the weight's before quantization). With
+        ``residual=True`` the layer keeps ``linear``'s quantized weight bit for bit
+        (``quantized_base``), so it equals the quantized layer at init; ``quantize=``
+        instead quantizes the residual of the dequantized weight again (an extra
+        quantization error on top of the 4-bit model's). ``dtype`` sets that dtype where
+        the layer does not tell it (an int8 layer without bias; default float16, the
+        dtype of bitsandbytes' 8-bit models); :func:`~salt_kernels.apply_salt` passes the
+        model's."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         if svd not in SVD_METHODS:
             raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
-        W = linear.weight
+        base_format = linear_format(linear)
+        fmt, keep_base = residual_format_for(linear, residual, quantize, quantize_blocksize, quantize_double,
+                                             quantize_iters)
         _check_ranks(rank, lora_rank, linear.in_features, linear.out_features)
+        base = QuantizedWeight.from_bnb_linear(linear) if base_format is not None else None
+        W = linear.weight if base is None else base.dequantize(torch.float32)
+        if base is None:
+            dtype = W.dtype
+        else:
+            dtype = linear_dtype(linear) or dtype or torch.float16
         _check_finite("linear: weight", W)
         layer = cls(
             linear.in_features, linear.out_features, rank, lora_rank,
             bias=linear.bias is not None, scaling=scaling,
-            device=W.device, dtype=W.dtype, backend=backend,
+            device=W.device, dtype=dtype, backend=backend,
             sigma_mode=sigma_mode, residual=residual,
+            **(fmt.layer_kwargs() if fmt is not None else {}), quantized_base=keep_base,
         )
-        layer._init_from_pretrained(W, linear.bias, svd)
+        if keep_base:
+            layer.quantized_residual = base
+            layer.base_error = 0.0
+        layer._init_from_pretrained(W, linear.bias, svd, quantize_iters)
         return layer
 
     @torch.no_grad()
@@ -354,6 +477,25 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
+
+    @torch.no_grad()
+    def to_quantized_linear(self) -> nn.Module:
+        """The merged weight quantized again in the residual's format: a bitsandbytes
+        ``Linear4bit`` (``Linear8bitLt`` for int8) in the layer's dtype, the size of the
+        4-bit base. Quantizing the merged weight as a whole costs what quantizing the
+        original weight does (about QLoRA's base error), not the smaller error of the
+        quantized residual; ``to_linear`` keeps the layer exact in its dtype."""
+        if self.quantized_residual is None:
+            raise ValueError("to_quantized_linear: the layer has no quantized residual (built without quantize=)")
+        weight = QuantizedWeight.from_float(self.merged_weight(), self.quantized_residual.format)
+        return weight.to_bnb_linear(self.bias, self.U.dtype)
+
+    def op_sigma(self, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """The singular values the op gets for ``sigma'`` (default: the layer's; any
+        leading dims): ``sigma'`` itself, or ``sigma' - sigma0`` when the quantized weight is
+        the whole base (``quantized_base``: the SALT part then adds ``U (C - Sigma0) V^T``)."""
+        sigma = self.effective_sigma() if sigma is None else sigma
+        return sigma - self.sigma0.to(sigma.dtype) if self.quantized_base else sigma
 
     def extra_repr(self) -> str:
         return (

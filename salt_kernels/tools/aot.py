@@ -25,6 +25,19 @@ memory than the architecture allows (docs/design.md, "Verifying GPU code without
 Python (a venv with that Triton and a CPU torch) on this source tree, and fails if any
 of them fails: ``.ci/aot_triton_versions.sh`` uses it for every supported Triton.
 
+``--warm-cache DIR`` fills a Triton cache directory, off-GPU, with every kernel the GPU
+check launches (``salt_kernels.tools.gpucheck``), for sm_90 (``--arch 80`` for sm_80;
+repeatable). What the check launches is its plan (``--plan FILE``, default
+``DIR/plan.jsonl``, recorded first if absent: :func:`salt_kernels.tools.gpucheck.plan.record_plan`).
+Each planned launch is compiled through Triton's own runtime path: the JIT function's
+``warmup`` with the active driver replaced by one that reports the GPU's target, so the
+binder, the options and the cache key are those of a launch on that GPU; its C launcher
+is built too (linked against a stub ``libcuda.so.1``; the real one is loaded on the
+GPU). A second run over the same directory compiles nothing. The cache's keys hold
+this Triton's build and this Python's version: build it with the GPU machine's
+(``.ci/gpu_check.sh --download`` does, in a small venv). ``DIR/salt_kernels_cache.json``
+records what was built and with what.
+
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions
 are not compilable); if the variable is set, this re-runs itself without it.
 """
@@ -32,6 +45,7 @@ are not compilable); if the variable is set, this re-runs itself without it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -39,6 +53,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
 MAX_REGISTERS = 240  # per thread; the hardware ceiling is 255
@@ -310,6 +325,212 @@ def _other_venvs(venvs, argv) -> int:
     return 0 if all(rc == 0 for _, rc, _ in results) else 1
 
 
+# --- --warm-cache: the GPU check's kernels into a Triton cache, off-GPU --------------------
+
+WARM_ARCHS = (90,)
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver while compiling without a GPU: it reports the
+    GPU's target, and one device per architecture (so that each gets its own binder)."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def _stub_libcuda(directory: str) -> str | None:
+    """An empty ``libcuda.so.1`` for linking Triton's launchers where no driver is
+    installed: they only record the name and are bound to the real driver on the GPU.
+    None if it cannot be built (then Triton looks for the real one)."""
+    path = os.path.join(directory, "libcuda.so.1")
+    if not os.path.exists(path):
+        try:
+            subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", path, "-x", "c", "/dev/null"],
+                           check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"note: no stub libcuda.so.1 ({exc}); launchers link against the installed driver, if any")
+            return None
+    return directory
+
+
+def _decode_arg(a):
+    """A recorded launch argument as the binder sees it (a tensor: its dtype and whether
+    its address is 16-byte aligned; its contents and shape do not matter)."""
+    import torch
+
+    if isinstance(a, dict) and "tensor" in a:
+        t = torch.empty(64, dtype=getattr(torch, a["tensor"]))
+        return t if a["aligned"] else t[1:]
+    return a
+
+
+def _planned_launch(rec: dict, cfg: dict):
+    """(Launch, Config) of one recorded launch at one of its configs."""
+    import importlib
+
+    import triton
+
+    from ..backends.triton import kernels as tk
+
+    module, name = rec["kernel"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    config = triton.Config(cfg["kwargs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return tk.Launch(rec["name"], fn, None, tuple(_decode_arg(a) for a in rec["args"]), rec["kwargs"], [config]), config
+
+
+def warm_jobs(plan: list, archs, sources=None) -> list:
+    """The distinct specialisations (launch, config, arch) to compile for a recorded
+    plan, each with the steps that launch it: launches that differ only in
+    unspecialised sizes compile once."""
+    seen = {}
+    for rec in plan:
+        if sources and rec["source"] not in sources:
+            continue
+        for cfg in rec["configs"]:
+            launch, config = _planned_launch(rec, cfg)
+            for arch in archs:
+                sig, consts, attrs, opts = specialization(launch, config, arch)
+                key = (rec["kernel"], repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)),
+                       repr(sorted(attrs.items())), repr(sorted(opts.__dict__.items())), arch)
+                job = seen.setdefault(key, dict(record=rec, config=cfg, arch=arch, sources=[]))
+                if rec["source"] not in job["sources"]:
+                    job["sources"].append(rec["source"])
+    return list(seen.values())
+
+
+_WARM: dict = {}  # set before the worker processes fork
+
+
+def _warm_setup() -> None:
+    """Once per worker: compile for a target without a GPU, build launchers against the
+    stub driver, keep only what a launch loads (cubin and metadata), count cache hits."""
+    import ctypes
+
+    import triton
+    from triton import knobs
+
+    if _WARM.get("ready"):
+        return
+    if _WARM["stub"]:
+        knobs.nvidia.libcuda_path = _WARM["stub"]
+        ctypes.CDLL(os.path.join(_WARM["stub"], "libcuda.so.1"), mode=os.RTLD_GLOBAL)
+    sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)  # launchers load without the driver's symbols
+    knobs.compilation.store_binary_only = True  # not part of the key: the cache stays small
+    _WARM["hits"] = []
+    knobs.compilation.listener = lambda **kw: _WARM["hits"].append(bool(kw.get("cache_hit")))
+    _WARM["ready"] = triton.__version__
+
+
+def warm_index(i: int) -> dict:
+    return warm_one(_WARM["jobs"][i])
+
+
+def warm_one(job) -> dict:
+    """Compile one planned launch at one config for one architecture through the JIT
+    function's warmup (Triton's runtime path), and build its launcher."""
+    from triton.runtime.driver import driver
+
+    _warm_setup()
+    rec, cfg, arch = job["record"], job["config"], job["arch"]
+    row = dict(kernel=rec["kernel"].split(":")[1], arch=arch, config=cfg, sources=job["sources"], hit=None,
+               launcher=None, error=None)
+    t0 = time.time()
+    try:
+        launch, config = _planned_launch(rec, cfg)
+        driver.set_active(_TargetDriver(arch))
+        del _WARM["hits"][:]
+        kernel = launch.fn.warmup(*launch.args, grid=(1,), **launch.config_kwargs(config))
+        row["hit"] = _WARM["hits"][-1] if _WARM["hits"] else True  # no listener call: already built here
+        from triton.backends.nvidia import driver as nvidia_driver
+        if hasattr(nvidia_driver, "make_launcher"):  # a C launcher per signature (triton 3.6; later: generic)
+            try:
+                nvidia_driver.CudaLauncher(kernel.src, kernel.metadata)  # builds into the cache, or finds it
+                row["launcher"] = "ok"
+            except Exception as exc:  # the .so is cached before it is loaded; loading may need the driver
+                row["launcher"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    row["seconds"] = round(time.time() - t0, 3)
+    return row
+
+
+def _cuda_utils_module() -> str:
+    """Build Triton's driver utilities module into the cache (one per Triton and Python)."""
+    try:
+        _warm_setup()
+        from triton.backends.nvidia.driver import CudaUtils
+        CudaUtils()
+        return "ok"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def warm_cache(cache_dir: str, plan_path: str | None, archs, sources=None, jobs_n: int = 1) -> int:
+    """``--warm-cache``: compile the GPU check's plan into ``cache_dir``; 0 if every
+    kernel compiled (or was already there)."""
+    import shutil
+
+    import triton
+
+    from .gpucheck.plan import (MANIFEST, PLAN_FILE, _count_files, _triton_identity, read_plan, record_plan,
+                                 relocate_cache)
+
+    cache_dir = os.path.abspath(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    stored_plan = os.path.join(cache_dir, PLAN_FILE)
+    if plan_path is None and not os.path.exists(stored_plan):
+        print(f"recording the GPU check's launches into {stored_plan} ...", flush=True)
+        print(record_plan(stored_plan), flush=True)
+    elif plan_path is not None and os.path.abspath(plan_path) != stored_plan:
+        shutil.copyfile(plan_path, stored_plan)
+    plan = read_plan(stored_plan)
+    todo = _WARM["jobs"] = warm_jobs(plan, archs, sources)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    before = _count_files(cache_dir)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="salt_stub_cuda_") as stub:
+        _WARM["stub"] = _stub_libcuda(stub)
+        with ProcessPoolExecutor(max_workers=max(1, jobs_n)) as pool:
+            utils = pool.submit(_cuda_utils_module)
+            rows = list(pool.map(warm_index, range(len(todo)), chunksize=4))
+            utils = utils.result()
+    for source in Path(cache_dir).glob("*/*.source"):  # the kernel's first IR: a cache hit never reads it
+        source.unlink()
+    relocate_cache(cache_dir)  # (drops the deleted files from their groups)
+    after = _count_files(cache_dir)
+    failed = [r for r in rows if r["error"]]
+    compiled = sum(1 for r in rows if r["hit"] is False)
+    summary = dict(kernels=len(rows), compiled=compiled, cache_hits=len(rows) - compiled - len(failed),
+                   failed=len(failed), new_kernel_files=after["kernels"] - before["kernels"],
+                   new_launchers=after["launchers"] - before["launchers"], seconds=round(time.time() - t0, 1))
+    for r in failed:
+        print(f"FAIL {r['kernel']} sm_{r['arch']} {r['config']}: {r['error']}", flush=True)
+    bad_launchers = [r for r in rows if r["launcher"] not in ("ok", None)]
+    manifest = dict(tool="python -m salt_kernels.tools.aot --warm-cache", root=cache_dir,
+                    created=time.strftime("%Y-%m-%d %H:%M:%S"), archs=sorted(set(archs)), sources=sources,
+                    identity=_triton_identity(), python=sys.version.split()[0], summary=summary,
+                    cuda_utils=utils, launcher_notes=sorted({r["launcher"] for r in bad_launchers})[:5],
+                    plan_launches=len(plan), size_bytes=sum(os.path.getsize(os.path.join(d, f))
+                                                            for d, _, fs in os.walk(cache_dir) for f in fs))
+    with open(os.path.join(cache_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    print(f"warm cache {cache_dir} (triton {triton.__version__}, sm_{','.join(map(str, archs))}): "
+          f"{len(rows)} kernels: {compiled} compiled, {summary['cache_hits']} already there, {len(failed)} failed; "
+          f"{summary['new_launchers']} launchers built; {manifest['size_bytes'] / 2 ** 20:.1f} MiB in "
+          f"{summary['seconds']:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m salt_kernels.tools.aot", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
@@ -319,6 +540,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", metavar="SCENARIO", help="only scenarios whose name starts with this (e.g. contiguous)")
     p.add_argument("--full", action="store_true",
                    help="also odd sizes, transposed at an odd M and transposed U/V (about twice the compiles)")
+    p.add_argument("--warm-cache", metavar="DIR", default=None,
+                   help="fill the Triton cache DIR with every kernel the GPU check launches (no GPU needed)")
+    p.add_argument("--plan", metavar="FILE", default=None,
+                   help="with --warm-cache: the recorded launches (default DIR/plan.jsonl, recorded if absent)")
+    p.add_argument("--arch", type=int, action="append", default=None,
+                   help=f"with --warm-cache: GPU architecture (repeatable; default {WARM_ARCHS[0]}, e.g. 80 too)")
+    p.add_argument("--sources", default=None,
+                   help="with --warm-cache: only these steps' launches (comma-separated, e.g. tests)")
     args = p.parse_args(argv)
     if args.triton_venv:
         return _other_venvs(args.triton_venv, ["--jobs", str(args.jobs)] + (["--verbose"] if args.verbose else [])
@@ -327,6 +556,9 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "salt_kernels.tools.aot", *(argv if argv is not None else sys.argv[1:])],
                                env=env)
+    if args.warm_cache:
+        return warm_cache(args.warm_cache, args.plan, tuple(args.arch or WARM_ARCHS),
+                          args.sources.split(",") if args.sources else None, args.jobs)
     import triton
 
     t0 = time.time()

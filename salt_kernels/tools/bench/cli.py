@@ -59,10 +59,14 @@ def min_bytes(shape: Shape, mode: str, elem: int) -> int:
     return fwd if mode == "fwd" else 2 * fwd
 
 
-def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=None, progress=True) -> list[Row]:
+def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=None, progress=True,
+                   deadline: float | None = None, on_shape=None) -> list[Row]:
     """Time every method on every shape in both modes (and its fwd+bwd peak memory).
     All methods of one shape and mode are timed together (:func:`timing.time_steps`),
-    so on a shared CPU their ratios see the same load."""
+    so on a shared CPU their ratios see the same load. ``deadline`` (a
+    ``time.perf_counter()`` value): shapes not started by then are not timed (their rows
+    say so). ``on_shape(rows)``: called with the rows so far (ordered, with ratios) after
+    every shape, e.g. to write them, so that a run stopped mid-way keeps what it timed."""
     from tqdm import tqdm
     device = torch.device(device)
     elem = torch.empty((), dtype=dtype).element_size()
@@ -70,6 +74,9 @@ def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=N
     bar = tqdm(total=2 * len(shapes), desc="salt-bench", unit="run", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     for shape in shapes:
+        if deadline is not None and time.perf_counter() > deadline:
+            rows += [Row(shape, m, mode, skip="not timed: past --deadline") for m in methods for mode in MODES]
+            continue
         active = [m for m in methods if not m.skip_reason(shape)]
         rows += [Row(shape, m, mode, skip=m.skip_reason(shape)) for m in methods if m.skip_reason(shape)
                  for mode in MODES]
@@ -94,7 +101,14 @@ def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=N
         del sets, steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_shape is not None:
+            on_shape(_ordered(rows, shapes, methods))
     bar.close()
+    return _ordered(rows, shapes, methods)
+
+
+def _ordered(rows: list[Row], shapes, methods) -> list[Row]:
+    """The rows by shape, then method, fwd before fwd+bwd, with their ratios."""
     order = {(s, m.name): i for i, (s, m) in enumerate((s, m) for s in shapes for m in methods)}
     rows.sort(key=lambda r: (order[(r.shape, r.method.name)], r.mode != "fwd"))
     add_ratios(rows)
@@ -160,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="directory for results.csv and the PNG plots")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every figure (environment, verification, per-round samples) as JSON to FILE")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="start no new shape after SECONDS from the start (the remaining rows say 'not timed'); "
+                        "with --output / --json the rows are written after every shape anyway")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -275,8 +292,21 @@ def main(argv=None) -> int:
     print(f"timing {len(shapes)} shapes x {len(methods)} methods ({', '.join(m.name for m in methods)}), "
           f"{'quick' if quick else 'full'}, {min_time:g} s per measurement"
           + (f"; roofline at {bandwidth:g} GB/s" if bandwidth else ""))
+    command = ["salt-bench", *(sys.argv[1:] if argv is None else argv)]
+    csv_path = os.path.join(args.output, "results.csv") if args.output else None
+
+    def write_rows(rows, complete=False):
+        """results.csv and the JSON file, rewritten after every shape and at the end."""
+        if csv_path:
+            os.makedirs(args.output, exist_ok=True)
+            write_csv(csv_path, rows, meta, verify_errors)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            write_json(args.json, rows, meta, verify_errors, command=command, complete=complete)
+
     rows = run_benchmarks(shapes, methods, device, dtype, min_time=min_time, bandwidth_gbps=bandwidth,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, on_shape=write_rows,
+                          deadline=None if args.deadline is None else started + args.deadline)
     failed = [r for r in rows if r.skip and r.skip.startswith("failed")]
     if failed:
         ok = False
@@ -295,17 +325,12 @@ def main(argv=None) -> int:
     if summaries and min_time < 1 and device.type == "cpu":
         print(f"  ({min_time:g} s per measurement is short and noisy on a CPU: ratios within about 0.2 of 1 are "
               "ties; for the policy, run --presets auto-vs-reference --min-time 1 on an idle machine)")
+    write_rows(rows, complete=True)
     if args.output:
-        os.makedirs(args.output, exist_ok=True)
-        csv_path = os.path.join(args.output, "results.csv")
-        write_csv(csv_path, rows, meta, verify_errors)
         title = f"salt-bench on {meta['device_name']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}"
         pngs = write_plots(args.output, rows, title)
         print(f"wrote {csv_path}, " + ", ".join(pngs))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        write_json(args.json, rows, meta, verify_errors, command=["salt-bench", *(sys.argv[1:] if argv is None
-                                                                                  else argv)])
         print(f"wrote {args.json}")
     print(f"salt-bench finished in {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1

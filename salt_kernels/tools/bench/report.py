@@ -4,8 +4,10 @@ as an aligned text or Markdown table (:func:`format_columns`), written as CSV an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from .methods import AUTO, DENSE, OFFICIAL, REFERENCE, Method
@@ -234,23 +236,101 @@ _CSV_SPECS = {"time_ms": ".4f", "time_min_ms": ".4f", "speedup_vs_reference": ".
 
 
 def write_csv(path, rows: list[Row], meta: dict, verify_errors: dict) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            rec = row_record(r, meta, verify_errors)
-            w.writerow({k: _fmt(v, _CSV_SPECS[k]) if k in _CSV_SPECS else ("" if v is None else v)
-                        for k, v in rec.items()})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in rows:
+        rec = row_record(r, meta, verify_errors)
+        w.writerow({k: _fmt(v, _CSV_SPECS[k]) if k in _CSV_SPECS else ("" if v is None else v)
+                    for k, v in rec.items()})
+    _replace(path, buf.getvalue())
 
 
-def write_json(path, rows: list[Row], meta: dict, verify_errors: dict, *, command: list[str] | None = None) -> None:
-    """Every figure of the run: the environment, the command, the verification errors
-    and one record per row, with the raw per-round samples (seconds)."""
+def write_json(path, rows: list[Row], meta: dict, verify_errors: dict, *, command: list[str] | None = None,
+               complete: bool = True) -> None:
+    """Every figure of the run: the environment, the command, the verification errors,
+    one record per row with the raw per-round samples (seconds), and the Triton kernels
+    that ran (:func:`triton_kernel_report`). ``complete`` is False while the run goes on
+    (the file is rewritten after every shape)."""
     records = []
     for r in rows:
         rec = {k: v for k, v in row_record(r, meta, verify_errors).items() if k not in meta}
         rec["samples_s"] = r.timing.samples if r.timing else None
         records.append(rec)
-    with open(path, "w") as f:
-        json.dump(dict(environment=meta, command=command, verify_max_rel_err=verify_errors, rows=records),
-                  f, indent=1)
+    _replace(path, json.dumps(dict(environment=meta, command=command, complete=complete,
+                                   verify_max_rel_err=verify_errors, rows=records,
+                                   triton_kernels=triton_kernel_report()), indent=1, default=str))
+
+
+def _replace(path, text: str) -> None:
+    """Write through a temporary file and a rename: a run killed mid-write keeps the last
+    complete file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _triton_functions() -> dict:
+    """The Triton JIT functions and autotuners of salt_kernels' Triton backend, by name
+    (empty without Triton)."""
+    try:
+        from ...backends.triton import kernels as tk, multi as tm
+    except ImportError:
+        return {}
+    found = {}
+    for module in (tk, tm):
+        for name in dir(module):
+            obj = getattr(module, name)
+            for fn in (obj, getattr(obj, "fn", None)):  # an Autotuner wraps the JITFunction
+                if hasattr(fn, "device_caches"):
+                    found.setdefault(id(fn), fn)
+    return found
+
+
+def compiled_triton_kernels() -> list:
+    """Every Triton kernel of salt_kernels compiled (or loaded from the cache) in this
+    process so far: its constexprs, warps, stages, and registers and spills as Triton
+    reports them once loaded on the GPU (None before, and on Tritons that do not)."""
+    seen = []
+    for fn in _triton_functions().values():
+        kernels = []
+        for entry in list(fn.device_caches.values()):  # device -> (kernel cache, ...)
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            kernels += list(cache.values()) if isinstance(cache, dict) else []
+        names = getattr(fn, "arg_names", None) or []
+        for k in kernels:
+            meta = getattr(k, "metadata", None)
+            consts = getattr(getattr(k, "src", None), "constants", None) or {}
+            constexprs = {names[key[0]] if isinstance(key, tuple) and len(key) == 1 and key[0] < len(names)
+                          else str(key): v for key, v in consts.items()
+                          if isinstance(v, (bool, int, float, str))}
+            seen.append(dict(kernel=getattr(fn, "__name__", "?"), n_regs=getattr(k, "n_regs", None),
+                             n_spills=getattr(k, "n_spills", None), num_warps=getattr(meta, "num_warps", None),
+                             num_stages=getattr(meta, "num_stages", None), constexprs=constexprs))
+    return seen
+
+
+def triton_kernel_report() -> dict:
+    """What the Triton backend ran in this process: each autotuned launch's winning
+    config (kernel, autotune key, config) with the registers and spills of the compiled
+    kernels that match it, and every compiled kernel's registers and spills."""
+    compiled = compiled_triton_kernels()
+    winners = []
+    try:
+        from ...backends.triton import kernels as tk
+    except ImportError:
+        return dict(autotuned=[], compiled=compiled)
+    for name, tuner in getattr(tk, "_AUTOTUNED", {}).items():
+        for key, cfg in dict(getattr(tuner, "cache", {})).items():
+            keyed = dict(zip(tuner.keys, key))
+            match = [k for k in compiled if k["kernel"] == getattr(tuner.fn, "__name__", None)
+                     and k["num_warps"] == cfg.num_warps and k["num_stages"] == cfg.num_stages
+                     and all(k["constexprs"].get(n) == v for n, v in {**cfg.kwargs, **keyed}.items()
+                             if n in k["constexprs"])]
+            regs = [k["n_regs"] for k in match if k["n_regs"] is not None]
+            spills = [k["n_spills"] for k in match if k["n_spills"] is not None]
+            winners.append(dict(kernel=name, key=[str(v) for v in key], config=dict(
+                cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                n_regs=max(regs) if regs else None, n_spills=max(spills) if spills else None))
+    return dict(autotuned=winners, compiled=compiled)

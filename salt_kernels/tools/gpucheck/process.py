@@ -15,14 +15,26 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[3]
-TOTAL_BUDGET_S = 560  # the whole check on one GPU, extension build included
+# The whole check on one GPU, extension build included: the sum of the step budgets may not
+# exceed it. A lent GPU runs one command for at most 10 minutes; 420 s of budgets leaves
+# room for the wheel install, the cache copy and the Python start-ups around the steps.
+TOTAL_BUDGET_S = 420
+# Each step's estimate (what it should take on one H100 with 16 cores) is at most this
+# share of its budget, so that a slow machine or a cold start does not cost a step.
+ESTIMATE_SHARE = 0.7
 STEP_RESULT = "result.json"  # name of a step's result file under DIR/steps/STEP/
+# pytest, interrupted near its step's budget, gets this long to print its summary and
+# write its JUnit file before it is killed; it ends PYTEST_GRACE_S + 10 s before the
+# step's budget, so that the step itself can still read that file and report.
+PYTEST_STOP_BEFORE_S = 25
+PYTEST_GRACE_S = 15
 
 
 @dataclass
 class Context:
     out: Path
     dry_run: bool
+    extra_env: dict = field(default_factory=dict)  # for every step's process (the Triton cache)
 
     @property
     def device(self) -> str:
@@ -34,7 +46,7 @@ class Context:
         return d
 
     def env(self) -> dict:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         # The interpreter's own bin first: torch finds ninja (a pip package) on PATH only, and
         # without it the extension builds one file at a time, past the build budget.
@@ -49,12 +61,18 @@ class Context:
 class Step:
     """One step. ``run(ctx)`` executes in a child process (``--run-step NAME``) and returns
     ``{"status": "pass" | "fail" | "skip", "summary": str, "figures": {...}}``.
-    ``command`` replaces that child's command line (tests use it)."""
+    ``command`` replaces that child's command line (tests use it). ``estimate_s`` is what
+    the step should take on one H100 with 16 cores, ``basis`` how that was reckoned;
+    ``budget_s`` is at least ``estimate_s / ESTIMATE_SHARE`` (tests/test_gpucheck.py)."""
     name: str
     title: str
     budget_s: int  # on a GPU
     dry_budget_s: int  # in a dry run on 2 CPU cores
     run: Callable[[Context], dict] | None = None
+    estimate_s: int = 0
+    basis: str = ""
+    # the figures of a step stopped before it wrote its result (e.g. the benchmark's rows so far)
+    salvage: Callable[[Context], dict] | None = None
     command: Callable[[Context], list] | None = None
     env: dict = field(default_factory=dict)  # on top of Context.env(), for this step's process
 
@@ -84,9 +102,9 @@ def _echo(cmd, **kw) -> int:
     return subprocess.run(cmd, **kw).returncode
 
 
-def _echo_until(cmd, deadline_s: float, **kw) -> tuple[int, bool]:
+def _echo_until(cmd, deadline_s: float, grace_s: float = PYTEST_GRACE_S, **kw) -> tuple[int, bool]:
     """``_echo`` with a deadline: past it the command gets SIGINT (pytest then stops, prints
-    its summary and writes its report) and, 30 s later, SIGKILL. (returncode, stopped)."""
+    its summary and writes its report) and, ``grace_s`` later, SIGKILL. (returncode, stopped)."""
     print("$", " ".join(str(c) for c in cmd), flush=True)
     proc = subprocess.Popen(cmd, **kw)
     try:
@@ -94,7 +112,7 @@ def _echo_until(cmd, deadline_s: float, **kw) -> tuple[int, bool]:
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
         try:
-            return proc.wait(timeout=30), True
+            return proc.wait(timeout=grace_s), True
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait(), True
@@ -133,6 +151,11 @@ def run_step(step: Step, ctx: Context) -> dict:
         record.update(json.loads(result_path.read_text()))
     else:
         record.update(status="fail", summary=f"exit status {rc}", figures={})
+        if step.salvage is not None:
+            try:
+                record["figures"] = step.salvage(ctx)["figures"]
+            except Exception as exc:  # nothing to salvage: the failure says enough
+                record["figures"] = dict(salvage_error=f"{type(exc).__name__}: {exc}")
     if timed_out:
         record.update(status="fail", summary=f"timed out after {budget} s (budget); " + record["summary"])
     elif rc != 0 and record["status"] != "fail":

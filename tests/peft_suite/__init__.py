@@ -1,0 +1,1 @@
+"""PEFT's own custom-model tests, run with SALT's rows (see conftest.py)."""
