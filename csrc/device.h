@@ -12,9 +12,11 @@
 //                     (OpenMP), partials in block order     per column, partials in chunk order
 //  for_each_slice     parallel over threads, BLAS serial    in order on the current stream
 //                     inside (SerialBlasGuard)              (cuBLAS parallelises each call)
+//  bmm_out            for_each_slice over the batch         one batched cuBLAS GEMM
 //  sum_slices         partials added in slice order         one kernel, slices in order
-//  mix_rows           parallel over row blocks              one CUDA thread per row
-//                     (both run mix_row of mix_rows.h)
+//  mix_rows           parallel over row blocks, mix_row     a warp per row, columns across
+//                     of mix_rows.h per row                 its lanes (coalesced), the r-long
+//                                                           dots summed by a fixed shuffle tree
 //
 // Every reduction over M sums in an order that depends on the shapes only, never on the
 // thread count or the GPU model.
@@ -38,6 +40,9 @@ namespace salt_kernels {
   static void add_column_sums(const at::Tensor& G, at::Tensor& col_sums);                              \
   /* body(s) for s in [0, n); each body writes only its own slice. */                                   \
   static void for_each_slice(int64_t n, const std::function<void(int64_t)>& body);                     \
+  /* out[b] = a[b] @ b[b] for each b of the batch (out preallocated, contiguous): each product */     \
+  /* summed over its own rows only, in an order that does not depend on the thread count. */           \
+  static void bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);                       \
   /* out = parts[0] + parts[1] + ..., in that order (parts: (n, ...), n >= 2). */                      \
   static void sum_slices(const at::Tensor& parts, at::Tensor& out);                                   \
   /* Mixed adapters: out[m] = mix_row(Z[m]) with adapter index[m] (-1: base_sigma only), see */        \

@@ -1,6 +1,6 @@
-// The per-row core product of the mixed-adapter op, written once for both devices: the
-// CPU loops over rows with it (cpu/salt_cpu.cpp), the CUDA kernel runs it one thread per
-// row (cuda/salt_device.cuh). Torch-free, so plain nvcc compiles it too.
+// The per-row core product of the mixed-adapter op, as the CPU runs it: the CPU loops over
+// rows with it (cpu/salt_cpu.cpp); the CUDA kernel (cuda/salt_device.cuh) computes the
+// same formula a warp per row, columns across the lanes. Torch-free.
 //
 // One row z (r values) of adapter a goes through its core C_a = diag(sigma_a) + s X_a Y_a
 // by the factors, never an r x r matrix (2 r r' + r multiply-adds):

@@ -17,7 +17,7 @@
 //    (fp16 on CPU, a stride-0 G from y.sum(), ...) rows are converted a block at a time,
 //    so the copies stay block-sized: no M x K or M x D temporaries besides the outputs.
 //  * Reductions over M are deterministic: db by Dev::add_column_sums, dC over fixed row
-//    slices (sizes depend on M only) added in slice order.
+//    slices (sizes depend on M only; one batched GEMM) added in slice order.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -164,16 +164,22 @@ std::tuple<Tensor, Tensor, Tensor> salt_backward(const Tensor& G, const Tensor& 
       }
     }
     if (need_dC) {
-      // dC = dT^T Z over fixed slices of 1024 rows, the partials added in slice order:
-      // the same sum on any number of threads.
+      // dC = dT^T Z over fixed slices of 1024 rows, the partials added in slice order: the
+      // same sum on any number of threads. The whole slices are one batched GEMM into the
+      // preallocated partials (Dev::bmm_out), a last partial slice one more GEMM.
       constexpr int64_t dC_rows = 1024;
-      const int64_t slices = (M + dC_rows - 1) / dC_rows;
+      const int64_t whole = M / dC_rows, rest = M - whole * dC_rows, slices = whole + (rest > 0 ? 1 : 0);
       Tensor parts = slices == 1 ? dC.unsqueeze(0) : at::empty({slices, r, r}, acc_opts);
-      Dev::for_each_slice(slices, [&](int64_t s) {
-        const int64_t m0 = s * dC_rows, rows = std::min(dC_rows, M - m0);
-        Tensor part = parts.select(0, s);
-        at::mm_out(part, dT_full.narrow(0, m0, rows).t(), Z.narrow(0, m0, rows));
-      });
+      if (whole > 0) {
+        const int64_t rows = whole * dC_rows;
+        Tensor out = parts.narrow(0, 0, whole);
+        Dev::bmm_out(out, dT_full.narrow(0, 0, rows).view({whole, dC_rows, r}).transpose(1, 2),
+                     Z.narrow(0, 0, rows).reshape({whole, dC_rows, r}));
+      }
+      if (rest > 0) {
+        Tensor part = parts.select(0, whole);
+        at::mm_out(part, dT_full.narrow(0, whole * dC_rows, rest).t(), Z.narrow(0, whole * dC_rows, rest));
+      }
       if (slices > 1) Dev::sum_slices(parts, dC);
     }
   }

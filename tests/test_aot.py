@@ -113,17 +113,56 @@ def test_every_scenario_plans_launches():
     assert len(aot.R_PADS) == 5 and len(aot.NEEDS) == 4
 
 
+def test_every_padded_rank_is_checked_at_an_odd_rank():
+    """Rank strides (U/V rows, Z, the core, the partials) are specialised on r: each
+    padded rank is checked at r = R_PAD (all 16-aligned) and at an odd rank in its bucket
+    (none aligned); --full adds r = 1 (strides == 1) and ranks that are multiples of 8 only."""
+    from salt_kernels.backends.triton import kernels as tk
+
+    for full in (False, True):
+        rs = aot.ranks(full)
+        for R_PAD in aot.R_PADS:
+            bucket = [r for r in rs if tk.rank_tiles(r)[0] == R_PAD]
+            assert R_PAD in bucket and any(r % 2 for r in bucket), (R_PAD, bucket)
+    assert {1, 24, 136} <= set(aot.ranks(True)) - set(aot.ranks())
+    planned = {(L.name, dict(zip(L.fn.arg_names, L.args))["R_ALIGNED"]) for _, L in aot.launches()
+               if L.name in ("shrink", "expand")}
+    assert {("shrink", 0), ("shrink", 1), ("expand", 0), ("expand", 1)} <= planned  # R_ALIGNED both ways
+
+
 def test_sample_compiles_without_spills():
     """A sample of the check, compiled for real: the widest fp32 forward at large M."""
     rows = _compiled_mode(r"""
 import json
 from salt_kernels.tools import aot
 jobs = [j for j in aot.jobs() if j["launch"].kwargs.get("R_PAD") == 256 and j["arch"] == 90
-        and "contiguous M4096" in j["scenarios"] and str(j["launch"].args[0].dtype) == "torch.float32"
+        and "contiguous M4096 r256" in j["scenarios"] and str(j["launch"].args[0].dtype) == "torch.float32"
         and j["launch"].name in ("expand", "mix")][:4]
 print(json.dumps([aot.compile_one(j) for j in jobs], default=str))
 """)
     assert rows
+    assert aot.check(rows) == [], aot.check(rows)
+
+
+def test_odd_rank_launches_compile_without_spills():
+    """Odd ranks (rank strides without the divisibility-16 hint) take their own configs:
+    the fp32 backward mix with dC and dZ (32 B spilled on sm_90 at 4 warps), the bf16
+    expand at r > 64 (255 registers or spills at 128-column tiles) and the fp32 expand
+    (spilled at 32 rows) compile clean at r = 33, 200 and 9, as planned for a real launch."""
+    rows = _compiled_mode(r"""
+import json, torch
+from salt_kernels.tools import aot
+from salt_kernels.backends.triton import kernels as tk
+jobs = []
+for r, dtype, M, name, arch in ((33, torch.float32, 32, "mix", 90), (200, torch.float32, 4096, "mix", 90),
+                                (129, torch.bfloat16, 32, "expand", 80), (9, torch.float32, 32, "expand", 90)):
+    x, G, U, V, C, b = aot._tensors(torch, M, 512, 512, r, dtype, "contiguous")
+    _, Z, _ = tk.forward_launches(x, U, V, C, b)
+    *_, bwd = tk.backward_launches(G, Z, U, V, C, True, True, True)
+    jobs += [dict(launch=L, config=c, arch=arch, scenarios=[f"r{r}"]) for L in bwd if L.name == name for c in L.configs]
+print(json.dumps([aot.compile_one(j) for j in jobs], default=str))
+""")
+    assert len(rows) == 5
     assert aot.check(rows) == [], aot.check(rows)
 
 
@@ -134,6 +173,8 @@ def test_multi_adapter_expand_is_checked():
 
     seen = {(aot._io_dtype(L), L.kwargs["R_PAD"], L.kwargs["HAS_BIAS"], L.kwargs["BANKED_BIAS"],
              L.kwargs["HAS_BASE_BIAS"]) for _, L in aot.multi_launches() if L.fn is tm._multi_expand_kernel}
+    odd = {L.args[1] % 16 != 0 for _, L in aot.multi_launches() if L.fn is tm._multi_expand_kernel}
+    assert odd == {True, False}  # Z's row stride r: odd ranks too
     modes = {(False, False, False), (True, False, False), (True, True, False), (True, True, True)}
     want = {(d, R, *m) for d, ranks in (("bfloat16", (16, 32, 64, 128)), ("float32", (16, 32, 64))) for R in ranks for m in modes}
     assert seen == want

@@ -532,3 +532,54 @@ def test_busy_cpu_times_with_one_thread(monkeypatch, capsys):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_decode_shapes_are_also_timed_back_to_back(monkeypatch):
+    """Decode shapes (M <= 64) ask time_steps for the back-to-back (no L2 flush) and CUDA
+    graph timings; larger shapes do not. (On CPU time_steps leaves them unset: CPU calls
+    always run back to back.)"""
+    from salt_kernels.tools.bench import cli, methods
+
+    asked = []
+    real = cli.time_steps
+
+    def spy(steps, device, min_time, **kw):
+        asked.append(kw.get("back_to_back"))
+        return real(steps, device, min_time, **kw)
+
+    monkeypatch.setattr(cli, "time_steps", spy)
+    shapes = [presets.Shape("t", "decode", 4, 32, 24, 8, 2), presets.Shape("t", "prefill", 65, 32, 24, 8, 2)]
+    ms = methods.build_methods("cpu", ["reference"], baselines=())
+    rows = cli.run_benchmarks(shapes, ms, "cpu", torch.float32, min_time=0.01, progress=False)
+    assert asked == [True, True, False, False]  # (fwd, fwd+bwd) per shape
+    assert all(r.timing.back_to_back is None and r.timing.graph is None for r in rows)
+    assert timing.format_back_to_back(rows) is None
+
+
+def test_back_to_back_timings_are_reported():
+    """Rows carrying back-to-back and CUDA-graph timings get a line each (a method that
+    cannot be captured shows '-'), and the figures go into the CSV/JSON records."""
+    from salt_kernels.tools.bench import methods, report
+
+    shape = presets.Shape("t", "decode", 1, 32, 24, 8, 2)
+    m = methods.build_methods("cpu", ["reference"], baselines=("dense",))
+    rows = [Row(shape, m[0], "fwd", timing=timing.Timing([20e-6], back_to_back=35e-6, graph=6e-6)),
+            Row(shape, m[1], "fwd", timing=timing.Timing([10e-6], back_to_back=12e-6, graph=None))]
+    text = timing.format_back_to_back(rows)
+    lines = text.splitlines()
+    assert "back to back" in lines[0] and len(lines) == 3
+    assert re.search(r"20\.0 \|\s+35\.0 \|\s+6\.0$", lines[1]) and lines[2].rstrip().endswith("-")
+    rec = report.row_record(rows[0], {}, {})
+    assert rec["time_back_to_back_ms"] == pytest.approx(0.035) and rec["time_cuda_graph_ms"] == pytest.approx(0.006)
+    assert "time_back_to_back_ms" in report.CSV_FIELDS and "time_cuda_graph_ms" in report.CSV_FIELDS
+
+
+def test_cuda_graph_timing_is_none_when_capture_fails(monkeypatch):
+    """A step that cannot be captured (it syncs, or compiles on the way) gives no graph
+    figure rather than an error: the back-to-back figure stands alone."""
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    assert timing.cuda_graph_seconds(lambda: None, 0.01) is None

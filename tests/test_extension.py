@@ -491,3 +491,28 @@ def test_cuda_backward_bitwise_deterministic():
         runs.append(torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("M", [1023, 1024, 2048, 2500], ids=str)
+def test_dC_slices_match_float64(M):
+    """dC over 1024-row slices: whole slices as one batched GEMM, the rest as one more
+    GEMM, the partials added in order; exact slices, a remainder and a single slice all
+    match float64."""
+    _require("cpu", "cpu")
+    t = make_salt_inputs((M,), 24, 20, 6, 2, torch.float32, seed=M)
+    assert_matches_ground_truth(lambda **kw: salt_kernels.salt_linear(**kw, backend="cpu"), t, torch.float32,
+                                scaling=0.6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_cuda_dC_is_one_batched_gemm():
+    """On CUDA the backward's dC over the whole 1024-row slices is one batched cuBLAS
+    GEMM (aten::bmm), not a GEMM per slice."""
+    _require("cuda", "cuda")
+    t = make_salt_inputs((4096 + 100,), 64, 48, 16, 4, torch.float32, device="cuda", seed=2)
+    y = salt_kernels.salt_linear(**t, backend="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(y, [t["sigma"]], torch.ones_like(y))
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::bmm") == 1, names

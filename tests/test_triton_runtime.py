@@ -233,9 +233,9 @@ def test_capture_query_is_per_device(monkeypatch):
 
 def test_split_does_not_depend_on_the_device():
     """The split count is a function of the sizes (a fixed program target), not of the
-    SM count: decode on K = 4096 splits 16 ways on every GPU and under the interpreter."""
-    assert tk._plan(1, 4096, 32, 2) == (16, 16, 256)
-    assert tk._plan(1, 1500, 32, 4) == (16, 6, 256)
+    SM count: decode on K = 4096 splits 256 ways on every GPU and under the interpreter."""
+    assert tk._plan(1, 4096, 32, 2) == (16, 256, 16)
+    assert tk._plan(1, 1500, 32, 4) == (16, 94, 16)
     assert tk._plan(1 << 15, 4096, 64, 2)[1] == 1  # enough row blocks: unsplit
 
 
@@ -253,16 +253,18 @@ def test_bitwise_equal_across_autotune_configs(monkeypatch, dtype, r):
     t = make_salt_inputs((70,), 300, 150, r, 6, dtype, device=DEVICE)
     G = torch.randn(70, 150, device=DEVICE).to(dtype)
     monkeypatch.setattr(tk, "FORCE_SPLIT", 2)
+    monkeypatch.setattr(tk, "_PLANS", {})  # (restored afterwards: plans hold their configs)
     base = _run_all(t, G)
     real = tk.usable_configs
     n_tried = 0
     for kernel in ("shrink", "expand"):
         for i in range(1, 4):
-            def pick(name, BM, R_PAD, elem, kernel=kernel, i=i):
-                cs = real(name, BM, R_PAD, elem)
+            def pick(name, BM, R_PAD, elem, *, aligned=True, kernel=kernel, i=i):
+                cs = real(name, BM, R_PAD, elem, aligned=aligned)
                 return [cs[i % len(cs)]] if name == kernel else cs
 
             monkeypatch.setattr(tk, "usable_configs", pick)
+            tk.clear_plan_cache()  # plans hold their configs
             for a, b in zip(base, _run_all(t, G)):
                 assert torch.equal(a, b), (kernel, i)
             n_tried += 1
@@ -274,10 +276,84 @@ def test_shrink_candidates_share_the_reduction_order():
     of the K reduction) and one warp count (the layout, so the order, of db's in-tile
     column sums) per entry. (The interpreter ignores warps and, for these shapes, sums
     BN tiles exactly, so the bitwise test above cannot see a GPU-only order change.)"""
-    for (kernel, elem, r_max), configs in tk._CONFIG_TABLE.items():
-        if kernel == "shrink":
-            assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
-            assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
+    for table in (tk._CONFIG_TABLE, tk._UNALIGNED_CONFIGS):  # (the latter: odd ranks)
+        for (kernel, elem, r_max), configs in table.items():
+            if kernel == "shrink":
+                assert len({(c.kwargs["BN"], c.num_warps) for c in configs}) == 1, (elem, r_max)
+                assert tk._SPLIT_ALIGN % configs[0].kwargs["BN"] == 0  # split ranges are whole K tiles
+
+
+# ---------------------------------------------------------------------------------------
+# Odd ranks: rank strides without the divisibility-16 hint take their own configs
+# ---------------------------------------------------------------------------------------
+
+
+def _planned(M, K, D, r, dtype):
+    x, G = torch.empty(M, K, dtype=dtype), torch.empty(M, D, dtype=dtype)
+    U, V, C = torch.empty(D, r, dtype=dtype), torch.empty(K, r, dtype=dtype), torch.empty(r, r)
+    _, Z, fwd = tk.forward_launches(x, U, V, C, torch.empty(D, dtype=dtype))
+    *_, bwd = tk.backward_launches(G, Z, U, V, C, True, True, True)
+    return fwd, bwd
+
+
+def _named(L, name):
+    return dict(zip(L.fn.arg_names, L.args))[name]
+
+
+@pytest.mark.parametrize("r", [33, 200])
+def test_mix_kernel_tiles_do_not_depend_on_the_rank_alignment(r):
+    """The mix kernel (fp32 inputs, and r > 64) runs one stage at 4 warps whatever the
+    rank's alignment: pipelined (2-3 stages) it spilled 16 B on sm_80 or sm_90 with some
+    Triton at 4 and 8 warps (aot.py --full); with one stage every rank compiles clean."""
+    for rank, dtype in ((r, torch.float32), (tk.rank_tiles(r)[0], torch.float32), (r, torch.bfloat16)):
+        fwd, bwd = _planned(64, 256, 256, rank, dtype)
+        mixes = [L for L in fwd + bwd if L.name == "mix"]
+        assert mixes or (dtype == torch.bfloat16 and r <= 64)
+        for L in mixes:
+            assert [(c.num_warps, c.num_stages) for c in L.configs] == [(4, 1)], (rank, dtype)
+            assert (L.kwargs["BM"], L.kwargs["BR"]) == tk.mix_tiles(tk.rank_tiles(r)[0], torch.empty((), dtype=dtype).element_size())[:2]
+
+
+@pytest.mark.parametrize("r,dtype,M", [(9, torch.float32, 64), (17, torch.float32, 4096), (65, torch.bfloat16, 4096),
+                                       (129, torch.bfloat16, 32), (200, torch.bfloat16, 32), (9, torch.bfloat16, 64),
+                                       (33, torch.float32, 64), (1, torch.float32, 32), (40, torch.bfloat16, 32)])
+def test_odd_ranks_take_the_unaligned_configs(r, dtype, M):
+    """At an odd rank the planner offers only the candidates aot.py compiled clean there:
+    no 128-column bf16 expand tiles (255 registers or spills), at most 2 stages in the
+    fp32 shrink, 16-row fp32 expand tiles; the launches carry R_ALIGNED = 0 for the autotune
+    key, and r = R_PAD keeps its configs."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    R_PAD = tk.rank_tiles(r)[0]
+    for rank, aligned in ((r, False), (R_PAD, True)):
+        fwd, bwd = _planned(M, 512, 512, rank, dtype)
+        for L in fwd + bwd:
+            if L.name not in ("shrink", "expand"):
+                continue
+            assert _named(L, "R_ALIGNED") == int(aligned)
+            assert L.configs == tk.usable_configs(L.name, L.kwargs["BM"], R_PAD, elem, aligned=aligned)
+            if not aligned and L.name == "expand" and elem == 2:
+                assert all(c.kwargs["BN"] <= 64 for c in L.configs)
+            if not aligned and L.name == "expand" and elem == 4:
+                assert L.kwargs["BM"] == 16
+            if not aligned and L.name == "shrink" and elem == 4:
+                assert all(c.num_stages <= 2 for c in L.configs)
+
+
+def test_autotune_key_separates_aligned_and_odd_ranks():
+    """r = 64 and r = 33 share R_PAD and the size buckets, but not their candidates: the
+    autotune key carries R_ALIGNED, so a choice tuned for one is never reused for the other."""
+    tuner = triton.autotune(tk.EXPAND_CONFIGS, key=tk._KEY + ["PROLOGUE_MIX", "HAS_BIAS"],
+                            prune_configs_by={"early_config_prune": tk._pruner("expand")})(tk._expand_kernel)
+    keys = []
+    for r in (64, 33):
+        fwd, _ = _planned(4096, 512, 512, r, torch.float32)
+        (expand,) = [L for L in fwd if L.name == "expand"]
+        keys.append(tk._autotune_key(tuner, expand.args, expand.kwargs))
+        named = dict(zip(tuner.arg_names, expand.args), **expand.kwargs)
+        assert tuner.early_config_prune(tk.EXPAND_CONFIGS, named) == expand.configs
+    assert keys[0] != keys[1]
+    for c in tk._UNALIGNED_CONFIGS.values():
+        assert all(x in tk.SHRINK_CONFIGS + tk.EXPAND_CONFIGS for x in c)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,3 +383,127 @@ def test_kernels_see_a_unit_stride_basis(layout, monkeypatch):
     assert seen == [(1, 1)]
     y_ref, _ = tk.salt_forward(x, U2.contiguous(), V2.contiguous(), C, b)
     torch.testing.assert_close(y, y_ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch plans at GPU sizes (meta tensors: planned, never run)
+# ---------------------------------------------------------------------------------------
+
+
+def _meta_plan(M, K, D, r, dtype=torch.bfloat16, needs=(True, True, True), bias=True):
+    x, G = torch.empty(M, K, dtype=dtype, device="meta"), torch.empty(M, D, dtype=dtype, device="meta")
+    U, V = torch.empty(D, r, dtype=dtype, device="meta"), torch.empty(K, r, dtype=dtype, device="meta")
+    C = torch.empty(r, r, device="meta")
+    b = torch.empty(D, dtype=dtype, device="meta") if bias else None
+    _, Z, fwd = tk.forward_launches(x, U, V, C, b)
+    *_, bwd = tk.backward_launches(G, Z, U, V, C, *needs)
+    return fwd, bwd
+
+
+def _programs(launch) -> int:
+    grid = launch.default[0]
+    return grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+
+
+def _gpu_preset_shapes():
+    from salt_kernels.tools.bench.presets import FULL_PRESETS, select_shapes
+
+    return [s for s in select_shapes(FULL_PRESETS) if s.r <= tk.MAX_RANK]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_reductions_fill_the_gpu_at_every_gpu_preset(dtype):
+    """Every sum of partials (db's row-block partials, dC's row-group partials, the split
+    shrink's partials) at every salt-bench GPU preset shape has >= 264 programs (2 per SM
+    of an H100), at every level, wherever it has at least 4 x 264 outputs (the split sums
+    at decode, M * r <= 1024 values, are the exception, and are counted here). dC's own
+    kernel has >= 264 programs from M = 512 up (one 64 x 64 tile of rows below that)."""
+    small = []
+    for s in _gpu_preset_shapes():
+        fwd, bwd = _meta_plan(s.M, s.K, s.D, s.r, dtype)
+        for L in fwd + bwd:
+            if L.name == "sum":
+                out_len = L.args[2]
+                if out_len >= 4 * tk._REDUCE_PROGRAMS:
+                    assert _programs(L) >= tk._REDUCE_PROGRAMS, (s, L.default[0], out_len)
+                else:
+                    assert out_len == s.M * s.r and s.M <= 16, (s, out_len)  # the split sum at decode
+                    small.append((s.M, _programs(L)))
+            if L.name == "dc" and s.M >= 512:
+                assert _programs(L) >= tk._REDUCE_PROGRAMS, (s, L.default[0])
+    assert small  # the decode presets were planned
+
+
+def test_dc_workspace_is_at_most_an_eighth_of_G():
+    """The dC partials stay <= G's size / 8 at every M and r <= 256 (and dC is written
+    directly, no workspace, when one row group suffices): at r = 256, M = 64k, D = 4096 in
+    bf16 one partial per 32-row block would have been as large as G (512 MiB)."""
+    for elem in (2, 4):
+        for r in (1, 16, 33, 64, 100, 128, 200, 256):
+            for D in sorted({r, 768, 4096, 11008}):
+                for M in (1, 15, 16, 17, 512, 4097, 8192, 65536, 1 << 20):
+                    ws = tk.dc_workspace_bytes(M, D, r, elem)
+                    assert ws <= M * D * elem / 8, (elem, r, D, M, ws)
+    M, D, r = 65536, 4096, 256
+    _, bwd = _meta_plan(M, 4096, D, r)
+    (dc,) = [L for L in bwd if L.name == "dc"]
+    workspace = dc.args[4]
+    assert workspace.dtype == torch.float32 and workspace.dim() == 3 and workspace.shape[1:] == (r, r)
+    assert workspace.numel() * 4 <= M * D * 2 / 8
+    assert _programs(dc) >= tk._REDUCE_PROGRAMS
+    sums = [L for L in bwd if L.name == "sum" and L.args[2] == r * r]
+    assert sums and sums[-1].args[4].shape == (r, r)  # the last level writes dC
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("r", [16, 64, 128, 256])
+def test_decode_shrink_has_a_program_per_sm_and_sums_splits_once(dtype, r):
+    """M <= 16 at K = 4096: the shrink runs >= 132 programs (one per SM of an H100), and
+    its split partials are summed once, by one sum chain into Z (dT), which the mix or
+    expand then read: no consumer re-sums the partials per column block."""
+    for M in (1, 4, 16):
+        fwd, bwd = _meta_plan(M, 4096, 4096, r, dtype)
+        for launches in (fwd, bwd):
+            shrink = launches[0]
+            assert shrink.name == "shrink" and _programs(shrink) >= 132, (M, shrink.default[0])
+            parts = shrink.args[6]
+            assert parts.shape[0] > 1
+            sums = [L for L in launches if L.name == "sum" and L.args[2] == M * r]
+            assert sums[0].args[0] is parts and sums[0].args[1] == parts.shape[0]  # every partial, in one chain
+            summed = sums[-1].args[4]  # Z (forward) or dT (backward)
+            assert summed.shape == (M, r) and summed is not parts
+            mix = [L for L in launches if L.name == "mix"]
+            for L in launches:
+                if L.name in ("mix", "dc") or (L.name == "expand" and not mix):
+                    assert L.args[0] is summed, L.name  # the summed rows, never the partials
+                elif L.name == "expand":
+                    assert L.args[0] is mix[0].args[4]  # the mixed rows (written after the sum)
+        assert [L.name for L in fwd][-1] == "expand"
+
+
+def test_launch_plans_are_cached_per_layout():
+    """The plan is computed once per (sizes, strides, dtypes, device, needed gradients):
+    a second call only allocates and binds; another layout gets its own plan."""
+    tk.clear_plan_cache()
+    _meta_plan(64, 256, 128, 32)
+    n = len(tk._PLANS)
+    _meta_plan(64, 256, 128, 32)
+    assert len(tk._PLANS) == n == 2
+    _meta_plan(65, 256, 128, 32)
+    _meta_plan(64, 256, 128, 32, needs=(True, False, False))
+    assert len(tk._PLANS) == 5
+    x = torch.empty(256, 64, device="meta").t()  # transposed x: another layout
+    U, V, C = torch.empty(128, 32, device="meta"), torch.empty(256, 32, device="meta"), torch.empty(32, 32, device="meta")
+    tk.forward_launches(x, U, V, C, None)
+    assert len(tk._PLANS) == 6
+
+
+def test_sum_levels_are_a_function_of_the_sizes():
+    """Two levels (or more) over fixed chunks of 32 partials, columns per program from the
+    length alone: the order of every sum depends on (P, L) only."""
+    assert tk.sum_levels(8, 4096) == [(8, 8, 1, 2)]
+    assert tk.sum_levels(128, 4096) == [(32, 8, 4, 2), (4, 8, 1, 2)]
+    assert tk.sum_levels(2048, 65536) == [(32, 128, 64, 4), (32, 128, 2, 4), (2, 128, 1, 4)]
+    for P, L in ((2, 1), (33, 5), (1000, 100_000)):
+        levels = tk.sum_levels(P, L)
+        assert levels[-1][2] == 1 and all(rows <= tk._SUM_ROWS for rows, *_ in levels)

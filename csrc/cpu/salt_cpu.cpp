@@ -128,6 +128,15 @@ void CpuDevice::for_each_slice(int64_t n, const std::function<void(int64_t)>& bo
   });
 }
 
+// The batch as slices on the threads, each GEMM on single-threaded BLAS: the same bits for
+// any thread count (a threaded BLAS call would split each product's reduction by it).
+void CpuDevice::bmm_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  for_each_slice(out.size(0), [&](int64_t i) {
+    Tensor slice = out.select(0, i);
+    at::mm_out(slice, a.select(0, i), b.select(0, i));
+  });
+}
+
 void CpuDevice::sum_slices(const Tensor& parts, Tensor& out) {
   out.copy_(parts.select(0, 0));
   for (int64_t s = 1; s < parts.size(0); ++s) out.add_(parts.select(0, s));

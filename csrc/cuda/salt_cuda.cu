@@ -65,6 +65,10 @@ void CudaDevice::for_each_slice(int64_t n, const std::function<void(int64_t)>& b
   for (int64_t s = 0; s < n; ++s) body(s);
 }
 
+// One cuBLAS batched GEMM (strided batch): each product's reduction is cuBLAS's, fixed for
+// one shape, GPU model and library version.
+void CudaDevice::bmm_out(Tensor& out, const Tensor& a, const Tensor& b) { at::bmm_out(out, a, b); }
+
 // One launch instead of n - 1 adds; same order as the CPU twin.
 void CudaDevice::sum_slices(const Tensor& parts, Tensor& out) {
   TORCH_CHECK(parts.is_contiguous() && out.is_contiguous(), "salt_kernels: sum_slices expects contiguous buffers");
@@ -75,7 +79,7 @@ void CudaDevice::sum_slices(const Tensor& parts, Tensor& out) {
   });
 }
 
-// The per-row function is the CPU's (mix_rows.h); here one thread runs each row.
+// The formula of mix_rows.h, a warp per row (salt_device.cuh).
 void CudaDevice::mix_rows(const Tensor& Z, const Tensor& index, const Tensor& sigma, const Tensor& P,
                           const Tensor& Q, const Tensor& base_sigma, double scaling, Tensor& out) {
   auto stream = at::cuda::getCurrentCUDAStream().stream();

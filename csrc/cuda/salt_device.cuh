@@ -16,7 +16,6 @@
 
 #include <cstdint>
 
-#include "../mix_rows.h"
 
 namespace salt_cuda {
 
@@ -83,21 +82,38 @@ cudaError_t launch_sum_partials(const Acc* partials, int64_t chunks, int64_t N, 
   return cudaGetLastError();
 }
 
-// out[m] = the core of adapter index[m] applied to Z[m] (mix_rows.h), one thread per row:
-// the per-row work is r' dots and axpys of length r, and rows of one adapter read the
-// same few KiB of factors, which stay in L1/L2.
+// out[m] = the core of adapter index[m] applied to Z[m]: the formula of mix_rows.h
+// (out = z * sig + s * sum_j (P[j] . z) Q[j]), a warp per row, rows per block. The lanes
+// run across the row's r columns, so every read and write of Z, out and the factors is
+// coalesced (one thread per row read r strided values and wrote r, each in its own
+// cache line); each dot product P[j] . z is summed by lane, then by a fixed butterfly of
+// warp shuffles: deterministic, and equal to the CPU's mix_row up to rounding.
+constexpr int kWarp = 32;
+constexpr int kMixRowsPerBlock = kThreads / kWarp;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 mix_rows_kernel(const T* __restrict__ Z, const int64_t* __restrict__ index, const T* __restrict__ sigma,
                 const T* __restrict__ P, const T* __restrict__ Q, const T* __restrict__ base, int64_t M, int64_t r,
                 int64_t rl, T s, T* __restrict__ out) {
-  const int64_t m = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (m >= M) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kMixRowsPerBlock + threadIdx.x / kWarp;
+  if (m >= M) return;  // (the whole warp: one row per warp)
   const int64_t a = index[m];
-  if (a < 0) {
-    salt_kernels::mix_row<T>(Z + m * r, base, nullptr, nullptr, r, 0, s, out + m * r);
-  } else {
-    salt_kernels::mix_row<T>(Z + m * r, sigma + a * r, P + a * rl * r, Q + a * rl * r, r, rl, s, out + m * r);
+  const T* __restrict__ z = Z + m * r;
+  T* __restrict__ o = out + m * r;
+  const T* __restrict__ sig = a < 0 ? base : sigma + a * r;
+  for (int64_t i = lane; i < r; i += kWarp) o[i] = z[i] * sig[i];
+  if (a < 0) return;  // a base row: no low-rank term
+  const T* __restrict__ P_a = P + a * rl * r;
+  const T* __restrict__ Q_a = Q + a * rl * r;
+  for (int64_t j = 0; j < rl; ++j) {
+    T acc = T(0);
+    for (int64_t i = lane; i < r; i += kWarp) acc += P_a[j * r + i] * z[i];
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    const T w = s * acc;
+    for (int64_t i = lane; i < r; i += kWarp) o[i] += w * Q_a[j * r + i];
   }
 }
 
@@ -105,8 +121,8 @@ template <typename T>
 cudaError_t launch_mix_rows(const T* Z, const int64_t* index, const T* sigma, const T* P, const T* Q,
                             const T* base, int64_t M, int64_t r, int64_t rl, T s, T* out, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  mix_rows_kernel<T><<<static_cast<unsigned>(cdiv(M, kThreads)), kThreads, 0, stream>>>(Z, index, sigma, P, Q,
-                                                                                       base, M, r, rl, s, out);
+  mix_rows_kernel<T><<<static_cast<unsigned>(cdiv(M, kMixRowsPerBlock)), kThreads, 0, stream>>>(
+      Z, index, sigma, P, Q, base, M, r, rl, s, out);
   return cudaGetLastError();
 }
 

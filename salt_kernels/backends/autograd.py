@@ -43,14 +43,7 @@ def register_salt_autograd(forward_op, backward_op) -> None:
         need_x, need_U, need_V, need_C, need_b = ctx.needs_input_grad
         need_b = need_b and ctx.has_bias
         dx, dC, db = backward_op(grad_y, Z, U, V, C, need_x, need_C, need_b)
-        dU = dV = None
-        if need_U or need_V:
-            acc = C.dtype
-            G = grad_y.to(acc)
-            if need_U:
-                dU = (G.t() @ (Z @ C.t())).to(U.dtype)  # dU = G^T T
-            if need_V:
-                dV = (x.to(acc).t() @ ((G @ U.to(acc)) @ C)).to(V.dtype)  # dV = x^T dZ
+        dU, dV = _basis_grads(grad_y, Z, U, V, C, x, need_U, need_V)
         return (
             dx if need_x else None,
             dU,
@@ -67,3 +60,74 @@ def run_salt_op(forward_op, x, U, V, sigma, X, Y, bias, scaling: float):
     C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
     y, _ = forward_op(x, U, V, C, bias)
     return y
+
+
+def eager_function(forward_body, backward_body) -> type:
+    """The eager path of a kernel backend (see :func:`run_salt_eager`): one autograd
+    Function for the whole layer over the backend's op bodies (the contract above), the
+    core C built inside it. Its backward runs the backward body and turns dC into dsigma,
+    dX, dY directly (C = diag(sigma) + s X Y): dsigma = diag(dC), dX = s dC Y^T,
+    dY = s X^T dC."""
+
+    class EagerSalt(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, U, V, sigma, X, Y, bias, scaling):
+            C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
+            y, Z = forward_body(x, U, V, C, bias)
+            # (X only for dY, Y only for dX, x only for dV)
+            ctx.save_for_backward(Z, U, V, C, X if Y.requires_grad else None, Y if X.requires_grad else None,
+                                  x if V.requires_grad else None)
+            ctx.scaling, ctx.has_bias, ctx.dtypes = scaling, bias is not None, (sigma.dtype, X.dtype, Y.dtype)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            with autocast_off(grad_y.device.type):
+                Z, U, V, C, X, Y, x = ctx.saved_tensors
+                need_x, need_U, need_V, need_sigma, need_X, need_Y, need_b, _ = ctx.needs_input_grad
+                need_b = need_b and ctx.has_bias
+                dx, dC, db = backward_body(grad_y, Z, U, V, C, need_x, need_sigma or need_X or need_Y, need_b)
+                dU, dV = _basis_grads(grad_y, Z, U, V, C, x, need_U, need_V) if need_U or need_V else (None, None)
+                sigma_t, X_t, Y_t = ctx.dtypes
+                dsigma = dX = dY = None
+                if need_sigma:
+                    dsigma = dC.diagonal()
+                    dsigma = dsigma if dsigma.dtype == sigma_t else dsigma.to(sigma_t)
+                if need_X or need_Y:
+                    acc = C.dtype
+                    sdC = dC if ctx.scaling == 1.0 else dC * ctx.scaling
+                    if need_X:
+                        dX = torch.mm(sdC, (Y if Y.dtype == acc else Y.to(acc)).t())
+                        dX = dX if dX.dtype == X_t else dX.to(X_t)
+                    if need_Y:
+                        dY = torch.mm((X if X.dtype == acc else X.to(acc)).t(), sdC)
+                        dY = dY if dY.dtype == Y_t else dY.to(Y_t)
+            return dx if need_x else None, dU, dV, dsigma, dX, dY, db if need_b else None, None
+
+    return EagerSalt
+
+
+def _basis_grads(grad_y, Z, U, V, C, x, need_U: bool, need_V: bool):
+    """dU = G^T T and dV = x^T dZ (frozen in SALT; plain torch ops when asked for)."""
+    dU = dV = None
+    if need_U or need_V:
+        acc = C.dtype
+        G = grad_y.to(acc)
+        if need_U:
+            dU = (G.t() @ (Z @ C.t())).to(U.dtype)  # dU = G^T T
+        if need_V:
+            dV = (x.to(acc).t() @ ((G @ U.to(acc)) @ C)).to(V.dtype)  # dV = x^T dZ
+    return dU, dV
+
+
+def run_salt_eager(function, forward_body, x, U, V, sigma, X, Y, bias, scaling: float):
+    """``salt_linear_2d`` of a kernel backend outside tracing: the bodies of its op pair
+    (the contract above) without the custom-op dispatch, whose fixed cost per call (tens
+    of microseconds) is most of a decode step. Without autograd, the forward body alone;
+    otherwise one node of ``function`` (:func:`eager_function` over the same bodies)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or U.requires_grad or V.requires_grad
+                                           or sigma.requires_grad or X.requires_grad or Y.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
+        return forward_body(x, U, V, C, bias)[0]
+    return function.apply(x, U, V, sigma, X, Y, bias, scaling)

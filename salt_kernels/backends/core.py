@@ -19,11 +19,17 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """C = diag(sigma) + scaling * X @ Y, shape (r, r), in ``dtype``."""
-    C = torch.diag(sigma.to(dtype))
+    # (Casts to the dtype already held are skipped: each is a dispatch, and at decode this
+    # tiny product is a visible share of a layer call.)
+    C = torch.diag(sigma if sigma.dtype == dtype else sigma.to(dtype))
     if X.shape[1] > 0:
-        # scaling multiplies the small factor X (r x r') rather than riding as addmm's
-        # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
-        C = torch.addmm(C, X.to(dtype) * scaling, Y.to(dtype))
+        X, Y = (X if X.dtype == dtype else X.to(dtype)), (Y if Y.dtype == dtype else Y.to(dtype))
+        if torch.compiler.is_compiling():
+            # scaling multiplies the small factor X (r x r') rather than riding as addmm's
+            # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
+            C = torch.addmm(C, X * scaling, Y)
+        else:  # eager: alpha saves a launch (a Python scalar times a tensor is one more op)
+            C = torch.addmm(C, X, Y, alpha=scaling)
     return C
 
 
@@ -37,11 +43,18 @@ def constant_for_compile(fn):
     return fn
 
 
+_AUTOCAST_AVAILABLE: dict = {}
+
+
 @constant_for_compile
 def _autocast_available(device_type: str) -> bool:
     # A constant for torch.compile: the Dynamo of torch 2.11 cannot trace
     # torch.amp.is_autocast_available (a graph break, fatal under fullgraph=True).
-    return torch.amp.is_autocast_available(device_type)
+    # Cached: it is asked on every layer call.
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return available
 
 
 def autocast_active(device_type: str) -> bool:
@@ -56,5 +69,8 @@ def autocast_off(device_type: str):
     forward that ran with autocast off (salt_linear casts first)."""
     if autocast_active(device_type):
         return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # (reusable: it holds no state)
 

@@ -70,16 +70,18 @@ def _autocast_dtype(x):
 
 def _run(x, U, V, sigma, X, Y, bias, scaling, backend, mixed, index, base_sigma, base_bias):
     device_type = x.device.type
-    need = dispatch.call_need(mixed, x, U, V, (sigma, X, Y, bias, base_sigma, base_bias))
     if mixed:  # (the M rows of the policy were measured on plain calls)
+        need = dispatch.call_need(mixed, x, U, V, (sigma, X, Y, bias, base_sigma, base_bias))
         row, dtype = dispatch._policy_row(device_type), x.dtype
     else:
+        need = dispatch.PLAIN
         row, dtype = (dispatch._policy_row(device_type, x=x) if backend == "auto" else 0), None
     name = dispatch._pick(dispatch._candidates(backend, device_type, row, need, dtype), backend, U.shape[1])
     impl = dispatch.implementation(name, need)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    flat = x.dim() == 2
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
     if mixed:
         y2d = impl(x2d, U, V, sigma, X, Y, bias, index.reshape(-1), base_sigma, base_bias, scaling)
     else:
         y2d = impl(x2d, U, V, sigma, X, Y, bias, scaling)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], U.shape[0])
+    return y2d if flat else y2d.reshape(*x.shape[:-1], U.shape[0])

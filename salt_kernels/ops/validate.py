@@ -29,7 +29,7 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> torch.Tensor:
 
 
 def _check_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected:  # (torch.Size compares equal to a tuple of the same ints)
         raise ValueError(
             f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(t.shape)}"
         )
@@ -41,9 +41,11 @@ def validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend) -> None:
     Shapes: ``x (..., K)``, ``U (D, r)``, ``V (K, r)``, ``sigma (r,)``, ``X (r, r')``,
     ``Y (r', r)``, ``bias (D,)`` or None; ``r >= 1``, ``r' >= 0``.
     """
+    # (Called on every layer call: each check is one comparison on the happy path.)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+    if type(scaling) is not float and (isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real)
+                                      or isinstance(scaling, bool)):
         raise TypeError(f"scaling: expected a Python float, got {type(scaling).__name__}")
     # Written as a comparison rather than math.isfinite so that under torch.compile with
     # dynamic=True (where scaling is a symbolic float) it becomes a guard on the value
@@ -81,16 +83,13 @@ def validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend) -> None:
         _check_tensor("bias", bias, 1)
         _check_shape("bias", bias, (D,), "= (out_features,)")
 
-    named = {"U": U, "V": V, "sigma": sigma, "X": X, "Y": Y}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+    device, dtype = x.device, x.dtype
+    for name, t in (("U", U), ("V", V), ("sigma", sigma), ("X", X), ("Y", Y), ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected a tensor on x's device {device}, got {t.device}")
     # The frozen basis and bias are streamed by the kernels next to x, so they share
     # its dtype (as nn.Linear's weight must). sigma, X, Y only feed the tiny r x r core
     # and may be kept in a wider dtype (fp32 master parameters for a bf16 model).
-    for name in ("U", "V", "bias"):
-        t = named.get(name)
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+    for name, t in (("U", U), ("V", V), ("bias", bias)):
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (x's dtype), got {t.dtype}")

@@ -3,10 +3,12 @@
 What is compiled is what runs. The launches come from the launcher itself:
 ``backends.triton.kernels.forward_launches`` / ``backward_launches`` (the functions the ops
 call) are run on CPU tensors for a set of scenarios (token counts from decode to large
-M, every padded rank, fp32 and bf16 (fp16 shares bf16's tiles and code shape),
-contiguous, transposed, non-unit-stride and stride-0 inputs (``--full`` adds odd
-sizes and transposed U/V), every combination of needed gradients), and ``backends.triton.multi.multi_launches`` (the
-mixed-adapter forward) for every rank and bias mode it serves. For each
+M, every padded rank both at r = R_PAD and at an odd rank (rank strides not multiples of
+16), fp32 and bf16 (fp16 shares bf16's tiles and code shape), contiguous, transposed,
+non-unit-stride and stride-0 inputs (``--full`` adds odd sizes, transposed U/V, r = 1
+and ranks that are multiples of 8 only), every combination of needed gradients), and
+``backends.triton.multi.multi_launches`` (the mixed-adapter forward) for every rank and bias
+mode it serves. For each
 launch and each autotune candidate the specialisation is derived by Triton's own JIT
 code (``create_function_from_signature`` + ``JITFunction._pack_args``, the path
 ``JITFunction.run`` takes before it compiles), so the signature, the ``==1`` constants,
@@ -60,11 +62,24 @@ MAX_REGISTERS = 240  # per thread; the hardware ceiling is 255
 ARCHS = (80, 90)
 DTYPES = ("float32", "bfloat16")  # fp16 has bf16's tiles and code shape (only the MMA type differs)
 R_PADS = (16, 32, 64, 128, 256)  # every padded rank the host can pick (rank_tiles)
+# Ranks checked. Only the rank strides depend on r (the rows of U/V, Z, the core and the
+# split partials, M*r), and Triton specialises each as == 1, divisible by 16 or neither:
+# r = R_PAD makes all of them multiples of 16; an odd rank in each padded rank's bucket,
+# R_PAD/2 + 1, makes none of them one (M*r only at M a multiple of 16), and the host picks
+# other configs for it (backends.triton.kernels.rank_aligned). ``--full`` adds r = 1 (rank strides
+# == 1) and R_PAD/2 + 8 (multiples of 8 only: M*r 16-aligned at every even M).
+ODD_RANKS = tuple(R // 2 + 1 for R in R_PADS)  # 9, 17, 33, 65, 129
+FULL_RANKS = (1,) + tuple(R // 2 + 8 for R in R_PADS)  # 1, 16 (aligned: skipped), 24, 40, 72, 136
 # (M, K, D): the row tiles block_m returns (16, 32, 64), split (decode) and unsplit shrinks.
 SIZES = ((1, 512, 512), (32, 512, 512), (4096, 256, 256))
 # The needed gradients (dx, dC, db): training, frozen x (first layer), frozen adapter
 # (dx only) and bias-only training.
 NEEDS = ((True, True, True), (False, True, True), (True, False, False), (False, False, True))
+
+
+def ranks(full: bool = False) -> tuple:
+    """Every rank the check plans launches for (see ODD_RANKS)."""
+    return R_PADS + ODD_RANKS + (tuple(r for r in FULL_RANKS if r % 16) if full else ())
 
 
 def _scenarios(full: bool = False):
@@ -73,13 +88,14 @@ def _scenarios(full: bool = False):
     wider x / G), "stride0" (G an expanded scalar, as from y.sum()); with ``full`` also
     "odd" (sizes, so row strides, not multiples of 16), "transposed" at an odd M and
     "basis_t" (U and V stored transposed: the ops copy them to a unit rank stride, so this
-    checks that path plans the contiguous specialisations)."""
+    checks that path plans the contiguous specialisations); "transposed M19" gives the
+    32-row tiles with transposed x and G at every padded rank (R_PAD 128 included)."""
     out = [(f"contiguous M{M}", M, K, D, "contiguous") for M, K, D in SIZES]
     out += [("transposed M64", 64, 512, 512, "transposed"), ("strided", 48, 512, 512, "strided"),
             ("stride0", 48, 512, 512, "stride0")]
     if full:
         out += [("odd", 70, 1031, 517, "odd"), ("transposed M70", 70, 512, 512, "transposed"),
-                ("basis_t", 48, 512, 512, "basis_t")]
+                ("transposed M19", 19, 512, 512, "transposed"), ("basis_t", 48, 512, 512, "basis_t")]
     return out
 
 
@@ -111,16 +127,16 @@ def launches(full: bool = False):
     out = []
     for name, M, K, D, layout in _scenarios(full):
         for dtype in DTYPES:
-            for R_PAD in R_PADS:
-                x, G, U, V, C, bias = _tensors(torch, M, K, D, R_PAD, getattr(torch, dtype), layout)
+            for r in ranks(full):
+                x, G, U, V, C, bias = _tensors(torch, M, K, D, r, getattr(torch, dtype), layout)
                 U, V = tk.basis_for_kernels(U), tk.basis_for_kernels(V)  # as the ops do
                 for b in (bias, None):
                     _, Z, fwd = tk.forward_launches(x, U, V, C, b)
-                    out += [(name, L) for L in fwd]
+                    out += [(f"{name} r{r}", L) for L in fwd]
                 for needs in NEEDS:
                     *_, bwd = tk.backward_launches(G, Z, U, V, C, *needs)
-                    out += [(name, L) for L in bwd]
-    return out + multi_launches()
+                    out += [(f"{name} r{r}", L) for L in bwd]
+    return out + multi_launches(full)
 
 
 # Mixed-adapter forward (backends.triton.multi): adapters in the bank, r' of each core.
@@ -129,31 +145,34 @@ MULTI_A, MULTI_RL = 3, 8
 MULTI_BIAS = ("none", "shared", "banked", "banked+base")
 
 
-def multi_launches():
-    """Every launch the mixed-adapter Triton forward plans: both dtypes at every padded
-    rank it serves (larger ones go to the C++ op), every bias mode, contiguous and strided
-    x, at a decode and a large M: (scenario, Launch)."""
+def multi_launches(full: bool = False):
+    """Every launch the mixed-adapter Triton forward plans: both dtypes at every rank of
+    :func:`ranks` it serves (larger ones go to the C++ op), every bias mode, contiguous
+    and strided x, at a decode and a large M: (scenario, Launch)."""
     import torch
 
+    from ..backends.triton import kernels as tk
     from ..backends.triton import multi as tm
 
     out = []
     for layout, M in (("contiguous", 1), ("contiguous", 4096), ("strided", 48)):
-        name = f"multi {layout} M{M}"
         K = D = 512
         for dtype in DTYPES:
             dt = getattr(torch, dtype)
-            for R_PAD in R_PADS:
+            for r in ranks(full):
+                name = f"multi {layout} M{M} r{r}"
+                R_PAD = tk.rank_tiles(r)[0]
                 if R_PAD > tm.MULTI_MAX_RANK[dt]:  # served by another backend
                     continue
-                x, _, U, V, _, _ = _tensors(torch, M, K, D, R_PAD, dt, layout)
+                x, _, U, V, _, _ = _tensors(torch, M, K, D, r, dt, layout)
+                U, V = tk.basis_for_kernels(U), tk.basis_for_kernels(V)  # as the op does
                 A, rl = MULTI_A, MULTI_RL
-                sigma, X, Y = (torch.empty(s, dtype=dt) for s in ((A, R_PAD), (A, R_PAD, rl), (A, rl, R_PAD)))
+                sigma, X, Y = (torch.empty(s, dtype=dt) for s in ((A, r), (A, r, rl), (A, rl, r)))
                 index = torch.arange(M) % (A + 1) - 1  # every adapter and the base (-1)
                 for mode in MULTI_BIAS:
                     bias = {"none": None, "shared": torch.empty((D,), dtype=dt)}.get(mode, torch.empty((A, D), dtype=dt))
                     base = mode == "banked+base"
-                    base_sigma = torch.empty((R_PAD,), dtype=dt) if base else None
+                    base_sigma = torch.empty((r,), dtype=dt) if base else None
                     base_bias = torch.empty((D,), dtype=dt) if base else None
                     _, launches = tm.multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, 0.5)
                     out += [(name, L) for L in launches]
@@ -191,11 +210,12 @@ def _describe(launch, config, signature, constexprs, attrs):
         if n in launch.kwargs or n in config.kwargs:
             continue
         ty = signature[n]
+        div16 = ["tt.divisibility", 16] in attrs.get((i,), [])  # (attrs lists every argument)
         if ty == "constexpr":
             ints.append(f"{n}=1")
-        elif (i,) in attrs and not ty.startswith("*"):
+        elif div16 and not ty.startswith("*"):
             ints.append(f"{n}/16")
-        elif ty.startswith("*") and (i,) not in attrs:
+        elif ty.startswith("*") and not div16:
             ints.append(f"{n}:unaligned")
     return ints
 
@@ -539,7 +559,8 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print every compile, not only the problems")
     p.add_argument("--only", metavar="SCENARIO", help="only scenarios whose name starts with this (e.g. contiguous)")
     p.add_argument("--full", action="store_true",
-                   help="also odd sizes, transposed at an odd M and transposed U/V (about twice the compiles)")
+                   help="also odd sizes, transposed at an odd M, transposed U/V, r = 1 and ranks = 8 mod 16 "
+                        "(about 1.5 times the compiles)")
     p.add_argument("--warm-cache", metavar="DIR", default=None,
                    help="fill the Triton cache DIR with every kernel the GPU check launches (no GPU needed)")
     p.add_argument("--plan", metavar="FILE", default=None,

@@ -2,27 +2,34 @@
 
     forward   Z = x V (shrink)   T = Z C^T (mix)   y = T U^T + b (expand)
     backward  dT = G U (shrink)  dZ = dT C (mix)   dx = dZ V^T (expand)
-              dC = dT^T Z, db = sum_rows G (fixed-order partial sums)
+              dC = dT^T Z (dc), db = sum_rows G (shrink column sums; fixed-order sums)
 
 The same kernels serve both directions, because the backward is the forward's shape
 with (x, V, C^T, U) replaced by (G, U, C, V):
 
 * ``_shrink_kernel``: A (M x N) @ B (N x r), the r-wide accumulator in fp32 registers,
-  written as fp32 partials; at small M split over N across programs.
-* ``_mix_kernel`` (r > 64 only): sums the partials in fixed order and multiplies by the
-  r x r core; in the backward also the per-row-block partials of dC = dT^T Z.
+  written as Z / dT, or at small M as S fp32 partials of a split over N; in the
+  backward also db's column sums per row block.
+* ``_sum_partials_kernel``: a fixed-order sum of fp32 partials (split partials into Z /
+  dT, row-block partials into db, row-group partials into dC), two levels or more over
+  fixed chunks of 32 partials, with vectorised tile loads, so the grid fills the GPU
+  (see :func:`sum_levels`).
+* ``_mix_kernel`` (r > 64, and fp32 at any r): the r-wide rows times the r x r core.
 * ``_expand_kernel``: (mixed r-wide rows) @ B^T (r x N), bias as epilogue; for r <= 64
-  the mix (and Z / dC partials) run in its prologue instead of a separate kernel.
-* ``_sum_partials_kernel``: dC and db from their per-row-block partials, in fixed order.
+  in fp16/bf16 the mix runs in its prologue instead of a separate kernel.
+* ``_dc_kernel``: dC = dT^T Z, each program accumulating a tile over a fixed group of
+  row blocks, so the workspace is bounded (see :func:`dc_groups`).
 
 What is fused is chosen by problem size (see :func:`_plan` and :func:`forward_launches`):
 
 * small M, e.g. decode M = 1..64: cdiv(M, BM) is 1..4 programs, far too few to stream
   V (K x r) at bandwidth, so the shrink is split over K into S deterministic fp32
-  partials (parallelism S x cdiv(M, BM)); the expand has cdiv(M, BM) x cdiv(D, BN)
-  programs. At large M, cdiv(M, BM) fills the GPU and S = 1 (no partial traffic).
+  partials (parallelism S x cdiv(M, BM): 256 programs at K = 4096), summed once by
+  ``_sum_partials_kernel`` (not by every column block of the expand); the expand has
+  cdiv(M, BM) x cdiv(D, BN) programs. At large M, cdiv(M, BM) fills the GPU and S = 1
+  (no partials).
 * r <= 64: the mix costs BM x 64 x 64 per expand tile, small next to its BM x BN x 64
-  expand, so it rides in the expand prologue (two launches, no mixed-rows round trip).
+  expand, so it rides in the expand prologue (no mixed-rows round trip).
 * r > 64: the mix gets its own small kernel, because Triton cannot slice a register
   tile: fused, the whole BM x 256 fp32 tile is one dot operand, which spilled
   (measured with aot.py). It costs one launch and M x r x 4 bytes written and read.
@@ -47,21 +54,26 @@ GPU's SM count: the split count S and its column ranges are functions of (M, K) 
 (a fixed program target, not the device's SM count); the shrink autotunes only its
 pipeline depth, with the reduction tile (BN) and warps (the layout of db's in-tile
 column sums) fixed per (dtype size, rank range); the expand's tile choices do not
-reduce; dC and db are summed from per-row-block partials, whose row blocks are fixed by
-the host, in row-block order by ``_sum_partials_kernel`` (not torch's sum, whose split
-depends on the device). So results are bitwise identical run to run, process to
-process, whichever config the autotuner picks, on any GPU of one architecture with one
-Triton version. Across architectures the tensor-core instructions differ, so results
-agree to rounding only. tests/test_triton.py checks the config- and SM-independence
-under the interpreter.
+reduce; dC's row groups and tiles and every sum's levels, chunks and tiles are
+functions of the sizes (not torch's sum, whose split depends on the device). So results
+are bitwise identical run to run, process to process, whichever config the autotuner
+picks, on any GPU of one architecture with one Triton version. Across architectures the
+tensor-core instructions differ, so results agree to rounding only.
+tests/test_triton_runtime.py checks the config- and SM-independence under the
+interpreter.
 
-Tracing. The ops are ``torch.library.custom_op``s with fake kernels and registered
-autograd, opaque to ``torch.compile``: the fake kernels give output shapes in terms of
-the (possibly symbolic) token count M and never look at its value, and the real body
-plans and launches at run time with concrete sizes. (A ``triton_op`` would have its
-body traced, so the launch planner's ``cdiv(M, BM)``, size buckets and split choice
-would specialise the graph on M: one recompile per sequence length.) The cost is that
-Inductor cannot fuse into the kernels, which it would not do with these anyway.
+Tracing and the eager path. The ops are ``torch.library.custom_op``s with fake kernels
+and registered autograd, opaque to ``torch.compile``: the fake kernels give output
+shapes in terms of the (possibly symbolic) token count M and never look at its value,
+and the real body plans and launches at run time with concrete sizes. (A ``triton_op``
+would have its body traced, so the launch planner's ``cdiv(M, BM)``, size buckets and
+split choice would specialise the graph on M: one recompile per sequence length.) The
+cost is that Inductor cannot fuse into the kernels, which it would not do with these
+anyway. Eager calls skip the custom-op dispatch (tens of microseconds a call, most of a
+decode step): :func:`salt_linear_2d` runs the same bodies (:func:`forward_impl`,
+:func:`backward_impl`) through one autograd Function (backends/autograd.py), choosing by
+``torch.compiler.is_compiling()``. Launch plans are cached per layout (sizes, strides,
+dtypes, device, needed gradients): a call allocates its outputs and binds arguments.
 
 Devices, streams and CUDA graphs. Every launch runs under ``torch.cuda.device`` of the
 inputs' device, so Triton launches on that device's current stream (with x on cuda:1
@@ -76,7 +88,8 @@ tensors. The interpreter's ``tl.dot`` is wrong on bfloat16 operands (triton issu
 bf16 x bf16 products are exact in fp32, so the math is unchanged.
 
 Autotuning: two or three configs per (kernel, dtype size, rank range) in
-``_CONFIG_TABLE``, keyed on power-of-two buckets of M and N and on the padded rank.
+``_CONFIG_TABLE`` (``_UNALIGNED_CONFIGS`` replaces some where r is not a multiple of
+16), keyed on power-of-two buckets of M and N, the padded rank and that alignment.
 ``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first config of the entry.
 Every launch is described by a :class:`Launch` (kernel, grid, arguments, candidate
 configs) built by :func:`forward_launches` / :func:`backward_launches`; the ops run
@@ -93,7 +106,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autograd import register_salt_autograd, run_salt_op
+from ..autograd import eager_function, register_salt_autograd, run_salt_eager, run_salt_op
 
 # Read once, like triton itself: the variable must be set before triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -106,15 +119,22 @@ MAX_RANK = 256
 # reading >= _SPLIT_MIN_N columns of A. A constant, not the device's SM count: the split
 # sets the reduction order, which must be the same on every GPU.
 _SPLIT_PROGRAMS = 264
-_SPLIT_MIN_N = 256
-# Split ranges are whole multiples of this many columns, so that the shrink's K tiles
-# (BN <= 64, a divisor of it) line up with the split boundaries for every config.
+_SPLIT_MIN_N = 16
+# Up to this many columns one program reads all of B (<= 32 KiB at r = 64 in bf16): a
+# split would cost a launch (the sum of its partials) for little.
+_SPLIT_FROM_N = 256
+# Split ranges wider than half of this are whole multiples of it, so that the shrink's K
+# tiles (BN <= 64, a divisor of it) line up with the split boundaries for every config;
+# narrower ones (decode) are one partly filled K tile each.
 _SPLIT_ALIGN = 64
 # Tests set this to force the split / unsplit path on small shapes (None: by size).
 FORCE_SPLIT: int | None = None
 # Sizes and loop counts are not specialised (no ==1 / divisible-by-16 variants): they
 # only bound loops and masks. Strides are: stride 1 and 16-divisible strides vectorise.
-_SIZES = ["M", "N", "R", "n_per_split", "SPLIT", "M_BUCKET", "N_BUCKET", "P", "L"]
+# (L, the sum kernel's row length, is specialised: its divisibility by 16 lets the loads
+# along a partial's row vectorise.)
+_SIZES = ["M", "N", "R", "n_per_split", "M_BUCKET", "N_BUCKET", "R_ALIGNED", "P", "rows_per_group",
+          "rows_per_program"]
 
 
 def availability(device: torch.device, backend: str) -> str | None:
@@ -143,26 +163,21 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R,
-                BM: tl.constexpr, BR: tl.constexpr):
-    """Rows offs_m, columns offs_r of sum_s partials[s] (fp32 (SPLIT, M, R) contiguous),
-    summed in split order: deterministic."""
-    rows = tl.zeros((BM, BR), dtype=tl.float32)
-    ptrs = p_ptr + offs_m[:, None] * R + offs_r[None, :]
-    for _ in range(SPLIT):
-        rows += tl.load(ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        ptrs += split_stride  # 64-bit pointer arithmetic: no int32 overflow
-    return rows
+def _chunk(pid, per_program, total):
+    """[start, end) of program ``pid``'s share of a range split into fixed chunks of
+    ``per_program`` (the split columns, dC's row groups, a sum's partials): 64-bit."""
+    start = pid.to(tl.int64) * per_program
+    return start, tl.minimum(start + per_program, total)
 
 
 @_jit
 def _shrink_kernel(
     a_ptr, stride_am, stride_an,  # A (M, N): x (forward) or G (backward), any strides
     b_ptr, stride_bn, stride_br,  # B (N, R): V (forward) or U (backward)
-    out_ptr,  # fp32 (SPLIT, M, R) contiguous: this split's partial of A @ B
-    colsum_ptr,  # COLSUM: fp32 (cdiv(M, BM), N) column sums of A per row block (db)
+    out_ptr,  # fp32 (SPLIT, M, R) contiguous: this split's partial of A @ B (SPLIT = 1: Z or dT itself)
+    colsum_ptr,  # COLSUM: (cdiv(M, BM), N) column sums of A per row block (db; one block: db itself)
     M, N, R, n_per_split,
-    M_BUCKET, N_BUCKET,  # autotune key only
+    M_BUCKET, N_BUCKET, R_ALIGNED,  # autotune key only
     BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr,
     NEED_ACC: tl.constexpr, COLSUM: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -181,8 +196,7 @@ def _shrink_kernel(
     mask_m = offs_m < M
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    n_start = pid_s.to(tl.int64) * n_per_split
-    n_end = tl.minimum(n_start + n_per_split, N)
+    n_start, n_end = _chunk(pid_s, n_per_split, N)
 
     acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
     for n0 in range(n_start, n_end, BN):
@@ -205,24 +219,20 @@ def _shrink_kernel(
 
 @_jit
 def _mix_kernel(
-    p_ptr, split_stride, SPLIT,  # fp32 partials (SPLIT, M, R) of Z (forward) or dT (backward)
+    rows_ptr,  # fp32 (M, R) contiguous: Z (forward) or dT (backward)
     cm_ptr, stride_ci, stride_cj,  # core as applied on the right: C^T (forward) or C (backward)
-    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
-    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R) per-row-block partials of dC = dT^T Z
-    out_ptr,  # STORE_MIX: fp32 (M, R) = rows @ Cm
+    out_ptr,  # fp32 (M, R) = rows @ Cm
     M, R,
-    BM: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
-    STORE_Z: tl.constexpr, DC: tl.constexpr, STORE_MIX: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (m, j): BR columns j of the r-wide rows times the core, for r > 64.
+    """Program (m, j): BR columns j of the r-wide rows times the core, for r > 64 (and
+    fp32 inputs at any r).
 
     A separate kernel because Triton cannot slice a register tile: fusing an r = 256 mix
-    into the shrink or expand needs the whole BM x 256 fp32 tile as one dot operand,
-    which spilled (measured with aot.py). Here each operand is a BM x BR slice loaded
-    from the (L2-resident) partials.
+    into the expand needs the whole BM x 256 fp32 tile as one dot operand, which spilled
+    (measured with aot.py). Here each operand is a BM x BR slice.
 
-    HBM traffic: read SPLIT*M*R*4 (times R_PAD/BR programs along j, L2 hits) + R*R*4,
-    write M*R*4 (+ M*R*4 for Z when STORE_Z) (+ P*R*R*4 for DC).
+    HBM traffic: read M*R*4 (times R_PAD/BR programs along j, L2 hits) + R*R*4, write M*R*4.
     """
     pid_m = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -231,56 +241,39 @@ def _mix_kernel(
     offs_j = pid_j * BR + tl.arange(0, BR)
     mask_j = offs_j < R
     mixed = tl.zeros((BM, BR), dtype=tl.float32)
-    if DC:
-        z_j = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr,
-                      mask=mask_m[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
     for i0 in range(0, R, BR):
         offs_i = i0 + tl.arange(0, BR)
         mask_i = offs_i < R
-        rows_i = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_i, mask_i, R, BM, BR)
-        if STORE_MIX:
-            cm = tl.load(cm_ptr + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj,
-                         mask=mask_i[:, None] & mask_j[None, :], other=0.0)
-            mixed = tl.dot(rows_i, cm, mixed, input_precision=PRECISION)
-        if DC:
-            dc = tl.dot(tl.trans(rows_i), z_j, input_precision=PRECISION)
-            tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_i[:, None] * R + offs_j[None, :], dc,
-                     mask=mask_i[:, None] & mask_j[None, :])
-    if STORE_Z:
-        rows_j = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_j, mask_j, R, BM, BR)
-        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr, rows_j,
-                 mask=mask_m[:, None] & mask_j[None, :])
-    if STORE_MIX:
-        tl.store(out_ptr + offs_m[:, None] * R + offs_j[None, :], mixed,
-                 mask=mask_m[:, None] & mask_j[None, :])
+        rows_i = tl.load(rows_ptr + offs_m[:, None] * R + offs_i[None, :],
+                         mask=mask_m[:, None] & mask_i[None, :], other=0.0)
+        cm = tl.load(cm_ptr + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj,
+                     mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        mixed = tl.dot(rows_i, cm, mixed, input_precision=PRECISION)
+    tl.store(out_ptr + offs_m[:, None] * R + offs_j[None, :], mixed, mask=mask_m[:, None] & mask_j[None, :])
 
 
 @_jit
 def _expand_kernel(
-    p_ptr, split_stride, SPLIT,  # PROLOGUE_MIX: fp32 partials (SPLIT, M, R); else mixed rows (M, R) fp32
+    rows_ptr,  # fp32 (M, R) contiguous: Z / dT (PROLOGUE_MIX) or the mixed rows T / dZ
     cm_ptr, stride_ci, stride_cj,  # core as applied on the right (PROLOGUE_MIX only)
-    z_ptr, stride_zm, stride_zr,  # forward: Z out (STORE_Z); backward: Z in (DC)
-    dc_ptr,  # DC: fp32 (cdiv(M, BM), R, R)
     b_ptr, stride_bn, stride_br,  # B (N, R): U (forward) or V (backward); out = mixed @ B^T
     bias_ptr, stride_bias,
     out_ptr, stride_om, stride_on,
     M, N, R,
-    M_BUCKET, N_BUCKET,  # autotune key only
+    M_BUCKET, N_BUCKET, R_ALIGNED,  # autotune key only
     BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, BR: tl.constexpr,
-    PROLOGUE_MIX: tl.constexpr, STORE_Z: tl.constexpr, DC: tl.constexpr,
-    COMPUTE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PROLOGUE_MIX: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Program (m, n): out[m-block, n-block] = mixed @ B[n-block]^T (+ bias epilogue).
 
-    PROLOGUE_MIX (r <= 64, R_PAD == BR): the program sums the shrink's split partials and
-    applies the core itself (BM x 64 x 64, small next to its BM x BN x 64 expand), so no
-    mix kernel and no mixed-rows round trip; column-block 0 also writes Z / dC partials.
+    PROLOGUE_MIX (r <= 64 and fp16/bf16, R_PAD == BR): the program applies the core to its
+    rows itself (BM x 64 x 64, small next to its BM x BN x 64 expand), so no mix kernel
+    and no mixed-rows round trip.
 
     HBM traffic (element size e, P = cdiv(M, BM), Q = cdiv(N, BN)):
-      read  B: P*N*R*e (L2 absorbs repeats)   rows: Q*SPLIT*M*R*4 (L2 hits after the first)
+      read  B: P*N*R*e (L2 absorbs repeats)   rows: Q*M*R*4 (L2 hits after the first)
       write out: M*N*e, exactly once (bias fused: y is never re-read)
-            STORE_Z: M*R*4   DC: P*R*R*4 (+ read Z M*R*4)
     At r << N the r-wide reads are a few percent of out: the kernel streams out at bandwidth.
     """
     pid_m = tl.program_id(0)
@@ -295,51 +288,87 @@ def _expand_kernel(
         tl.static_assert(R_PAD == BR)
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
-        rows = _sum_splits(p_ptr, split_stride, SPLIT, offs_m, mask_m, offs_r, mask_r, R, BM, R_PAD)
-        if pid_n == 0:  # one program per row block writes the row-block-wide results
-            if STORE_Z:
-                tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
-                         rows, mask=mask_m[:, None] & mask_r[None, :])
-            if DC:
-                z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-                dc = tl.dot(tl.trans(rows), z, input_precision=MIX_PRECISION)
-                tl.store(dc_ptr + pid_m.to(tl.int64) * R * R + offs_r[:, None] * R + offs_r[None, :],
-                         dc, mask=mask_r[:, None] & mask_r[None, :])
-        if COMPUTE_OUT:
-            cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_r[None, :] * stride_cj,
-                         mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-            mixed = tl.dot(rows, cm, input_precision=MIX_PRECISION)
-            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
+        rows = tl.load(rows_ptr + offs_m[:, None] * R + offs_r[None, :],
+                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        cm = tl.load(cm_ptr + offs_r[:, None] * stride_ci + offs_r[None, :] * stride_cj,
+                     mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+        mixed = tl.dot(rows, cm, input_precision=MIX_PRECISION)
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
     else:
         for j0 in range(0, R, BR):
             offs_j = j0 + tl.arange(0, BR)
             mask_j = offs_j < R
-            mixed = tl.load(p_ptr + offs_m[:, None] * R + offs_j[None, :],
+            mixed = tl.load(rows_ptr + offs_m[:, None] * R + offs_j[None, :],
                             mask=mask_m[:, None] & mask_j[None, :], other=0.0)
             bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
                          mask=mask_j[:, None] & mask_n[None, :], other=0.0)
             # rounded to the input dtype for the tensor cores, as cuBLAS would for a bf16 T
             acc = _dot(mixed.to(bt.dtype), bt, acc, PRECISION, UPCAST_DOT)
 
-    if COMPUTE_OUT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @_jit
-def _sum_partials_kernel(p_ptr, P, L, out_ptr, BLOCK: tl.constexpr):
-    """out[l] = sum_p partials[p, l] for fp32 (P, L) contiguous partials, added in order
-    p = 0, 1, ... (``_sum_splits`` on a one-row tile): the same order on every GPU."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    row = tl.zeros((1,), dtype=tl.int64)
-    total = _sum_splits(p_ptr, L, P, row, row == 0, offs, mask, L, 1, BLOCK)
-    tl.store(out_ptr + offs[None, :], total.to(out_ptr.dtype.element_ty), mask=mask[None, :])
+def _dc_kernel(
+    dt_ptr,  # fp32 (M, R) contiguous: dT = G U
+    z_ptr, stride_zm, stride_zr,  # Z (M, R) saved by the forward, any strides
+    out_ptr,  # fp32 (groups, R, R): dC of each row group (one group: dC itself)
+    M, R, rows_per_group,
+    BM: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (g, i, j): the BR x BR tile (i, j) of dT[rows of g]^T Z[rows of g], rows of
+    group g = [g*rows_per_group, (g+1)*rows_per_group), accumulated over the group's row
+    blocks in row order before one store. Groups, not row blocks, set the workspace:
+    groups*R*R*4 bytes, bounded by the host (see ``_dc_groups``).
+
+    HBM traffic: read M*R*4 of dT and of Z (times R_PAD/BR programs along i or j, L2
+    hits), write groups*R*R*4.
+    """
+    pid_g = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    offs_i = pid_i * BR + tl.arange(0, BR)
+    offs_j = pid_j * BR + tl.arange(0, BR)
+    mask_i = offs_i < R
+    mask_j = offs_j < R
+    m_start, m_end = _chunk(pid_g, rows_per_group, M)
+    acc = tl.zeros((BR, BR), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask_m = offs_m < m_end
+        dt = tl.load(dt_ptr + offs_m[:, None] * R + offs_i[None, :], mask=mask_m[:, None] & mask_i[None, :], other=0.0)
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_j[None, :] * stride_zr,
+                    mask=mask_m[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(dt), z, acc, input_precision=PRECISION)
+    tl.store(out_ptr + pid_g.to(tl.int64) * R * R + offs_i[:, None] * R + offs_j[None, :], acc,
+             mask=mask_i[:, None] & mask_j[None, :])
+
+
+@_jit
+def _sum_partials_kernel(p_ptr, P, L, rows_per_program, out_ptr, BP: tl.constexpr, BL: tl.constexpr):
+    """Program (c, k): out[k, c-block] = sum of partials p in [k*rows_per_program,
+    (k+1)*rows_per_program) of fp32 (P, L) contiguous partials, columns c-block (BL).
+    Each BP x BL tile is loaded at once (independent, vectorised loads along L) and summed
+    by a fixed tree (its shape and warps are constants); tiles are added in row order. So
+    the order depends on P and L only: the same on every GPU and for every autotune
+    outcome. One level of a two-level (or deeper) reduction: see ``_sum_levels``."""
+    pid_c = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_l = pid_c.to(tl.int64) * BL + tl.arange(0, BL)
+    mask_l = offs_l < L
+    p_start, p_end = _chunk(pid_k, rows_per_program, P)
+    total = tl.zeros((BL,), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        tile = tl.load(p_ptr + offs_p[:, None] * L + offs_l[None, :],
+                       mask=(offs_p < p_end)[:, None] & mask_l[None, :], other=0.0)
+        total += tl.sum(tile, axis=0)
+    tl.store(out_ptr + pid_k.to(tl.int64) * L + offs_l, total.to(out_ptr.dtype.element_ty), mask=mask_l)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,7 +408,7 @@ _CONFIG_TABLE = {
     # With odd sizes (rows not 16-aligned, aot.py --full) 256 x 4 (r <= 16) and 256 x 8
     # (r <= 32) on sm_90 and 64 x 4 (r <= 64) on sm_80 spilled or hit 255 registers (triton 3.6).
     ("expand", 2, 16): [_cfg(128, 8), _cfg(64, 8)],
-    ("expand", 2, 64): [_cfg(128, 8)],
+    ("expand", 2, 64): [_cfg(64, 8)],  # 128 x 8 spilled 24 B on sm_90 at 32 rows (triton 3.9)
     ("expand", 2, 128): [_cfg(128, 8), _cfg(64, 8)],
     ("expand", 2, 256): [_cfg(128, 8), _cfg(64, 4)],  # (256 x 8: > 240 registers on sm_80, triton 3.6)
     # fp32 (tf32x3 keeps three copies of each operand): 64 x 4 warps and 32 x 4 sat at
@@ -387,33 +416,67 @@ _CONFIG_TABLE = {
     ("expand", 4, 32): [_cfg(32, 4)],  # 64 x 8 spilled on sm_80 at r <= 32 (triton 3.8)
     ("expand", 4, 256): [_cfg(64, 8)],
 }
-SHRINK_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "shrink" for c in cs]
-EXPAND_CONFIGS = [c for (k, _, _), cs in _CONFIG_TABLE.items() if k == "expand" for c in cs]
+# Ranks that are not a multiple of 16 (e.g. r = 1, 33 or 200; see rank_aligned): the rows
+# of U/V, Z, the core and the partials lose Triton's divisibility-16 hint, so U/V loads
+# are no longer vectorised (one address per element). These entries replace their
+# bucket's configs there. Each is clean on sm_80 and sm_90 with triton 3.6, 3.8 and 3.9
+# (aot.py, odd-rank scenarios), where the bucket's own configs were not: bf16 shrink 64 x 4
+# (r <= 32: 241-255 registers with 3.6, 12 B spilled on sm_90 with 3.9; 64 x 8 spilled
+# 24 B with 3.6); fp32 shrink 16 x 8 at any depth (r <= 32: 8-12 B at 1, 2 or 3 stages on
+# one Triton or another; r <= 64: 12-24 B at 1, 2 or 3 stages); bf16 expand 128 x 8 (r <= 16:
+# 16 B on sm_80; r <= 64: 254 registers with 3.6; r <= 128: 255 registers or 12-36 B, and
+# 64 x 8 251 registers at 64 rows; r <= 256: 255, and 64 x 4 up to 244 B); fp32 expand
+# 32 x 4 at r <= 32 (12 B on sm_90 with 3.9; 32 x 8 spilled 24 B with 3.6, 16 x 4 and
+# 128 x 8 8-32 B elsewhere).
+_UNALIGNED_CONFIGS = {
+    ("shrink", 2, 32): _depths(32, 4),
+    ("shrink", 4, 32): _depths(16, 4, (2, 1)),
+    ("shrink", 4, 64): _depths(16, 16, (2,)),
+    ("expand", 2, 16): [_cfg(64, 8)],
+    ("expand", 2, 128): [_cfg(32, 8)],
+    ("expand", 2, 256): [_cfg(64, 8), _cfg(32, 8)],
+    ("expand", 4, 32): [_cfg(64, 8)],
+}
 
 
-def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int) -> list:
-    """The autotune candidates for one launch shape, best-first."""
-    for (k, e, r_max), configs in _CONFIG_TABLE.items():
+def _all_configs(kernel_name: str) -> list:
+    out = []
+    for table in (_CONFIG_TABLE, _UNALIGNED_CONFIGS):
+        out += [c for (k, _, _), cs in table.items() if k == kernel_name for c in cs if c not in out]
+    return out
+
+
+SHRINK_CONFIGS = _all_configs("shrink")
+EXPAND_CONFIGS = _all_configs("expand")
+
+
+def usable_configs(kernel_name: str, BM: int, R_PAD: int, elem: int, *, aligned: bool = True) -> list:
+    """The autotune candidates for one launch shape, best-first (``aligned``: see
+    :func:`rank_aligned`)."""
+    for key, configs in _CONFIG_TABLE.items():
+        k, e, r_max = key
         if k == kernel_name and e == elem and R_PAD <= r_max:
-            return configs
+            return configs if aligned else _UNALIGNED_CONFIGS.get(key, configs)
     raise ValueError(f"no config for {kernel_name}, R_PAD={R_PAD}, element size {elem}")
 
 
 def _pruner(kernel_name):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return usable_configs(kernel_name, args["BM"], args["R_PAD"], args["b_ptr"].element_size())
+        return usable_configs(kernel_name, args["BM"], args["R_PAD"], args["b_ptr"].element_size(),
+                              aligned=bool(args["R_ALIGNED"]))
     return prune
 
 
-# Keyed on size buckets (which also fix BM), the padded rank and the mode flags (so the
-# forward and backward variants tune separately); triton adds the tensor dtypes.
-_KEY = ["M_BUCKET", "N_BUCKET", "R_PAD"]
+# Keyed on size buckets (which also fix BM), the padded rank, whether the rank strides are
+# 16-aligned (which picks the candidates) and the mode flags (so the forward and backward
+# variants tune separately); triton adds the tensor dtypes.
+_KEY = ["M_BUCKET", "N_BUCKET", "R_PAD", "R_ALIGNED"]
 _AUTOTUNED = {}
 if AUTOTUNE:
     _AUTOTUNED["shrink"] = triton.autotune(SHRINK_CONFIGS, key=_KEY + ["NEED_ACC", "COLSUM"],
                                            prune_configs_by={"early_config_prune": _pruner("shrink")})(_shrink_kernel)
-    _AUTOTUNED["expand"] = triton.autotune(EXPAND_CONFIGS, key=_KEY + ["PROLOGUE_MIX", "DC", "COMPUTE_OUT", "HAS_BIAS"],
+    _AUTOTUNED["expand"] = triton.autotune(EXPAND_CONFIGS, key=_KEY + ["PROLOGUE_MIX", "HAS_BIAS"],
                                            prune_configs_by={"early_config_prune": _pruner("expand")})(_expand_kernel)
 
 
@@ -426,18 +489,52 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 class Launch(NamedTuple):
     """One kernel launch as the host plans it: the bare kernel, its grid (a function of
     the config's meta-parameters), the arguments and host-chosen constexprs, and the
-    candidate configs (best-first; one fixed config for kernels that are not autotuned)."""
+    candidate configs (best-first; one fixed config for kernels that are not autotuned).
+    ``default``: the grid and keywords of a launch at the first config, and ``tuned``: the
+    keywords an autotuned launch passes, both computed once per cached plan."""
     name: str
     fn: object
     grid: Callable[[dict], tuple]
     args: tuple
     kwargs: dict
     configs: list
+    default: tuple
+    tuned: dict
 
     def config_kwargs(self, config) -> dict:
         """Every keyword a launch at ``config`` passes (what Triton specialises on)."""
-        return {**self.kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-                **COMPILE_OPTIONS}
+        return _config_kwargs(self.kwargs, config)
+
+
+def _config_kwargs(kwargs: dict, config) -> dict:
+    return {**kwargs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+            **COMPILE_OPTIONS}
+
+
+class _Spec(NamedTuple):
+    """A launch without its arguments: what a cached plan holds (``bind`` adds them)."""
+    name: str
+    fn: object
+    grid: Callable[[dict], tuple]
+    kwargs: dict
+    configs: list
+    default: tuple
+    tuned: dict
+
+    def bind(self, args: tuple) -> Launch:
+        # tuple.__new__ directly: the NamedTuple constructor's argument handling costs as
+        # much again, on every launch of every call
+        return _tuple_new(Launch, (self.name, self.fn, self.grid, args, self.kwargs, self.configs, self.default,
+                                   self.tuned))
+
+
+_tuple_new = tuple.__new__
+
+
+def _spec(name: str, fn, grid, kwargs: dict, configs: list) -> _Spec:
+    first = configs[0]
+    return _Spec(name, fn, grid, kwargs, configs, (grid(first.kwargs), _config_kwargs(kwargs, first)),
+                 {**kwargs, **COMPILE_OPTIONS})
 
 
 class NotWarmedUpError(RuntimeError):
@@ -491,25 +588,41 @@ def _no_compile():
         knobs.jit_cache_hook = old
 
 
+_NO_GUARD = contextlib.nullcontext()  # (reusable: it holds no state)
+
+
 def _device_guard(device: torch.device):
     """Make ``device`` current, so Triton launches there, on its current stream."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_GUARD
+
+
+def _launch(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """The launch itself: ``kernel[grid](*args, **kwargs)`` (a kernel or its autotuner).
+    benchmarks/bench_host_overhead.py replaces this by a no-op to time everything else."""
+    kernel[grid](*args, **kwargs)
 
 
 def _run(launches: list[Launch], device: torch.device) -> None:
     """Launch in order (called under ``_device_guard(device)``); autotune where enabled,
     else the first config. While capturing, refuse to autotune or compile."""
-    capturing = _capturing(device)
-    with _no_compile() if capturing else contextlib.nullcontext():
-        for launch in launches:
-            if capturing:
+    if _capturing(device):
+        with _no_compile():
+            for launch in launches:
                 _check_tuned(launch)
-            tuner = _AUTOTUNED.get(launch.name) if AUTOTUNE else None
-            if tuner is not None:
-                tuner[launch.grid](*launch.args, **launch.kwargs, **COMPILE_OPTIONS)
-            else:
-                c = launch.configs[0]
-                launch.fn[launch.grid(c.kwargs)](*launch.args, **launch.config_kwargs(c))
+            _launch_all(launches)
+    else:
+        _launch_all(launches)
+
+
+def _launch_all(launches: list[Launch]) -> None:
+    tuners = _AUTOTUNED if AUTOTUNE else {}
+    for launch in launches:
+        tuner = tuners.get(launch.name)
+        if tuner is not None:
+            _launch(tuner, launch.grid, launch.args, launch.tuned)
+        else:
+            grid, kwargs = launch.default
+            _launch(launch.fn, grid, launch.args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -517,15 +630,26 @@ def _run(launches: list[Launch], device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (``triton.cdiv`` is a JIT constexpr function:
+    microseconds a call from Python)."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as ``triton.next_power_of_2``, in plain Python."""
+    return 1 << (n - 1).bit_length()
+
+
 def _bucket(n: int) -> int:
     """Power-of-two bucket for autotune keys (caps at 2^16 so large sizes share one tune)."""
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+    return min(_next_power_of_2(max(n, 1)), 1 << 16)
 
 
 def rank_tiles(r: int) -> tuple[int, int]:
     """(R_PAD, BR): r padded to a power of two >= 16 (tl.dot's minimum), and the chunk of it
     processed at once in the mix and expand (64 keeps one R_PAD x BR core slice small)."""
-    R_PAD = max(16, triton.next_power_of_2(r))
+    R_PAD = max(16, _next_power_of_2(r))
     return R_PAD, min(R_PAD, 64)
 
 
@@ -534,38 +658,52 @@ def block_m(M: int, R_PAD: int, elem: int) -> int:
     dot), else 64; 32 for R_PAD = 256 or fp32 inputs (tf32x3 keeps three copies of each
     operand), so the BM x R_PAD fp32 accumulator and operands stay in registers."""
     cap = 64 if R_PAD <= 128 and elem == 2 else 32
-    return min(max(16, triton.next_power_of_2(max(M, 1))), cap)
+    return min(max(16, _next_power_of_2(max(M, 1))), cap)
 
 
 def _plan(M: int, N: int, R_PAD: int, elem: int) -> tuple[int, int, int]:
     """(BM, split, n_per_split) for a shrink over N columns, from the sizes alone (run
     time only: never called while tracing). split > 1 only when the row blocks alone
-    give fewer than _SPLIT_PROGRAMS programs."""
+    give fewer than _SPLIT_PROGRAMS programs and N > _SPLIT_FROM_N; then each split reads
+    at least _SPLIT_MIN_N columns, so decode (one row block) at N = 4096 gets 256 programs,
+    about two per SM. Split ranges are whole multiples of 16 columns, and of the K tile
+    (_SPLIT_ALIGN, a multiple of every BN) once they are that wide."""
     BM = block_m(M, R_PAD, elem)
-    m_blocks = triton.cdiv(M, BM)
+    m_blocks = _cdiv(M, BM)
     if FORCE_SPLIT is not None:
         split = FORCE_SPLIT
     else:
-        split = 1 if m_blocks >= _SPLIT_PROGRAMS else min(triton.cdiv(_SPLIT_PROGRAMS, m_blocks),
-                                                          triton.cdiv(N, _SPLIT_MIN_N))
+        split = 1 if m_blocks >= _SPLIT_PROGRAMS or N <= _SPLIT_FROM_N else min(_cdiv(_SPLIT_PROGRAMS, m_blocks),
+                                                                                _cdiv(N, _SPLIT_MIN_N))
     split = max(1, min(split, N))
-    n_per_split = triton.cdiv(N, split)
+    n_per_split = _cdiv(N, split)
     if split > 1 and FORCE_SPLIT is None:
-        n_per_split = triton.cdiv(n_per_split, _SPLIT_ALIGN) * _SPLIT_ALIGN  # whole tiles per split
-    split = triton.cdiv(N, n_per_split)
+        align = _SPLIT_ALIGN if n_per_split > _SPLIT_ALIGN // 2 else _SPLIT_MIN_N
+        n_per_split = _cdiv(n_per_split, align) * align
+    split = _cdiv(N, n_per_split)
     return BM, split, n_per_split
 
 
-def expand_block_m(BM: int, elem: int, prologue: bool, out_row_stride: int) -> int:
+def expand_block_m(BM: int, elem: int, prologue: bool, out_row_stride: int, aligned: bool = True) -> int:
     """The expand's rows per program: the shrink's BM, except 16 for fp32 inputs whose
-    output rows are not 16-element aligned (D or K not a multiple of 16). Unaligned rows
-    defeat the vectorised stores, and at 32 rows the tf32x3 tile then sat at 255
-    registers or spilled 8-28 B with every BN / warps / stages tried (aot.py --full).
-    Only without the prologue mix (always so for fp32) can the expand pick its own BM: it
-    then reads the mix kernel's (M, r) output, not the shrink's BM-sized partials."""
-    if elem == 4 and not prologue and out_row_stride % 16:
+    output rows are not 16-element aligned (D or K not a multiple of 16) or whose rank
+    strides are not (``aligned`` False: :func:`rank_aligned`). Unaligned rows defeat the
+    vectorised stores, and at 32 rows the tf32x3 tile then sat at 255 registers or
+    spilled 8-28 B with every BN / warps / stages tried (aot.py --full); unaligned rank
+    strides (scalar U/V loads) spilled 12-24 B at 32 rows with the r <= 32 config.
+    (The expand reads whole (M, r) rows, Z / dT or the mix kernel's output, so its row
+    tile need not match the shrink's; ``prologue`` only says which configs were checked.)"""
+    if elem == 4 and not prologue and (out_row_stride % 16 or not aligned):
         return min(BM, 16)
     return BM
+
+
+def rank_aligned(r: int, *bases: torch.Tensor) -> bool:
+    """Are the rank strides multiples of 16: r (the rows of Z, the core and the partials)
+    and the row strides of the bases (U, V)? Then they carry Triton's divisibility-16
+    hint; other ranks compile other specialisations, which take their own configs
+    (``_UNALIGNED_CONFIGS``, :func:`expand_block_m`)."""
+    return r % 16 == 0 and all(B.stride(0) % 16 == 0 for B in bases)
 
 
 def _mix_in_prologue(R_PAD: int, BR: int, elem: int) -> bool:
@@ -617,134 +755,274 @@ def _mix_precision(dtype: torch.dtype) -> str:
 
 
 def mix_tiles(R_PAD: int, elem: int) -> tuple[int, int, int]:
-    """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py)."""
+    """(BM, BR, warps) of the mix kernel (measured spill-free with aot.py, one stage)."""
     BM = 16 if elem == 4 and R_PAD > 16 else 32
     return BM, min(32, R_PAD), 4
-
-
-# Columns per program of the fixed-order partial sums (one fp32 element per thread at 4 warps x 4).
-SUM_BLOCK = 512
 
 
 def _fixed(warps: int, stages: int = 3) -> list:
     return [triton.Config({}, num_warps=warps, num_stages=stages)]
 
 
-def _mix_launch(parts, split, M, r, Cm, Z, dc_part, mixed, *, store_z, dc, store_mix, R_PAD, elem,
-                precision) -> Launch:
-    """_mix_kernel: mixed = (sum of split partials) @ Cm, plus Z and the dC partials
-    (dc_part has cdiv(M, BM) row blocks, BM from mix_tiles)."""
+# Reductions over M: the dC kernel's row groups and the partial sums aim for this many
+# programs (2 per SM of a 132-SM H100). A constant, not the device's SM count: it sets the
+# summation order, which must be the same on every GPU.
+_REDUCE_PROGRAMS = 264
+# Partials summed per program and level (one BP x BL tile load); more partials take
+# another level over the per-program sums.
+_SUM_ROWS = 32
+# dC rows per step of a program's loop (tl.dot's minimum K), and the workspace bound: the
+# per-group partials of dC stay within G's size / _DC_WORKSPACE_DIVISOR.
+_DC_BM = 16
+_DC_WORKSPACE_DIVISOR = 8
+
+
+def sum_levels(P: int, L: int) -> list[tuple[int, int, int, int]]:
+    """The levels of the fixed-order sum of P fp32 partials of length L (P >= 2):
+    ``[(rows_per_program, BL, programs along P, warps), ...]``, the first level over
+    the P partials, each next one over the previous level's per-program sums. BL (columns
+    per program) is the widest power of two from 4 to 128 that still gives
+    ``_REDUCE_PROGRAMS`` column blocks, so every level fills the GPU wherever
+    L >= 4 * _REDUCE_PROGRAMS; ``_SUM_ROWS`` partials per program keep each program to one
+    tile load. A function of (P, L) only, so the order is the same everywhere."""
+    BL = 128
+    while BL > 4 and _cdiv(L, BL) < _REDUCE_PROGRAMS:
+        BL //= 2
+    warps = max(1, min(4, _SUM_ROWS * BL // 128))  # 4 fp32 (one 16-byte load) per thread and row
+    levels = []
+    while P > _SUM_ROWS:
+        groups = _cdiv(P, _SUM_ROWS)
+        levels.append((_SUM_ROWS, BL, groups, warps))
+        P = groups
+    levels.append((P, BL, 1, warps))
+    return levels
+
+
+def _sum_specs(P: int, L: int) -> list[tuple]:
+    """The launches of :func:`sum_levels` without arguments: (spec, partials it reads,
+    their length, partials per program, shape of the fp32 buffer it writes or None for
+    the last level, which writes the output)."""
+    out = []
+    for rows, BL, groups, warps in sum_levels(P, L):
+        spec = _spec("sum", _sum_partials_kernel, (lambda meta, g=(_cdiv(L, BL), groups): g),
+                     dict(BP=_SUM_ROWS, BL=BL), _fixed(warps))
+        out.append((spec, P, L, rows, (groups, L) if groups > 1 else None))
+        P = groups
+    return out
+
+
+def _bind_sums(specs: list, parts: torch.Tensor, out: torch.Tensor) -> list[Launch]:
+    """The sum launches of ``specs`` (from :func:`_sum_specs`): ``out`` (flattened) = the
+    fixed-order sum of ``parts`` (P, ...) fp32 contiguous; fp32 buffers between levels."""
+    launches = []
+    for spec, P, L, rows, shape in specs:
+        dst = out if shape is None else torch.empty(shape, dtype=torch.float32, device=parts.device)
+        launches.append(spec.bind((parts, P, L, rows, dst)))
+        parts = dst
+    return launches
+
+
+def dc_groups(M: int, D: int, r: int, elem: int) -> tuple[int, int, int]:
+    """(rows_per_group, groups, BR) of the dC kernel for G (M, D) of element size
+    ``elem`` and rank r: row groups (multiples of _DC_BM rows) enough for
+    _REDUCE_PROGRAMS programs, but few enough that the per-group fp32 partials
+    (groups * r * r * 4 bytes, when there is more than one group) stay within G's size /
+    _DC_WORKSPACE_DIVISOR (at r = 256 and D = 4096 in bf16, one partial per 32-row block
+    would be as large as G); BR x BR output tiles, 16 of them from R_PAD = 64 up (each
+    tile re-reads its rows of dT and Z from L2), more where the workspace bound leaves
+    too few groups."""
+    R_PAD = rank_tiles(r)[0]
+    max_groups = max(1, (M * D * elem) // (_DC_WORKSPACE_DIVISOR * 4 * r * r))
+    BR = R_PAD if R_PAD <= 16 else max(16, R_PAD // 4)
+    while True:
+        target = _cdiv(_REDUCE_PROGRAMS, (R_PAD // BR) ** 2)
+        rows = _DC_BM * max(1, M // (_DC_BM * target))
+        rows = max(rows, _DC_BM * _cdiv(_cdiv(M, max_groups), _DC_BM))
+        groups = _cdiv(M, rows)
+        if BR <= 16 or groups * (R_PAD // BR) ** 2 >= _REDUCE_PROGRAMS:
+            return rows, groups, BR
+        BR //= 2
+
+
+def dc_workspace_bytes(M: int, D: int, r: int, elem: int) -> int:
+    """Bytes of the dC kernel's partials (0 with one group: it writes dC itself)."""
+    _, groups, _ = dc_groups(M, D, r, elem)
+    return 0 if groups == 1 else groups * r * r * 4
+
+
+def _mix_spec(M: int, r: int, R_PAD: int, elem: int, precision: str) -> _Spec:
     BM, BR, warps = mix_tiles(R_PAD, elem)
-    grid = (triton.cdiv(M, BM), R_PAD // BR)
-    return Launch("mix", _mix_kernel, lambda meta: grid,
-                  (parts, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1),
-                   dc_part, mixed, M, r),
-                  dict(BM=BM, R_PAD=R_PAD, BR=BR, STORE_Z=store_z, DC=dc, STORE_MIX=store_mix,
-                       PRECISION=precision), _fixed(warps))
+    grid = (_cdiv(M, BM), R_PAD // BR)
+    # One stage: its loop has at most R_PAD / BR = 8 steps of small loads, and with
+    # pipelining (2-3 stages) 16 B spilled on sm_80 (triton 3.6, bf16 inputs, forward) or
+    # sm_90 (triton 3.9, fp32) at 4 and 8 warps (aot.py --full).
+    return _spec("mix", _mix_kernel, lambda meta: grid, dict(BM=BM, BR=BR, PRECISION=precision),
+                 _fixed(warps, stages=1))
 
 
-def _sum_launch(parts: torch.Tensor, out: torch.Tensor) -> Launch:
-    """out (flattened) = parts.sum(0) in row order (parts fp32 (P, ...) contiguous)."""
-    P, L = parts.shape[0], out.numel()
-    return Launch("sum", _sum_partials_kernel, lambda meta: (triton.cdiv(L, SUM_BLOCK),),
-                  (parts, P, L, out), dict(BLOCK=SUM_BLOCK), _fixed(4))
+# Launch plans, cached per layout: everything that depends only on the sizes, strides,
+# dtypes and device (tiles, splits, configs, grids, constexprs) is computed once; a call
+# then allocates its outputs and binds the arguments. Tests that change the planner's
+# inputs (FORCE_SPLIT, usable_configs) call clear_plan_cache().
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # a bound for runs that see ever new layouts (plans are rebuilt on demand)
+
+
+def clear_plan_cache() -> None:
+    _PLANS.clear()
+
+
+def _layout_key(kind: str, a: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, *rest) -> tuple:
+    return (kind, a.shape, a.stride(), a.dtype, a.device, U.shape, U.stride(), V.stride(), C.dtype, C.stride(),
+            FORCE_SPLIT, *rest)
 
 
 def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list[Launch]]:
     """Allocate y (M, D) and Z (M, r) and plan the forward's launches, for M, K, D >= 1
     (the launcher's and aot.py's one source of launch arguments)."""
+    key = _layout_key("fwd", x, U, V, C, None if bias is None else bias.stride(0))
+    build = _PLANS.get(key)
+    if build is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        build = _PLANS[key] = _forward_plan(x, U, V, bias)
+    return build(x, U, V, C, bias)
+
+
+def _forward_plan(x, U, V, bias):
     M, K = x.shape
     D, r = U.shape
-    dev = x.device
-    y = torch.empty((M, D), dtype=x.dtype, device=dev)
-    Z = torch.empty((M, r), dtype=C.dtype, device=dev)
     elem = x.element_size()
     R_PAD, BR = rank_tiles(r)
+    aligned = rank_aligned(r, U, V)
     BM, split, n_per_split = _plan(M, K, R_PAD, elem)
-    m_blocks = triton.cdiv(M, BM)
     precision, upcast, mix_precision = _precision(x.dtype), _upcast_dot(x.dtype), _mix_precision(x.dtype)
-    Cm = C.t()  # T = Z @ C^T
-    # Unsplit, the shrink writes Z itself; split, its partials are summed (fixed order) later.
-    parts = Z if split == 1 else torch.empty((split, M, r), dtype=torch.float32, device=dev)
-    launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
-                       (x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), parts, parts,
-                        M, K, r, n_per_split, _bucket(M), _bucket(K)),
-                       dict(BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision,
-                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem))]
+    m_blocks = _cdiv(M, BM)
     prologue = _mix_in_prologue(R_PAD, BR, elem)
-    if prologue:
-        rows = parts
-    else:
-        rows = torch.empty((M, r), dtype=torch.float32, device=dev)
-        launches.append(_mix_launch(parts, split, M, r, Cm, Z, rows, rows, store_z=split > 1, dc=False,
-                                    store_mix=True, R_PAD=R_PAD, elem=elem, precision=mix_precision))
-    eBM = expand_block_m(BM, elem, prologue, y.stride(0))
-    e_blocks = triton.cdiv(M, eBM)
-    launches.append(Launch(
-        "expand", _expand_kernel, lambda meta: (e_blocks, triton.cdiv(D, meta["BN"])),
-        (rows, M * r, split, Cm, Cm.stride(0), Cm.stride(1), Z, Z.stride(0), Z.stride(1), rows,
-         U, U.stride(0), U.stride(1), y if bias is None else bias, 0 if bias is None else bias.stride(0),
-         y, y.stride(0), y.stride(1), M, D, r, _bucket(M), _bucket(D)),
-        dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=prologue and split > 1, DC=False,
-             COMPUTE_OUT=True, HAS_BIAS=bias is not None, PRECISION=precision,
-             MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
-        usable_configs("expand", eBM, R_PAD, elem)))
-    return y, Z, launches
+    keys = (_bucket(M), _bucket(K), _bucket(D), int(aligned))
+    shrink = _spec("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
+                   dict(BM=BM, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=precision, UPCAST_DOT=upcast),
+                   usable_configs("shrink", BM, R_PAD, elem, aligned=aligned))
+    sums = _sum_specs(split, M * r) if split > 1 else []  # split partials summed once, into Z
+    mix = None if prologue else _mix_spec(M, r, R_PAD, elem, mix_precision)
+    eBM = expand_block_m(BM, elem, prologue, D, aligned)
+    e_blocks = _cdiv(M, eBM)
+    expand = _spec("expand", _expand_kernel, lambda meta: (e_blocks, _cdiv(D, meta["BN"])),
+                   dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, HAS_BIAS=bias is not None,
+                        PRECISION=precision, MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
+                   usable_configs("expand", eBM, R_PAD, elem, aligned=aligned))
+    f32 = torch.float32
+    # The strides are part of the plan's key: bound once here.
+    xs, Us, Vs, ys = x.stride(), U.stride(), V.stride(), (D, 1)
+    shrink_ints = (M, K, r, n_per_split, keys[0], keys[1], keys[3])
+    expand_ints = (ys[0], ys[1], M, D, r, keys[0], keys[2], keys[3])
+    bias_stride = 0 if bias is None else bias.stride(0)
+
+    def build(x, U, V, C, bias):
+        dev = x.device
+        cs = C.stride()
+        y = torch.empty((M, D), dtype=x.dtype, device=dev)
+        Z = torch.empty((M, r), dtype=C.dtype, device=dev)
+        parts = Z if split == 1 else torch.empty((split, M, r), dtype=f32, device=dev)
+        launches = [shrink.bind((x, xs[0], xs[1], V, Vs[0], Vs[1], parts, parts) + shrink_ints)]
+        if sums:
+            launches += _bind_sums(sums, parts, Z)
+        rows = Z
+        # T = Z @ C^T: C^T passed as C with its strides swapped
+        if mix is not None:
+            # into the split partials' buffer once they are summed (stream order), else a new one
+            rows = parts if sums else torch.empty((M, r), dtype=f32, device=dev)
+            launches.append(mix.bind((Z, C, cs[1], cs[0], rows, M, r)))
+        launches.append(expand.bind((rows, C, cs[1], cs[0], U, Us[0], Us[1], y if bias is None else bias, bias_stride,
+                                     y) + expand_ints))
+        return y, Z, launches
+
+    return build
 
 
 def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Launch]]:
     """Allocate dx, dC, db and plan the backward's launches, for M, K, D >= 1 and at least
     one gradient asked for (the launcher's and aot.py's one source of launch arguments)."""
+    key = _layout_key("bwd", G, U, V, C, Z.stride(), need_dx, need_dC, need_db)
+    build = _PLANS.get(key)
+    if build is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        build = _PLANS[key] = _backward_plan(G, Z.stride(), U, V, need_dx, need_dC, need_db)
+    return build(G, Z, U, V, C)
+
+
+def _backward_plan(G, Z_strides, U, V, need_dx, need_dC, need_db):
     M, D = G.shape
     K, r = V.shape
-    dev = G.device
     elem = G.element_size()
-    f32 = dict(dtype=torch.float32, device=dev)
-    dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
-    dC = torch.empty((r, r), dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
-    db = torch.empty((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
     need_dT = need_dx or need_dC
     R_PAD, BR = rank_tiles(r)
+    aligned = rank_aligned(r, U, V)
     BM, split, n_per_split = _plan(M, D, R_PAD, elem)
     if not need_dT:  # db only: one pass over G, no U
         split, n_per_split = 1, D
-    m_blocks = triton.cdiv(M, BM)
+    m_blocks = _cdiv(M, BM)
     precision, upcast, mix_precision = _precision(G.dtype), _upcast_dot(G.dtype), _mix_precision(G.dtype)
     prologue = _mix_in_prologue(R_PAD, BR, elem)
-    db_part = torch.empty((m_blocks, D), **f32) if need_db else Z
-    dc_part = torch.empty((m_blocks if prologue else triton.cdiv(M, mix_tiles(R_PAD, elem)[0]), r, r), **f32) if need_dC else Z
-    parts = torch.empty((split, M, r), **f32) if need_dT else Z  # dT partials
-    launches = [Launch("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
-                       (G, G.stride(0), G.stride(1), U, U.stride(0), U.stride(1), parts, db_part,
-                        M, D, r, n_per_split, _bucket(M), _bucket(D)),
-                       dict(BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision,
-                            UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem))]
-    if need_dT:
-        rows = parts
-        if not prologue:  # dZ = dT @ C: the core is applied on the right as is
-            rows = torch.empty((M, r), **f32) if need_dx else parts
-            launches.append(_mix_launch(parts, split, M, r, C, Z, dc_part, rows, store_z=False, dc=need_dC,
-                                        store_mix=need_dx, R_PAD=R_PAD, elem=elem, precision=mix_precision))
-        if need_dx or (prologue and need_dC):
-            out = dx if need_dx else Z
-            eBM = expand_block_m(BM, elem, prologue, dx.stride(0) if need_dx else 16)
-            e_blocks = triton.cdiv(M, eBM)
-            launches.append(Launch(
-                "expand", _expand_kernel,
-                (lambda meta: (e_blocks, triton.cdiv(K, meta["BN"]))) if need_dx else (lambda meta: (e_blocks, 1)),
-                (rows, M * r, split, C, C.stride(0), C.stride(1), Z, Z.stride(0), Z.stride(1), dc_part,
-                 V, V.stride(0), V.stride(1), Z, 0, out, out.stride(0) if need_dx else 0,
-                 out.stride(1) if need_dx else 0, M, K, r, _bucket(M), _bucket(K)),
-                dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, STORE_Z=False, DC=prologue and need_dC,
-                     COMPUTE_OUT=need_dx, HAS_BIAS=False, PRECISION=precision,
-                     MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
-                usable_configs("expand", eBM, R_PAD, elem)))
+    keys = (_bucket(M), _bucket(K), _bucket(D), int(aligned))
+    shrink = _spec("shrink", _shrink_kernel, lambda meta: (m_blocks, split),
+                   dict(BM=BM, R_PAD=R_PAD, NEED_ACC=need_dT, COLSUM=need_db, PRECISION=precision,
+                        UPCAST_DOT=upcast), usable_configs("shrink", BM, R_PAD, elem, aligned=aligned))
+    dt_sums = _sum_specs(split, M * r) if need_dT and split > 1 else []  # split partials summed once, into dT
+    dc = dc_sums = None
+    rows_per_group = groups = 0
     if need_dC:
-        launches.append(_sum_launch(dc_part, dC))
-    if need_db:
-        launches.append(_sum_launch(db_part, db))
-    return dx, dC, db, launches
+        rows_per_group, groups, dBR = dc_groups(M, D, r, elem)
+        dc = _spec("dc", _dc_kernel, lambda meta: (groups, R_PAD // dBR, R_PAD // dBR),
+                   dict(BM=_DC_BM, BR=dBR, PRECISION=mix_precision), _fixed(4))
+        dc_sums = _sum_specs(groups, r * r) if groups > 1 else []
+    mix = None if prologue or not need_dx else _mix_spec(M, r, R_PAD, elem, mix_precision)
+    expand = None
+    if need_dx:
+        eBM = expand_block_m(BM, elem, prologue, K, aligned)
+        e_blocks = _cdiv(M, eBM)
+        expand = _spec("expand", _expand_kernel, lambda meta: (e_blocks, _cdiv(K, meta["BN"])),
+                       dict(BM=eBM, R_PAD=R_PAD, BR=BR, PROLOGUE_MIX=prologue, HAS_BIAS=False, PRECISION=precision,
+                            MIX_PRECISION=mix_precision, UPCAST_DOT=upcast),
+                       usable_configs("expand", eBM, R_PAD, elem, aligned=aligned))
+    db_sums = _sum_specs(m_blocks, D) if need_db and m_blocks > 1 else []
+    f32 = torch.float32
+    # The strides are part of the plan's key: bound once here.
+    Gs, Us, Vs, Zs = G.stride(), U.stride(), V.stride(), Z_strides
+    shrink_ints = (M, D, r, n_per_split, keys[0], keys[2], keys[3])
+    expand_ints = (K, 1, M, K, r, keys[0], keys[1], keys[3])
+
+    def build(G, Z, U, V, C):
+        dev = G.device
+        dx = torch.empty((M, K), dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
+        dC = torch.empty((r, r), dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
+        db = torch.empty((D,), dtype=G.dtype, device=dev) if need_db else G.new_empty(0)
+        # one row block: the shrink writes db itself (cast at the store), else per-block partials
+        db_part = (torch.empty((m_blocks, D), dtype=f32, device=dev) if db_sums else db) if need_db else Z
+        dT = torch.empty((M, r), dtype=f32, device=dev) if need_dT else Z
+        parts = torch.empty((split, M, r), dtype=f32, device=dev) if dt_sums else dT
+        launches = [shrink.bind((G, Gs[0], Gs[1], U, Us[0], Us[1], parts, db_part) + shrink_ints)]
+        if dt_sums:
+            launches += _bind_sums(dt_sums, parts, dT)
+        if dc is not None:
+            dc_part = torch.empty((groups, r, r), dtype=f32, device=dev) if dc_sums else dC
+            launches.append(dc.bind((dT, Z, Zs[0], Zs[1], dc_part, M, r, rows_per_group)))
+            if dc_sums:
+                launches += _bind_sums(dc_sums, dc_part, dC)
+        if expand is not None:  # dZ = dT @ C: the core is applied on the right as is
+            cs = C.stride()
+            rows = dT
+            if mix is not None:  # (the split partials' buffer is free again, as in the forward)
+                rows = parts if dt_sums else torch.empty((M, r), dtype=f32, device=dev)
+                launches.append(mix.bind((dT, C, cs[0], cs[1], rows, M, r)))
+            launches.append(expand.bind((rows, C, cs[0], cs[1], V, Vs[0], Vs[1], Z, 0, dx) + expand_ints))
+        if db_sums:
+            launches += _bind_sums(db_sums, db_part, db)
+        return dx, dC, db, launches
+
+    return build
 
 
 # ---------------------------------------------------------------------------------------
@@ -770,9 +1048,9 @@ def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
     return dx, dC, db
 
 
-@torch.library.custom_op("salt_triton::forward", mutates_args=())
-def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
-                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_impl(x, U, V, C, bias):
+    """The forward of the contract (backends/autograd.py): the body of the ``salt_forward``
+    op and of the eager path."""
     M, K = x.shape
     D, r = U.shape
     if not _uses_kernels(x) or K == 0 or D == 0:  # (K or D = 0: nothing for a kernel to do)
@@ -785,16 +1063,8 @@ def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Ten
     return y, Z
 
 
-@salt_forward.register_fake
-def _(x, U, V, C, bias):
-    # Shapes only, in terms of the (possibly symbolic) token count: no planning here.
-    return x.new_empty((x.shape[0], U.shape[0])), x.new_empty((x.shape[0], U.shape[1]), dtype=C.dtype)
-
-
-@torch.library.custom_op("salt_triton::backward", mutates_args=())
-def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
-                  need_dx: bool, need_dC: bool, need_db: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward_impl(G, Z, U, V, C, need_dx, need_dC, need_db):
+    """The backward of the contract: the body of the ``salt_backward`` op and of the eager path."""
     M, D = G.shape
     K, r = V.shape
     if not _uses_kernels(G) or K == 0 or D == 0:
@@ -811,6 +1081,25 @@ def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Te
     return dx, dC, db
 
 
+@torch.library.custom_op("salt_triton::forward", mutates_args=())
+def salt_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_impl(x, U, V, C, bias)
+
+
+@salt_forward.register_fake
+def _(x, U, V, C, bias):
+    # Shapes only, in terms of the (possibly symbolic) token count: no planning here.
+    return x.new_empty((x.shape[0], U.shape[0])), x.new_empty((x.shape[0], U.shape[1]), dtype=C.dtype)
+
+
+@torch.library.custom_op("salt_triton::backward", mutates_args=())
+def salt_backward(G: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor,
+                  need_dx: bool, need_dC: bool, need_db: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_impl(G, Z, U, V, C, need_dx, need_dC, need_db)
+
+
 @salt_backward.register_fake
 def _(G, Z, U, V, C, need_dx, need_dC, need_db):
     M, K, D, r = G.shape[0], V.shape[0], G.shape[1], V.shape[1]
@@ -820,7 +1109,13 @@ def _(G, Z, U, V, C, need_dx, need_dC, need_db):
 
 
 register_salt_autograd(salt_forward, salt_backward)
+_EAGER = eager_function(forward_impl, backward_impl)
 
 
 def salt_linear_2d(x, U, V, sigma, X, Y, bias, scaling: float):
-    return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)
+    """Traced (torch.compile, export) and under torch.func transforms: the custom ops
+    above. Eager: the same bodies through one autograd Function, without the custom-op
+    dispatch (tens of microseconds a call)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return run_salt_op(salt_forward, x, U, V, sigma, X, Y, bias, scaling)
+    return run_salt_eager(_EAGER, forward_impl, x, U, V, sigma, X, Y, bias, scaling)

@@ -182,11 +182,13 @@ def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sca
     # the shared shrink, unsplit: Z (M, r) fp32
     Z = torch.empty((M, r), dtype=torch.float32, device=dev)
     BM_s = tk.block_m(M, R_PAD, elem)
-    shrink = tk.Launch("shrink", tk._shrink_kernel, lambda meta: (triton.cdiv(M, BM_s), 1),
-                       (x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), Z, Z,
-                        M, K, r, K, tk._bucket(M), tk._bucket(K)),
-                       dict(BM=BM_s, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=tk._precision(x.dtype),
-                            UPCAST_DOT=tk._upcast_dot(x.dtype)), tk.usable_configs("shrink", BM_s, R_PAD, elem))
+    aligned = tk.rank_aligned(r, V)
+    shrink = tk._spec("shrink", tk._shrink_kernel, lambda meta: (triton.cdiv(M, BM_s), 1),
+                      dict(BM=BM_s, R_PAD=R_PAD, NEED_ACC=True, COLSUM=False, PRECISION=tk._precision(x.dtype),
+                           UPCAST_DOT=tk._upcast_dot(x.dtype)),
+                      tk.usable_configs("shrink", BM_s, R_PAD, elem, aligned=aligned)
+                      ).bind((x, x.stride(0), x.stride(1), V, V.stride(0), V.stride(1), Z, Z,
+                              M, K, r, K, tk._bucket(M), tk._bucket(K), int(aligned)))
     BM = multi_block_m(R_PAD, elem)
     perm, t_start, t_rows, t_adapter, n_tiles = _tiles(index, A, BM)
     sigma_f, X_f, Y_f = sigma.to(torch.float32).contiguous(), X.to(torch.float32), Y.to(torch.float32)
@@ -195,18 +197,18 @@ def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sca
         bias, base_bias = bias.contiguous(), base_bias.contiguous()  # one column stride for both (D-sized)
     banked = bias is not None and bias.dim() == 2
     b = y if bias is None else bias
-    expand = tk.Launch(
+    expand = tk._spec(
         "multi_expand", _multi_expand_kernel, lambda meta: (n_tiles, triton.cdiv(D, _BN)),
-        (Z, Z.stride(0), perm, t_start, t_rows, t_adapter,
+        dict(BM=BM, BN=_BN, R_PAD=R_PAD, RL_PAD=RL_PAD, HAS_BIAS=bias is not None, BANKED_BIAS=banked,
+             HAS_BASE_BIAS=base_bias is not None, PRECISION=tk._precision(x.dtype),
+             MIX_PRECISION=tk._mix_precision(x.dtype), UPCAST_DOT=tk._upcast_dot(x.dtype)),
+        tk._fixed(4)).bind((
+         Z, Z.stride(0), perm, t_start, t_rows, t_adapter,
          sigma_f, sigma_f.stride(0), base_f,
          X_f, X_f.stride(0), X_f.stride(1), X_f.stride(2),
          Y_f, Y_f.stride(0), Y_f.stride(1), Y_f.stride(2),
          U, U.stride(0), U.stride(1),
          b, b.stride(0) if banked else 0, b.stride(-1) if bias is not None else 0,
          y if base_bias is None else base_bias,
-         y, y.stride(0), y.stride(1), D, r, rl, float(scaling)),
-        dict(BM=BM, BN=_BN, R_PAD=R_PAD, RL_PAD=RL_PAD, HAS_BIAS=bias is not None, BANKED_BIAS=banked,
-             HAS_BASE_BIAS=base_bias is not None, PRECISION=tk._precision(x.dtype),
-             MIX_PRECISION=tk._mix_precision(x.dtype), UPCAST_DOT=tk._upcast_dot(x.dtype)),
-        tk._fixed(4))
+         y, y.stride(0), y.stride(1), D, r, rl, float(scaling)))
     return y, [shrink, expand]

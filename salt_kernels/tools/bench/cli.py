@@ -13,12 +13,13 @@ import torch
 
 from ...ops import available_backends
 from ...ops.dispatch import _BACKEND_MODULES, unavailable_reason
-from .methods import AUTO, BASELINE_NAMES, REFERENCE, auto_choice, build_methods, is_interpreted, \
+from .methods import AUTO, BASELINE_NAMES, REFERENCE, auto_choice, build_methods, is_decode, is_interpreted, \
     make_input_sets, make_step
 from .plots import write_plots
 from .presets import BASELINES, FULL_PRESETS, PRESETS, Shape, preset_baselines, select_shapes
 from .report import MODES, Row, add_ratios, auto_summary, format_table, policy_summary, write_csv, write_json
-from .timing import describe, environment, load_note, peak_bandwidth_gbps, peak_memory_bytes, time_steps
+from .timing import describe, environment, format_back_to_back, load_note, peak_bandwidth_gbps, \
+    peak_memory_bytes, time_steps
 from .verify import verification_passed, verify_backends
 
 DESCRIPTION = """\
@@ -39,7 +40,9 @@ warm-up first, the order shuffled every round), so load from other processes hit
 them alike; times are medians, and
 each speed-up is the median of the per-round paired ratios, shown as "ratio±noise"
 where the noise is half the interquartile range of those ratios. CUDA:
-triton.testing.do_bench (CUDA events, L2 flushed before each call), medians. Inputs
+triton.testing.do_bench (CUDA events, L2 flushed before each call), medians; decode
+shapes (M <= 64) also back to back without the flush (host cost included) and replayed
+from a CUDA graph where the method can be captured. Inputs
 rotate through several copies so that caches do not flatter small shapes. On a GPU,
 SALT rows also report achieved bandwidth over the minimum bytes moved as a share of
 the device's peak (see docs/design.md, "Performance model").
@@ -88,7 +91,7 @@ def run_benchmarks(shapes, methods, device, dtype, *, min_time, bandwidth_gbps=N
             for m, error in _failing_steps(steps, active):  # reported, not timed
                 rows.append(Row(shape, m, mode, skip=f"failed: {error}"))
                 del steps[m.name]
-            timings = time_steps(steps, device, min_time) if steps else {}
+            timings = time_steps(steps, device, min_time, back_to_back=is_decode(shape)) if steps else {}
             for m in (m for m in active if m.name in steps):
                 row = Row(shape, m, mode, timing=timings[m.name], resolves_to=picked if m.name == AUTO else None)
                 if mode == "fwd+bwd":
@@ -319,7 +322,7 @@ def main(argv=None) -> int:
              if device.type == "cpu" else ", ratio of medians")
           + "; auto (x): the backend auto picked; fwd under no_grad; peak MiB: memory allocated by one fwd+bwd "
           "above its inputs" + ("; % BW: minimum bytes / time as a share of peak bandwidth" if bandwidth else ""))
-    summaries = [s for s in (auto_summary(rows), policy_summary(rows, device.type)) if s]
+    summaries = [s for s in (format_back_to_back(rows), auto_summary(rows), policy_summary(rows, device.type)) if s]
     for summary in summaries:
         print(summary)
     if summaries and min_time < 1 and device.type == "cpu":

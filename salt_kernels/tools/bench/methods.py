@@ -167,6 +167,16 @@ def build_methods(device, backends, official_max_gflop: float | None = None, *, 
     return methods
 
 
+# Shapes with at most this many rows are timed as decode: on CUDA also back to back without
+# the L2 flush and from a CUDA graph (timing.time_steps(back_to_back=True)), because at
+# these sizes the host, not the GPU, can set the pace.
+DECODE_MAX_M = 64
+
+
+def is_decode(shape: Shape) -> bool:
+    return shape.M <= DECODE_MAX_M
+
+
 def make_input_sets(method: Method, shape: Shape, dtype, device, *, seed=0, target_bytes=None) -> list[Inputs]:
     """Several independent copies of the inputs, cycled through by the timed step, so
     that a small problem is not served from cache every call (up to 8 copies, enough to

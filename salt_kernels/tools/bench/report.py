@@ -206,7 +206,7 @@ def _order_at(policy: tuple, M: int) -> tuple:
 
 CSV_FIELDS = ["device", "device_name", "dtype", "threads", "torch", "triton", "salt_kernels", "backend", "kind",
               "resolves_to", "preset", "layer", "M", "K", "D", "r", "r_lora", "mode", "time_ms", "time_min_ms",
-              "rounds", "speedup_vs_reference", "speedup_vs_reference_p25", "speedup_vs_reference_p75",
+              "rounds", "time_back_to_back_ms", "time_cuda_graph_ms", "speedup_vs_reference", "speedup_vs_reference_p25", "speedup_vs_reference_p75",
               "speedup_vs_official", "speedup_vs_dense", "peak_mem_MiB", "achieved_GBps", "roofline_fraction",
               "verify_max_rel_err", "note"]
 
@@ -221,6 +221,8 @@ def row_record(r: Row, meta: dict, verify_errors: dict) -> dict:
         meta, backend=r.method.name, kind=r.method.kind, resolves_to=r.resolves_to, preset=s.preset,
         layer=s.layer, M=s.M, K=s.K, D=s.D, r=s.r, r_lora=s.rl, mode=r.mode,
         time_ms=t and t.median * 1e3, time_min_ms=t and t.min * 1e3, rounds=t and t.rounds,
+        time_back_to_back_ms=t and t.back_to_back and t.back_to_back * 1e3,
+        time_cuda_graph_ms=t and t.graph and t.graph * 1e3,
         speedup_vs_reference=ratio(r.vs_reference),
         speedup_vs_reference_p25=r.vs_reference and r.vs_reference.low,
         speedup_vs_reference_p75=r.vs_reference and r.vs_reference.high,
@@ -229,7 +231,7 @@ def row_record(r: Row, meta: dict, verify_errors: dict) -> dict:
         verify_max_rel_err=verify_errors.get(r.method.name), note=r.skip or r.method.note)
 
 
-_CSV_SPECS = {"time_ms": ".4f", "time_min_ms": ".4f", "speedup_vs_reference": ".3f",
+_CSV_SPECS = {"time_ms": ".4f", "time_min_ms": ".4f", "time_back_to_back_ms": ".4f", "time_cuda_graph_ms": ".4f", "speedup_vs_reference": ".3f",
               "speedup_vs_reference_p25": ".3f", "speedup_vs_reference_p75": ".3f", "speedup_vs_official": ".3f",
               "speedup_vs_dense": ".3f", "peak_mem_MiB": ".4f", "achieved_GBps": ".1f",
               "roofline_fraction": ".3f", "verify_max_rel_err": ".2e"}

@@ -5,7 +5,10 @@
   alike; reported as min and median, and ratios as the median of the per-round paired
   ratios with their interquartile range (:func:`paired_ratio`).
 * CUDA: ``triton.testing.do_bench`` per step (CUDA events, L2 flushed before each
-  call), or a CUDA-event loop without Triton; median.
+  call), or a CUDA-event loop without Triton; median. For decode shapes
+  (``back_to_back=True``) also the step issued back to back without the flush, where a
+  host-bound step shows its host cost (the flush's memset hides it), and the step
+  replayed from a CUDA graph, where the method can be captured (no host cost at all).
 
 Callers rotate through several copies of the inputs (:func:`methods.make_input_sets`)
 so that caches do not flatter small shapes.
@@ -37,10 +40,14 @@ BLOCK = 0.02
 class Timing:
     """Seconds per call of one step. ``paired``: the samples are per-round and aligned
     with those of the other steps timed in the same call (CPU), so ratios can be taken
-    round by round."""
+    round by round. CUDA decode shapes also carry ``back_to_back`` (median seconds per
+    call of calls issued back to back, no L2 flush: host cost included) and ``graph``
+    (the same, replayed from a CUDA graph; None where the step cannot be captured)."""
 
     samples: list
     paired: bool = False
+    back_to_back: float | None = None
+    graph: float | None = None
 
     @property
     def min(self) -> float:
@@ -87,7 +94,14 @@ def paired_ratio(base: Timing, other: Timing) -> Ratio:
     return Ratio(base.median / other.median)
 
 
-def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, block: float = BLOCK) -> dict:
+# Clocks for CPU timing: wall time (default), or this process's CPU time, for host-side
+# code (single-threaded Python and dispatch) on a machine shared with other processes,
+# whose load then does not count against the step.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, block: float = BLOCK,
+                 clock: str = "wall") -> dict:
     """Seconds per call of each named CPU step, one sample per round: ``{name: [s, ...]}``.
 
     Interleaved rounds -- every round runs each step ``n`` times back to back (``n``
@@ -98,8 +112,10 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, 
     that churns memory (the official baseline frees hundreds of MiB, which glibc returns
     to the OS) slows the step after it, and a fixed or rotated cyclic order always hands
     that cost to the same step (``auto``, running ``reference``'s code, timed 0.71-0.78x
-    ``reference`` that way).
+    ``reference`` that way). ``clock``: a key of :data:`CLOCKS` (the rounds' length is
+    always wall time).
     """
+    now = CLOCKS[clock]
     number = {}
     for name, step in steps.items():
         step()  # warm-up: first-call costs (allocator, lazy init) are not the step's
@@ -113,23 +129,32 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, 
     for rounds in itertools.count(1):
         for name in order.sample(names, len(names)):
             step = steps[name]
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(number[name]):
                 step()
-            samples[name].append((time.perf_counter() - t0) / number[name])
+            samples[name].append((now() - t0) / number[name])
         if rounds >= 1000 or (rounds >= min_rounds and time.perf_counter() - start >= min_time * len(steps)):
             break
     return samples
 
 
 def time_steps(steps: dict, device, min_time: float, *, min_rounds: int = MIN_ROUNDS,
-               block: float = BLOCK) -> dict:
+               block: float = BLOCK, back_to_back: bool = False, clock: str = "wall") -> dict:
     """:class:`Timing` of each named step (``{name: Timing}``): on CPU from one
-    :func:`sample_steps` run (paired), on CUDA from :func:`_cuda_samples` per step."""
+    :func:`sample_steps` run (paired; CPU calls always run back to back; ``clock``: see
+    :data:`CLOCKS`), on CUDA from
+    :func:`_cuda_samples` per step, with ``back_to_back`` also from
+    :func:`cuda_back_to_back` and :func:`cuda_graph_seconds`."""
     device = torch.device(device)
     if device.type == "cuda":
-        return {name: Timing(_cuda_samples(step, min_time)) for name, step in steps.items()}
-    samples = sample_steps(steps, min_time, min_rounds=min_rounds, block=block)
+        out = {}
+        for name, step in steps.items():
+            out[name] = Timing(_cuda_samples(step, min_time))
+            if back_to_back:
+                out[name].back_to_back = cuda_back_to_back(step, min_time)
+                out[name].graph = cuda_graph_seconds(step, min_time)
+        return out
+    samples = sample_steps(steps, min_time, min_rounds=min_rounds, block=block, clock=clock)
     return {name: Timing(v, paired=True) for name, v in samples.items()}
 
 
@@ -162,6 +187,76 @@ def _cuda_samples(step, min_time: float) -> list:
     except (AssertionError, ValueError):  # a Triton without return_mode="all": its median alone
         ms = [do_bench(step, **kw, return_mode="median")]
     return [t / 1e3 for t in ms]
+
+
+def _event_loop(call, min_time: float) -> float:
+    """Median seconds per call of ``call`` issued back to back between two CUDA events, in
+    batches calibrated to ~min_time / 10 each (at least 5 batches)."""
+    call()
+    torch.cuda.synchronize()
+    n, batches = 1, []
+    while True:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            call()
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        if seconds < min_time / 10 and n < (1 << 20):
+            n *= 2
+            continue
+        batches.append(seconds / n)
+        if len(batches) >= 5 and sum(batches) * n >= min_time:
+            return statistics.median(batches)
+
+
+def cuda_back_to_back(step: Callable[[], None], min_time: float) -> float:
+    """Seconds per call of ``step`` on CUDA, calls issued back to back with no L2 flush in
+    between: a step whose host code takes longer than its GPU work is timed at its host
+    cost, as a decode loop sees it (``do_bench`` flushes 256 MB of L2 before each call,
+    a memset of tens of microseconds that hides the host time)."""
+    return _event_loop(step, min_time)
+
+
+def cuda_graph_seconds(step: Callable[[], None], min_time: float) -> float | None:
+    """Seconds per replay of ``step`` captured once into a CUDA graph (after a warm-up on
+    a side stream, as torch.cuda.graphs recommends), replayed back to back: the GPU time
+    without any host cost. None if the step cannot be captured (it synchronises, copies to
+    the host, or compiles or autotunes on the way)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception:  # not capturable: the back-to-back figure stands alone
+        torch.cuda.synchronize()
+        return None
+    try:
+        return _event_loop(graph.replay, min_time)
+    finally:
+        del graph
+
+
+def format_back_to_back(rows) -> str | None:
+    """Lines for the rows (of :mod:`.report`) that carry back-to-back timings (CUDA
+    decode shapes): the flushed median, back to back, and from a CUDA graph, in
+    microseconds per call. None if no row has them."""
+    timed = [r for r in rows if r.timing is not None and r.timing.back_to_back is not None]
+    if not timed:
+        return None
+    out = ["decode timings (us per call): L2 flushed (do_bench) | back to back, no flush (host cost shows) | "
+           "CUDA graph replay (no host cost; - where the method cannot be captured)"]
+    for r in timed:
+        t = r.timing
+        graph = "-" if t.graph is None else f"{t.graph * 1e6:.1f}"
+        out.append(f"  {r.shape.label} {r.mode:7s} {r.method.name:16s} {t.median * 1e6:8.1f} | "
+                   f"{t.back_to_back * 1e6:8.1f} | {graph:>8s}")
+    return "\n".join(out)
 
 
 def peak_memory_bytes(step: Callable[[], None], device) -> int:
