@@ -135,7 +135,12 @@ def test_links_stay_inside_the_repository_and_resolve(path):
             assert anchor in set(anchors(file)), f"{path.name}: link {target}: no such heading in {file.name}"
 
 
-@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
+# Messages, docstrings and skip reasons tell users how to install too.
+SOURCES = sorted(p for d in ("salt_kernels", "benchmarks", "tests", ".ci") for p in (ROOT / d).rglob("*")
+                 if p.suffix in (".py", ".sh") and p.name != "test_docs.py")
+
+
+@pytest.mark.parametrize("path", DOCS + SOURCES, ids=[str(p.relative_to(ROOT)) for p in DOCS + SOURCES])
 def test_installs_come_from_the_checkout(path):
     """salt_kernels is not on a package index: an install command names the checkout
     (``-e .``, ``-e '.[peft]'``), never the package."""
