@@ -4,15 +4,19 @@ The extension ``salt_kernels._C`` (csrc/) is built ahead of time against the tor
 already installed (hence ``pip install --no-build-isolation``):
 
 * the CPU kernels always;
-* the CUDA kernels too when torch was built with CUDA and a CUDA toolkit is found
-  (``CUDA_HOME``, else ``/usr/local/cuda``, else ``nvcc`` on PATH). Architectures:
-  ``TORCH_CUDA_ARCH_LIST`` if set, else ``DEFAULT_CUDA_ARCH_LIST``: machine code
-  for sm_80 and sm_90 plus PTX, which the driver compiles for newer GPUs (no GPU is
-  needed to build).
+* the CUDA kernels too where they can run or are asked for: torch was built with CUDA,
+  a CUDA toolkit is found (``CUDA_HOME``, else ``/usr/local/cuda``, else ``nvcc`` on
+  PATH), and torch sees a GPU or ``SALT_KERNELS_BUILD_CUDA=1`` is set (CI sets it: no
+  GPU is needed to build). Architectures: ``TORCH_CUDA_ARCH_LIST`` if set, else
+  ``DEFAULT_CUDA_ARCH_LIST``: machine code for sm_80 and sm_90 plus PTX, which the
+  driver compiles for newer GPUs.
 
 ``SALT_KERNELS_NO_EXTENSION=1`` skips the extension; so does a build failure (with a
 warning), since the package works without it (the ``reference`` / ``triton`` backends).
-``SALT_KERNELS_NO_CUDA=1`` builds the CPU part only.
+``SALT_KERNELS_NO_CUDA=1`` builds the CPU part only, whatever else is set.
+
+The compiled objects stay in ``build/`` (one directory per Python, torch and CUDA
+choice), so a second ``pip install -e .`` recompiles only changed sources.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ def _find_cuda_home() -> str | None:
     return str(Path(nvcc).resolve().parents[1]) if nvcc else None
 
 
+def _cuda_wanted(torch) -> tuple[bool, str]:
+    """Whether to build the CUDA part (if a toolkit is found), and why not."""
+    if _flag("SALT_KERNELS_NO_CUDA"):
+        return False, "SALT_KERNELS_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return False, "this torch has no CUDA"
+    if _flag("SALT_KERNELS_BUILD_CUDA") or torch.cuda.is_available():
+        return True, ""
+    return False, "torch sees no GPU (SALT_KERNELS_BUILD_CUDA=1 builds the CUDA part anyway)"
+
+
 def _extension_kwargs() -> dict:
     if _flag("SALT_KERNELS_NO_EXTENSION"):
         print("salt_kernels: SALT_KERNELS_NO_EXTENSION set, not building the C++/CUDA extension")
@@ -51,7 +66,10 @@ def _extension_kwargs() -> dict:
               "(install torch first and use pip install --no-build-isolation)")
         return {}
 
-    cuda_home = None if _flag("SALT_KERNELS_NO_CUDA") or torch.version.cuda is None else _find_cuda_home()
+    build_cuda, why = _cuda_wanted(torch)
+    cuda_home = _find_cuda_home() if build_cuda else None
+    if build_cuda and cuda_home is None:
+        why = "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)"
     if cuda_home is not None:
         # Must be set before importing cpp_extension, which reads it at import time.
         os.environ["CUDA_HOME"] = cuda_home
@@ -88,7 +106,12 @@ def _extension_kwargs() -> dict:
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
         ext = None
-        print("salt_kernels: building the CPU extension only (torch without CUDA or no CUDA toolkit found)")
+        print(f"salt_kernels: building the CPU extension only: {why}")
+    # pip install -e builds in a new temporary directory each time, so every install
+    # recompiled everything; torch's ninja build skips objects that are up to date
+    # (same command, sources and headers unchanged) when they are kept.
+    build_temp = ROOT / "build" / (f"salt_kernels-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-"
+                                   + ("cuda" if cuda_home else "cpu"))
 
     def cpu_only(openmp: bool):
         flags = cxx_flags if openmp else [f for f in cxx_flags if f != "-fopenmp"]
@@ -99,6 +122,10 @@ def _extension_kwargs() -> dict:
         """A failed extension build leaves a working pure-Python package, loudly. Fallbacks,
         in order: CPU part only (if the CUDA part was tried), then without OpenMP (a
         compiler without it, e.g. Apple clang: the kernels' own loops run single-threaded)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(build_temp)
 
         def run(self):
             fallbacks = ([("the CUDA part", cpu_only(True))] if cuda_home is not None else []) + \

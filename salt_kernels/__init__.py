@@ -26,7 +26,7 @@ from .model import (
     trainable_parameters,
 )
 from .nn import SALTConv2d, SALTLinear, salt_regularizer, truncated_svd, warmup
-from .ops import BackendUnavailableError, available_backends, salt_linear
+from .ops import BackendUnavailableError, available_backends, salt_linear, why_unavailable
 
 __version__ = "0.1.0"
 
@@ -53,5 +53,6 @@ __all__ = [
     "salt_regularizer",
     "truncated_svd",
     "warmup",
+    "why_unavailable",
     "__version__",
 ]

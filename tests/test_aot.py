@@ -180,6 +180,7 @@ def test_multi_adapter_expand_is_checked():
     assert seen == want
 
 
+@pytest.mark.slow  # minutes of compiles: CI's slow-tests job
 def test_every_launch_compiles_on_the_installed_triton():
     """python -m salt_kernels.tools.aot --full on the Triton this environment has: every launch
     the host can plan (odd sizes and transposed bases included) compiles for sm_80 and

@@ -268,6 +268,9 @@ CASES = [
     # --- available_backends
     ("available_backends", "device name", lambda t: sk.available_backends("gpu0"), RuntimeError, ["gpu0"]),
     ("available_backends", "device type", lambda t: sk.available_backends(["cpu"]), TypeError, ["device"]),
+    ("why_unavailable", "unknown backend", lambda t: sk.why_unavailable("gpu", "cpu"), ValueError,
+     ["backend", "'gpu'", "reference"]),
+    ("why_unavailable", "device name", lambda t: sk.why_unavailable("reference", "gpu0"), RuntimeError, ["gpu0"]),
     # --- many adapters on one base, LoRA export, warm-up
     ("adapters", "model str", lambda t: sk.adapters("x", ["a"]).__enter__(), TypeError, ["model:", "str"]),
     ("adapters", "names int", lambda t: sk.adapters(_salt_model(), 3).__enter__(), TypeError, ["names:", "int"]),
@@ -340,6 +343,14 @@ def test_true_answers_at_the_edges(capsys):
     assert [m.rank for m in model.modules() if isinstance(m, SALTLinear)] == [8, 6]
     assert [m.lora_rank for m in model.modules() if isinstance(m, SALTLinear)] == [8, 6]
     assert isinstance(sk.available_backends("cpu"), list) and "reference" in sk.available_backends("cpu")
+    # every backend missing from available_backends says why; the available ones say nothing
+    for device in ("cpu", "cuda"):
+        available = sk.available_backends(device)
+        for backend in ("reference", "cpu", "cuda", "triton"):
+            reason = sk.why_unavailable(backend, device)
+            assert (reason is None) == (backend in available), (backend, device, reason)
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in sk.why_unavailable("cuda", "cuda")
     sk.print_trainable_parameters(nn.Module())  # an empty model: 0%, no division by zero
     assert "trainable params: 0 || all params: 0 || trainable%: 0.0000" in capsys.readouterr().out
 

@@ -206,7 +206,7 @@ PUBLIC_API = ["AdapterFileError", "AdapterFileWarning", "BackendUnavailableError
               "adapters", "delete_adapter", "list_adapters", "set_adapter", "apply_salt", "available_backends",
               "export_lora", "load_salt", "merge_salt", "print_trainable_parameters", "read_salt_config",
               "save_salt", "trainable_parameters", "salt_linear", "salt_regularizer", "truncated_svd", "warmup",
-              "__version__"]
+              "why_unavailable", "__version__"]
 
 
 def test_the_public_api_is_unchanged():

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from salt_kernels.ops import dispatch
 from salt_kernels.tools import bench
 from salt_kernels.backends import reference
-from salt_kernels.tools.bench import plots, presets, timing
+from salt_kernels.tools.bench import plots, presets, report, timing
 from salt_kernels.tools.bench.baselines import (official_rebuild_flops, official_salt_forward, official_salt_params,
                                           unfused_salt_chain)
-from salt_kernels.tools.bench.report import Row
+from salt_kernels.tools.bench.report import Row, policy_in_words
 from salt_testing import TOLERANCES, make_salt_inputs
 
 # One thread: on a shared 2-core CI machine, two intra-op threads can wait on each other
@@ -323,7 +323,8 @@ def test_auto_vs_reference_preset_runs(monkeypatch, tmp_path, capsys):
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "auto vs reference" in out and "fwd+bwd  worst" in out and f"of {len(tiny)} shapes" in out
-    assert "auto policy these timings support" in out and "dispatch.AUTO_POLICY['cpu'] is" in out
+    assert "auto policy: on this machine, auto should use " in out
+    assert re.search(r"\n  auto (uses .* \(AUTO_POLICY in|does the same at these row counts)", out)
     assert "0.005 s per measurement is short and noisy" in out
     data = json.loads(out_json.read_text())
     assert data["command"] == ["salt-bench", *argv] and data["environment"]["device"] == "cpu"
@@ -364,6 +365,44 @@ def test_measured_policy_rule():
     assert bench.measured_policy(recs) == ((256, ("reference",)), (None, ("triton", "cpu", "reference")))
     assert bench.measured_policy([_rec("cpu", 16, 1.1)]) == ((None, ("cpu", "reference")),)
     assert bench.measured_policy([_rec("reference", 16, 1.0)]) == ()
+
+
+def test_policy_in_words():
+    assert policy_in_words(((16, ("reference",)), (None, ("cpu", "reference")))) == \
+        "reference up to 16 rows and cpu above"
+    assert policy_in_words(((None, ("reference",)),)) == "reference at every row count"
+    assert policy_in_words(((1, ("cpu",)), (64, ("triton", "cpu")), (None, ("reference",)))) == \
+        "cpu up to 1 rows, triton up to 64 rows and reference above"
+
+
+def test_policy_summary_compares_at_the_timed_row_counts(monkeypatch):
+    """The measured policy is compared with auto's at the row counts timed: auto's rows
+    beyond them do not make a difference."""
+    shape = bench.PRESETS["smoke"][0]
+    methods = {m.name: m for m in bench.build_methods("cpu", ["reference", "cpu"])}
+
+    def rows(speedup):
+        return [Row(shape, methods[n], "fwd", timing=bench.Timing([1.0]), vs_reference=bench.Ratio(r))
+                for n, r in (("reference", 1.0), ("cpu", speedup))]
+    monkeypatch.setitem(dispatch.AUTO_POLICY, "cpu", ((1024, ("reference",)), (None, ("cpu", "reference"))))
+    same = report.policy_summary(rows(0.9), "cpu")  # smoke: M = 64
+    assert "should use reference at every row count (timed at 64 rows" in same and "does the same" in same
+    differs = report.policy_summary(rows(1.2), "cpu")
+    assert "should use cpu at every row count" in differs
+    assert "auto uses reference up to 1024 rows and cpu above (AUTO_POLICY in" in differs
+
+
+def test_sample_steps_varies_the_order():
+    """No step always follows the same one (the step after a memory-churning one pays
+    for it): over the rounds each step is preceded by several different steps."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    bench.sample_steps(steps, 0.0, min_rounds=20, block=0.0)
+    rounds = [calls[i:i + 4] for i in range(8, len(calls), 4)]  # after the two warm-up calls per step
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    for name in "abcd":
+        before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
+        assert len(before) >= 2, (name, before)
 
 
 def test_cpu_auto_policy_is_the_measured_one():
@@ -473,6 +512,26 @@ def test_auto_choice_names_what_auto_resolves_to(monkeypatch):
     assert bench.auto_choice("cpu", shape) == "reference" and seen == dict(M=shape.M, K=shape.K)
     monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device, rank=1, tokens=None: "reference")
     assert bench.auto_choice("cpu", shape) is None
+
+
+def test_busy_cpu_times_with_one_thread(monkeypatch, capsys):
+    """With every core already busy (load average >= cores), salt-bench times with one
+    thread unless --threads says otherwise, and says so."""
+    import os
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count()), 0.0, 0.0))
+    try:
+        torch.set_num_threads(2)
+        assert bench.main(["--presets", "smoke", "--verify-only", "--backends", "reference"]) == 0
+        assert torch.get_num_threads() == 1 and "so timing with 1 thread" in capsys.readouterr().out
+        torch.set_num_threads(2)
+        assert bench.main(["--presets", "smoke", "--verify-only", "--backends", "reference", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2 and "so timing with 1 thread" not in capsys.readouterr().out
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert bench.main(["--presets", "smoke", "--verify-only", "--backends", "reference"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_decode_shapes_are_also_timed_back_to_back(monkeypatch):

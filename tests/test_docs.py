@@ -3,7 +3,8 @@ fence reads ```` ```python runnable ```` runs and must succeed: a document's blo
 order in one fresh interpreter, as a reader would run them (a later block may use what an
 earlier one defined).
 Blocks fenced plain ```` ```python ```` are illustrations and are not run. Links between
-the documents must resolve inside the repository (see docs/verification.md)."""
+the documents must resolve inside the repository, and their #anchors must name a heading
+(see docs/verification.md)."""
 
 from __future__ import annotations
 
@@ -64,39 +65,89 @@ for where, code in json.load(open(sys.argv[1])):
 
 @pytest.mark.parametrize("path", RUNNABLE_DOCS, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE_DOCS])
 def test_runnable_blocks(path, tmp_path):
-    """A fresh interpreter per document, in an empty directory (files a block writes stay
-    there), with this checkout importable. One torch thread: on a shared 2-core machine
+    """A fresh interpreter per document, in an empty directory that must stay empty (a
+    block writes to a temporary directory, not where the reader runs it), with this
+    checkout importable. One torch thread: on a shared 2-core machine
     OpenMP's spinning threads made the SVDs several times slower."""
     import json
 
     blocks = [(f"{p.relative_to(ROOT)}:{line}", code) for p, line, code in RUNNABLE if p == path]
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     (tmp_path / "run_blocks.py").write_text(_RUNNER)
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"  # (tmp: the blocks' temporary files, removed with tmp_path)
+    cwd.mkdir(), tmp.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg", TMPDIR=str(tmp))
     env.pop("TRITON_INTERPRET", None)  # run as a user would (tests/conftest.py sets it)
-    proc = subprocess.run([sys.executable, "run_blocks.py", "blocks.json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run_blocks.py"), str(tmp_path / "blocks.json")], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, (f"{path.relative_to(ROOT)} failed\n--- stdout\n{proc.stdout[-4000:]}"
                                   f"\n--- stderr\n{proc.stderr[-4000:]}")
+    # a reader runs the blocks in a directory of their own: they must write to temporary ones
+    left = sorted(p.name for p in cwd.iterdir())
+    assert not left, f"{path.relative_to(ROOT)}: the blocks wrote {left} to the current directory"
 
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+def anchors(path: Path) -> set[str]:
+    """The ids GitHub gives the headings of a Markdown file: lower case, punctuation
+    dropped, spaces to hyphens, "-1", "-2", ... for repeats (headings inside code
+    blocks are not headings)."""
+    fenced = {n for start, _, code in _blocks(path) for n in range(start, start + code.count("\n") + 2)}
+    seen: dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m or number in fenced:
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1))  # a link: its text
+        slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def test_anchors_follow_github(tmp_path):
+    path = tmp_path / "page.md"
+    path.write_text("# Model guide\n## SALT and PEFT's LoRA\n### `SaltConfig`\n## A, b: c\n## A, b: c\n"
+                    "```\n# code\n```\n## [Link](x.md) text\n")
+    assert list(anchors(path)) == ["model-guide", "salt-and-pefts-lora", "saltconfig", "a-b-c", "a-b-c-1",
+                                   "link-text"]
+
+
 @pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
 def test_links_stay_inside_the_repository_and_resolve(path):
+    """Relative links name files of the repository, and their #anchors (in-page ones
+    too) name headings of the target file."""
     text = path.read_text()
     assert "DESIGN.md" not in text  # (links outside the repository fail the resolution check below)
     # user docs describe the product, not how it was built
     for phrase in ("session", "issue #", "the lead", "our machine", "earlier version"):
         assert phrase not in text.lower(), f"{path.name}: {phrase!r}"
     for target in _LINK.findall(text):
-        if re.match(r"[a-z]+://", target) or target.startswith("#"):
+        if re.match(r"[a-z]+://", target):
             continue
-        file = (path.parent / target.split("#")[0]).resolve()
+        name, _, anchor = target.partition("#")
+        file = (path.parent / name).resolve() if name else path
         assert file.is_relative_to(ROOT), f"{path.name}: link {target} leaves the repository"
         assert file.exists(), f"{path.name}: link {target} does not exist"
+        if anchor and file.suffix == ".md":
+            assert anchor in set(anchors(file)), f"{path.name}: link {target}: no such heading in {file.name}"
+
+
+# Messages, docstrings and skip reasons tell users how to install too.
+SOURCES = sorted(p for d in ("salt_kernels", "benchmarks", "tests", ".ci") for p in (ROOT / d).rglob("*")
+                 if p.suffix in (".py", ".sh") and p.name != "test_docs.py")
+
+
+@pytest.mark.parametrize("path", DOCS + SOURCES, ids=[str(p.relative_to(ROOT)) for p in DOCS + SOURCES])
+def test_installs_come_from_the_checkout(path):
+    """salt_kernels is not on a package index: an install command names the checkout
+    (``-e .``, ``-e '.[peft]'``), never the package."""
+    for line in path.read_text().splitlines():
+        for command in re.findall(r"pip install [^`|&;]*", line):
+            assert not re.search(r"(^|[\s'\"])salt[_-]kernels\b", command.split("install", 1)[1]), \
+                f"{path.name}: {command.strip()!r} installs a package that is not published"
 
 
 def test_license_matches_package_metadata():

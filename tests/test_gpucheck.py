@@ -3,8 +3,10 @@ interpreter, tiny sizes) end to end, and the runner's handling of failing and ov
 steps."""
 
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ def dry_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # the whole dry run: CI's slow-tests job
 def test_dry_run_passes_every_step(dry_run):
     out, proc = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -42,6 +45,7 @@ def test_dry_run_passes_every_step(dry_run):
         assert (out / s["log"]).stat().st_size > 0
 
 
+@pytest.mark.slow  # the whole dry run: CI's slow-tests job
 def test_dry_run_figures(dry_run):
     out, _ = dry_run
     steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
@@ -215,15 +219,26 @@ def test_tests_step_stops_before_its_budget_and_counts_what_ran(tmp_path, monkey
     pytest still writes its report, so the tests that ran are counted (and it fails)."""
     suite = tmp_path / "suite" / "test_slow.py"
     suite.parent.mkdir()
-    suite.write_text("import time\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n\n"
-                     "def test_c():\n    time.sleep(120)\n")
+    text = "import time\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n\ndef test_c():\n    time.sleep({})\n"
+    ctx = gpucheck.Context(tmp_path / "out", dry_run=True)
+    # The interrupt must come while test_c sleeps, not while the child pytest still starts
+    # (then it writes no report): on a loaded machine that start takes many seconds, so the
+    # deadline is 10 s or four times a measured start (collecting the same suite), whichever
+    # is longer.
+    suite.write_text(text.format(0))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", str(suite)],
+                   cwd=steps.REPO, env=dict(ctx.env(), PYTHONDONTWRITEBYTECODE="1"), capture_output=True,
+                   check=True, timeout=600)
+    budget = steps.PYTEST_STOP_BEFORE_S + max(10, math.ceil(4 * (time.perf_counter() - t0)))
+    suite.write_text(text.format(2 * budget))  # past the budget: only the stop ends it
     monkeypatch.setattr(steps, "DRY_TEST_ARGS", [str(suite)])
-    monkeypatch.setattr(steps, "STEPS", [Step("tests", "tests", 60, 35)])  # stopped at 35 - 25 = 10 s
-    result = steps.step_tests(gpucheck.Context(tmp_path / "out", dry_run=True))
+    monkeypatch.setattr(steps, "STEPS", [Step("tests", "tests", 60, budget)])  # stopped at budget - 25 s
+    result = steps.step_tests(ctx)
     figs = result["figures"]
     assert result["status"] == "fail" and figs["stopped"] is True, result
     assert figs["passed"] == 2 and "stopped at the budget" in result["summary"]
-    assert figs["pytest_s"] < 35 - 10  # killed, at the latest, 10 s before the step's budget
+    assert figs["pytest_s"] < budget - 10  # killed, at the latest, 10 s before the step's budget
 
 
 def test_triton_spills_finds_compiled_kernels(monkeypatch):

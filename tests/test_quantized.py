@@ -23,7 +23,7 @@ from salt_kernels.ops.dispatch import unavailable_reason
 from salt_testing import TOLERANCES, assert_layer_matches_ground_truth, max_rel_err, perturb
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
-needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="pip install 'salt_kernels[quant]' (bitsandbytes)")
+needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="needs bitsandbytes>=0.47 (the 'quant' extra)")
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning")
 
 BACKENDS = ["reference", "triton", "cpu", "cuda", "auto"]
@@ -310,7 +310,7 @@ def test_bad_quantize_arguments(kwargs, exc, match):
 
 def test_missing_bitsandbytes_names_the_package_and_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
-    with pytest.raises(ImportError, match=r"bitsandbytes.*salt_kernels\[quant\]"):
+    with pytest.raises(ImportError, match=r"'bitsandbytes>=0\.47'.*the 'quant' extra: pip install .*-e '\.\[quant\]'"):
         SALTLinear.from_linear(_linear(8, 6), 2, 1, residual=True, quantize="nf4")
     # a model without quantization never needs it
     assert SALTLinear.from_linear(_linear(8, 6), 2, 1, residual=True).residual_weight is not None

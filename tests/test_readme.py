@@ -24,3 +24,21 @@ def test_main_job_installs_only_what_it_needs():
     main = [c for c in _commands() if "salt-bench" in c]
     assert len(main) == 1, _commands()
     assert "[test]" not in main[0] and "--no-build-isolation -e . &&" in main[0]
+
+
+def test_ci_runs_what_the_default_test_run_leaves_out():
+    """The default run deselects the slow (whole-package) tests; CI runs them as its
+    slow-tests job, builds the CUDA part without a GPU and checks that a second install
+    reuses the objects; docs/verification.md names every job."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"""^addopts = ".*-m 'not slow'.*"$""", pyproject, re.M)
+    assert re.search(r'^    "slow: ', pyproject, re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme_line = ci.index("\npython3 -m venv")
+    assert 0 <= ci.index("export SALT_KERNELS_BUILD_CUDA=1") < readme_line
+    assert ".venv/bin/python -m pytest -m slow" in ci and "ninja: no work to do" in ci
+    jobs = re.search(r"^\[ \$\{#JOBS\[@\]\} -gt 0 \] \|\| JOBS=\((.*)\)$", ci, re.M).group(1).split()
+    assert set(jobs) == {"tests", "aot-tritons", "slow-tests", "reinstall"}, jobs
+    verification = (ROOT / "docs" / "verification.md").read_text()
+    for job in jobs:
+        assert f"`{job}`" in verification, job

@@ -33,10 +33,20 @@ def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     return C
 
 
+def constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result`` without importing Dynamo at import time.
+    That decorator only marks ``fn`` (Dynamo reads the mark when it traces a call), but
+    calling it imports ``torch._dynamo``, which was most of the cost of
+    ``import salt_kernels``. tests/test_import.py checks that the mark is the one torch's
+    decorator sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _AUTOCAST_AVAILABLE: dict = {}
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def _autocast_available(device_type: str) -> bool:
     # A constant for torch.compile: the Dynamo of torch 2.11 cannot trace
     # torch.amp.is_autocast_available (a graph break, fatal under fullgraph=True).

@@ -51,14 +51,15 @@ def import_bitsandbytes():
     except ImportError as exc:
         raise ImportError(
             "quantize: a quantized residual needs the 'bitsandbytes' package (>= "
-            f"{MIN_BITSANDBYTES}): pip install 'salt_kernels[quant]' (or 'bitsandbytes>={MIN_BITSANDBYTES}')"
+            f"{MIN_BITSANDBYTES}): pip install 'bitsandbytes>={MIN_BITSANDBYTES}' (or, in the checkout, "
+            "the 'quant' extra: pip install --no-build-isolation -e '.[quant]')"
         ) from exc
     from packaging.version import Version
 
     if Version(bitsandbytes.__version__) < Version(MIN_BITSANDBYTES):
         raise ImportError(
             f"quantize: needs bitsandbytes >= {MIN_BITSANDBYTES}, found {bitsandbytes.__version__}: "
-            "pip install -U 'salt_kernels[quant]'"
+            f"pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'"
         )
     return bitsandbytes
 

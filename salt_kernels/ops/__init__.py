@@ -10,8 +10,9 @@
 Above the backends (``salt_kernels.backends``), below the nn layers.
 """
 
-from .dispatch import AUTO_POLICY, BackendUnavailableError, available_backends, clear_backend_cache, resolve_backend
+from .dispatch import (AUTO_POLICY, BackendUnavailableError, available_backends, clear_backend_cache, resolve_backend,
+                       why_unavailable)
 from .linear import salt_linear, salt_linear_multi
 
 __all__ = ["AUTO_POLICY", "BackendUnavailableError", "available_backends", "clear_backend_cache",
-           "resolve_backend", "salt_linear", "salt_linear_multi"]
+           "resolve_backend", "salt_linear", "salt_linear_multi", "why_unavailable"]

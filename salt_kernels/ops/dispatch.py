@@ -38,6 +38,8 @@ import warnings
 
 import torch
 
+from ..backends.core import constant_for_compile
+
 # backend name -> module declaring it (imported lazily: optional pieces may be absent)
 _BACKEND_MODULES = {
     "reference": "salt_kernels.backends.reference",
@@ -117,10 +119,18 @@ def unavailable_reason(name: str, device) -> str | None:
     return mod.availability(device, name)
 
 
+def why_unavailable(backend: str, device="cpu") -> str | None:
+    """Why ``backend`` cannot run on ``device`` (what is missing, and how to get it), or
+    None if it can: the reason a backend is absent from :func:`available_backends`."""
+    if backend not in _BACKEND_MODULES:
+        raise ValueError(f"backend: expected one of {sorted(_BACKEND_MODULES)}, got {backend!r}")
+    return unavailable_reason(backend, device)
+
+
 def available_backends(device="cpu") -> list[str]:
     """Backends usable for tensors on ``device``, fastest first (the ``auto`` order,
     then any other backend that can run there, e.g. ``triton`` on CPU under
-    ``TRITON_INTERPRET=1``)."""
+    ``TRITON_INTERPRET=1``). :func:`why_unavailable` says why one is missing."""
     device = torch.device(device)
     order = list(auto_order(device.type))
     order += [b for b in _BACKEND_MODULES if b not in order]
@@ -202,7 +212,7 @@ _IMPLS: dict[tuple[str, str], object] = {}  # (backend name, need) -> its salt_l
 _warned: set[str] = set()
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def _candidates(backend: str, device_type: str, row: int = 0, need: str = PLAIN, dtype=None) -> tuple:
     key = (backend, device_type, row, need, dtype)
     if key not in _RESOLVED:

@@ -83,11 +83,12 @@ def has_kernel(device_type: str) -> bool:
 def availability(device: torch.device, backend: str) -> str | None:
     if device.type != backend:
         return f"the '{backend}' backend runs on {backend} tensors, got a {device.type} tensor"
-    if not has_kernel(backend):
-        return (f"salt_kernels._C was built without {backend.upper()} kernels (rebuild with a CUDA "
-                "build of torch and a CUDA toolkit: CUDA_HOME or /usr/local/cuda)")
     if backend == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
+    if not has_kernel(backend):
+        return (f"salt_kernels._C was built without {backend.upper()} kernels (reinstall where torch sees "
+                "the GPU, or with SALT_KERNELS_BUILD_CUDA=1; it needs a CUDA build of torch and a CUDA toolkit: "
+                "CUDA_HOME or /usr/local/cuda)")
     return None
 
 

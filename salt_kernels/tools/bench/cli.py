@@ -36,7 +36,8 @@ Verify every available SALT backend, then time it against the baselines.
    its inputs.
 
 Timing. CPU: all methods of a shape are timed in interleaved rounds (at least 15,
-warm-up first), so load from other processes hits them alike; times are medians, and
+warm-up first, the order shuffled every round), so load from other processes hits
+them alike; times are medians, and
 each speed-up is the median of the per-round paired ratios, shown as "ratio±noise"
 where the noise is half the interquartile range of those ratios. CUDA:
 triton.testing.do_bench (CUDA events, L2 flushed before each call), medians; decode
@@ -148,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
                    help="device to verify and time on, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=None,
-                      help="small shape set and short timing (default on CPU; under 2 min on 2 cores)")
+                      help="small shape set and short timing (default on CPU; about 30 s on an idle 2-core CPU)")
     size.add_argument("--full", action="store_true", help=f"the model presets: {', '.join(FULL_PRESETS)} (default on CUDA)")
     p.add_argument("--presets", default=None,
                    help=f"comma-separated presets to run instead ({', '.join(PRESETS)}); see --list-presets")
@@ -170,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated baselines to time besides the backends: dense, official, or none "
                         "(default: both, none for the auto-vs-reference preset)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (torch.set_num_threads; default: torch's default)")
+                   help="CPU intra-op threads (torch.set_num_threads; default: torch's default, or 1 when the "
+                        "load average is at least the number of cores)")
     p.add_argument("--verify-only", action="store_true", help="verify the backends and exit")
     p.add_argument("--output", default=None, help="directory for results.csv and the PNG plots")
     p.add_argument("--json", default=None, metavar="FILE",
@@ -181,6 +183,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _busy_cpu_load() -> tuple[float, int] | None:
+    """(load average, cores) when other processes already keep every core busy, else None."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return (load, cores) if load >= cores else None
 
 
 def _usage_error(msg: str) -> int:
@@ -197,11 +207,19 @@ def main(argv=None) -> int:
             for s in shapes:
                 print(f"  {s.layer:22s} M={s.M:<6d} K={s.K:<6d} D={s.D:<6d} r={s.r:<4d} r'={s.rl}")
         return 0
+    device = torch.device(args.device)
+    busy = _busy_cpu_load() if device.type == "cpu" else None
     if args.threads is not None:
         if args.threads < 1:
             return _usage_error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    elif busy and torch.get_num_threads() > 1:
+        # A team of OpenMP threads waits for its slowest member, and with every core taken
+        # one of them is often off-CPU: on a loaded 2-core machine two threads made the
+        # quick run several times slower than one.
+        torch.set_num_threads(1)
+        print(f"note: load average {busy[0]:.1f} on {busy[1]} cores: other processes hold every core, so timing "
+              "with 1 thread (--threads N overrides)")
     if device.type == "cuda" and not torch.cuda.is_available():
         return _usage_error("--device cuda but no CUDA device is available")
     quick = (device.type == "cpu") if (args.quick is None and not args.full) else bool(args.quick)
@@ -265,7 +283,7 @@ def main(argv=None) -> int:
 
     # 2. timing
     note = load_note(device)
-    if note:
+    if note and torch.get_num_threads() > 1:
         print(note)
     if REFERENCE not in verified:
         print("salt-bench: the reference backend failed verification; nothing to compare against.", file=sys.stderr)

@@ -72,7 +72,7 @@ PRESETS: dict[str, list[Shape]] = {
     "tokens": [Shape("tokens", "LLaMA-7B q_proj", M, 4096, 4096, 64, 8) for M in (1, 16, 64, 512, 8192)],
     "auto-vs-reference": [Shape("auto-vs-reference", name, M, K, D, r, rl)
                           for name, K, D, r, rl in _AUTO_LAYERS for M in AUTO_TOKENS],
-    # Small enough for a 2-core CPU in well under 2 minutes (the --quick default there).
+    # Small enough for a 2-core CPU in about 30 s idle, 1.5 min at load average 7 (the --quick default there).
     "quick": [Shape("quick", "ViT-B/16 attn qkv", 197 * 4, 768, 2304, 64, 8),
               Shape("quick", "ViT-B/16 MLP fc1", 197 * 4, 768, 3072, _rank10(768, 3072), 8),
               Shape("quick", "SAM ViT-L attn qkv", 1024, 1024, 3072, 64, 8),

@@ -171,18 +171,37 @@ def measured_policy(records: list[dict]) -> tuple:
     return tuple(rows[:-1]) + ((None, rows[-1][1]),) if rows else ()
 
 
+def policy_in_words(policy: tuple) -> str:
+    """An ``AUTO_POLICY`` row tuple in words, naming each row's first choice:
+    "reference up to 16 rows and cpu above"."""
+    parts = [f"{order[0]} up to {bound} rows" if bound is not None else
+             f"{order[0]} above" if i else f"{order[0]} at every row count"
+             for i, (bound, order) in enumerate(policy)]
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
 def policy_summary(rows: list[Row], device_type: str) -> str | None:
-    """The auto policy these timings support, next to the one ``auto`` uses now; None
-    when no SALT backend besides ``reference`` was timed."""
+    """The auto policy these timings support, in words, next to the one ``auto`` uses
+    now; None when no SALT backend besides ``reference`` was timed."""
     from ...ops.dispatch import AUTO_POLICY
 
     policy = measured_policy([row_record(r, {}, {}) for r in rows])
     if not policy:
         return None
-    current = AUTO_POLICY.get(device_type)
-    return (f"auto policy these timings support (by token count; a backend ahead of reference only where its "
-            f"geomean speed-up at that M is >= 1):\n  {policy!r}\n  dispatch.AUTO_POLICY[{device_type!r}] is "
-            f"{current!r}" + (" (the same)" if current == policy else ""))
+    measured = sorted({r.shape.M for r in rows if r.method.kind == "salt" and r.timing})
+    span = f"{measured[0]} rows" if len(measured) == 1 else f"{measured[0]} to {measured[-1]} rows"
+    current = AUTO_POLICY.get(device_type, ((None, ("reference",)),))
+    now = ("  auto does the same at these row counts." if all(_order_at(current, M) == _order_at(policy, M)
+                                                           for M in measured) else
+           f"  auto uses {policy_in_words(current)} (AUTO_POLICY in salt_kernels/ops/dispatch.py).")
+    return (f"auto policy: on this machine, auto should use {policy_in_words(policy)} (timed at {span}; a "
+            "backend goes first where its speed-up over reference, the geometric mean over the shapes and modes "
+            f"timed at that row count, is at least 1).\n{now}")
+
+
+def _order_at(policy: tuple, M: int) -> tuple:
+    """The backends a policy row tuple gives M rows."""
+    return next(order for bound, order in policy if bound is None or M <= bound)
 
 
 CSV_FIELDS = ["device", "device_name", "dtype", "threads", "torch", "triton", "salt_kernels", "backend", "kind",

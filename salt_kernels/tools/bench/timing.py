@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -106,11 +107,13 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, 
     Interleaved rounds -- every round runs each step ``n`` times back to back (``n``
     calibrated to ~``block`` seconds) -- until at least ``min_rounds`` rounds and
     ``min_time`` seconds per step. Interleaving means a burst of load from other
-    processes hits all methods alike instead of one of them. The order rotates from
-    round to round, so that no step always follows the same one: a step that churns
-    memory (the official baseline frees hundreds of MiB, which glibc returns to the OS)
-    would otherwise always hand the next step cold caches and page faults. ``clock``: a
-    key of :data:`CLOCKS` (the rounds' length is always wall time).
+    processes hits all methods alike instead of one of them. The order is shuffled
+    every round (a fixed seed), so that no step always follows the same one: a step
+    that churns memory (the official baseline frees hundreds of MiB, which glibc returns
+    to the OS) slows the step after it, and a fixed or rotated cyclic order always hands
+    that cost to the same step (``auto``, running ``reference``'s code, timed 0.71-0.78x
+    ``reference`` that way). ``clock``: a key of :data:`CLOCKS` (the rounds' length is
+    always wall time).
     """
     now = CLOCKS[clock]
     number = {}
@@ -121,10 +124,10 @@ def sample_steps(steps: dict, min_time: float, *, min_rounds: int = MIN_ROUNDS, 
         number[name] = max(1, int(block / max(time.perf_counter() - t0, 1e-7)))
     samples: dict = {name: [] for name in steps}
     names = list(steps)
+    order = random.Random(0)
     start = time.perf_counter()
     for rounds in itertools.count(1):
-        shift = rounds % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in order.sample(names, len(names)):
             step = steps[name]
             t0 = now()
             for _ in range(number[name]):
@@ -343,7 +346,8 @@ def environment(device, dtype) -> dict:
 def describe(env: dict) -> str:
     """One line naming the machine and versions of :func:`environment`."""
     return (f"{env['device_name']}, {env['dtype']}, torch {env['torch']}"
-            + (f", triton {env['triton']}" if env["triton"] else "") + f", {env['threads']} threads")
+            + (f", triton {env['triton']}" if env["triton"] else "") + f", {env['threads']} thread"
+            + ("s" if env["threads"] != 1 else ""))
 
 
 def load_note(device) -> str | None:
