@@ -4,6 +4,7 @@ steps."""
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -234,7 +235,13 @@ def test_tests_step_stops_before_its_budget_and_counts_what_ran(tmp_path, monkey
     suite.write_text(text.format(2 * budget))  # past the budget: only the stop ends it
     monkeypatch.setattr(steps, "DRY_TEST_ARGS", [str(suite)])
     monkeypatch.setattr(steps, "STEPS", [Step("tests", "tests", 60, budget)])  # stopped at budget - 25 s
-    result = steps.step_tests(ctx)
+    # As CI runs it (a background job of a shell without job control): SIGINT ignored,
+    # which a child inherits unless the check restores it.
+    old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = steps.step_tests(ctx)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     figs = result["figures"]
     assert result["status"] == "fail" and figs["stopped"] is True, result
     assert figs["passed"] == 2 and "stopped at the budget" in result["summary"]

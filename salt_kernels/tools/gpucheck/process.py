@@ -102,11 +102,18 @@ def _echo(cmd, **kw) -> int:
     return subprocess.run(cmd, **kw).returncode
 
 
+def _sigint_default() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that: Python then installs no KeyboardInterrupt handler and the
+    # stop below could not make pytest write its report.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _echo_until(cmd, deadline_s: float, grace_s: float = PYTEST_GRACE_S, **kw) -> tuple[int, bool]:
     """``_echo`` with a deadline: past it the command gets SIGINT (pytest then stops, prints
     its summary and writes its report) and, ``grace_s`` later, SIGKILL. (returncode, stopped)."""
     print("$", " ".join(str(c) for c in cmd), flush=True)
-    proc = subprocess.Popen(cmd, **kw)
+    proc = subprocess.Popen(cmd, preexec_fn=_sigint_default if os.name == "posix" else None, **kw)
     try:
         return proc.wait(timeout=max(deadline_s, 1)), False
     except subprocess.TimeoutExpired:
