@@ -190,7 +190,100 @@ def test_every_launch_compiles_on_the_installed_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "salt_kernels.tools.aot", "--full", "--jobs", "2"], env=env,
+    # --record: compiles only if the kernel sources changed since the recorded clean run
+    # with this Triton (test_record_* below checks that the record is keyed right).
+    out = subprocess.run([sys.executable, "-m", "salt_kernels.tools.aot", "--full", "--jobs", "2",
+                          "--record", os.path.join(root, ".ci", "aot-verified.json")], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "): OK" in out.stdout and "sm_80:" in out.stdout and "sm_90:" in out.stdout
+
+
+# ----------------------------------------------- --record: clean runs keyed by their inputs
+
+def _package_copy(tmp_path):
+    """backends/ and tools/aot.py of this package, copied (what the fingerprint reads)."""
+    import shutil
+    from pathlib import Path
+
+    pkg = Path(aot.__file__).resolve().parent.parent
+    dst = tmp_path / "salt_kernels"
+    shutil.copytree(pkg / "backends", dst / "backends", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    (dst / "tools").mkdir()
+    shutil.copy(pkg / "tools" / "aot.py", dst / "tools" / "aot.py")
+    return dst
+
+
+def test_record_fingerprint_follows_the_kernel_sources_triton_and_mode(tmp_path, monkeypatch):
+    import triton
+
+    dst = _package_copy(tmp_path)
+    monkeypatch.setattr(aot, "__file__", str(dst / "tools" / "aot.py"))
+    base = aot.fingerprint(True, None)
+    assert aot.fingerprint(True, None) == base
+    (dst / "nn").mkdir()
+    (dst / "nn" / "layer.py").write_text("x = 1\n")  # outside what compiles: no effect
+    assert aot.fingerprint(True, None) == base
+    assert aot.fingerprint(False, None) != base and aot.fingerprint(True, "contiguous") != base
+    kernels = dst / "backends" / "triton" / "kernels.py"
+    kernels.write_text(kernels.read_text() + "\n# a change\n")
+    changed = aot.fingerprint(True, None)
+    assert changed != base
+    (dst / "tools" / "aot.py").write_text((dst / "tools" / "aot.py").read_text() + "\n")
+    assert aot.fingerprint(True, None) not in (base, changed)
+    monkeypatch.setattr(triton, "__version__", "0.0.0")
+    assert aot.fingerprint(True, None) != base
+
+
+def test_record_skips_the_compiles_only_for_the_recorded_sources(tmp_path, monkeypatch, capsys):
+    """A clean run recorded with this fingerprint: nothing is planned or compiled. Another
+    fingerprint, or SALT_AOT_FORCE=1: the check runs and records its clean result."""
+    import triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    record = tmp_path / "record.json"
+    key = f"triton {triton.__version__} --full"
+    summary = ["sm_80: 3 compiled, max registers 100 (limit 240), max shared memory 0 B (limit 1), spilling 0"]
+    record.write_text(json.dumps({key: dict(fingerprint=aot.fingerprint(True, None), date="2026-12-05",
+                                            specialisations=3, seconds=1, summary=summary)}))
+    planned = []
+    monkeypatch.setattr(aot, "jobs", lambda full, only: planned.append(full) or [])
+    assert aot.main(["--full", "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert planned == [] and "not compiled again" in out and summary[0] in out and "OK (recorded)" in out
+
+    monkeypatch.setenv("SALT_AOT_FORCE", "1")
+    assert aot.main(["--full", "--record", str(record)]) == 0
+    assert planned == [True]
+    monkeypatch.delenv("SALT_AOT_FORCE")
+
+    stale = json.loads(record.read_text())
+    stale[key]["fingerprint"] = "0" * 64  # other sources
+    record.write_text(json.dumps(stale))
+    assert aot.main(["--full", "--record", str(record)]) == 0
+    assert planned == [True, True]
+    run = json.loads(record.read_text())[key]
+    assert run["fingerprint"] == aot.fingerprint(True, None) and run["specialisations"] == 0
+
+
+def test_record_that_is_not_a_record_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bad = tmp_path / "record.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(SystemExit, match="record.json: not a JSON record"):
+        aot.main(["--record", str(bad)])
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="expected a JSON object"):
+        aot.main(["--record", str(bad)])
+
+
+def test_ci_keeps_a_record_for_every_supported_triton():
+    """.ci/aot-verified.json: a clean --full run per Triton CI checks; when the kernel
+    sources change, CI compiles again (the record no longer matches) until it is renewed
+    with bash .ci/aot_triton_versions.sh --full --record .ci/aot-verified.json."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci", "aot-verified.json")
+    record = json.load(open(path))
+    assert {"triton 3.6.0 --full", "triton 3.8.0 --full", "triton 3.9.0 --full"} <= set(record)
+    for run in record.values():
+        assert len(run["fingerprint"]) == 64 and run["specialisations"] > 0
+        assert any(line.startswith("sm_90:") and line.endswith("spilling 0") for line in run["summary"])

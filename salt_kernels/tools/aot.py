@@ -40,6 +40,14 @@ this Triton's build and this Python's version: build it with the GPU machine's
 (``.ci/gpu_check.sh --download`` does, in a small venv). ``DIR/salt_kernels_cache.json``
 records what was built and with what.
 
+``--record FILE`` keeps a record of clean runs: before compiling, the check computes a
+fingerprint of everything the result depends on (the Triton version, the mode, and the
+bytes of ``salt_kernels/backends/**/*.py`` and this file). If FILE holds a clean run with
+that fingerprint, it prints that run's results and compiles nothing (the same sources
+through the same Triton compile to the same code); otherwise it compiles and, when
+clean, writes the run into FILE. ``SALT_AOT_FORCE=1`` compiles anyway. CI uses
+``.ci/aot-verified.json``: it recompiles only for a Triton whose kernels changed.
+
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions
 are not compilable); if the variable is set, this re-runs itself without it.
 """
@@ -553,6 +561,56 @@ def warm_cache(cache_dir: str, plan_path: str | None, archs, sources=None, jobs_
     return 1 if failed else 0
 
 
+# --- --record: clean runs, keyed by what their result depends on -------------------------
+
+def fingerprint(full: bool, only: str | None) -> str:
+    """sha256 of the Triton version, the mode and the sources that plan and define the
+    kernels (every module of ``backends/`` and this file)."""
+    import hashlib
+
+    import triton
+
+    pkg = Path(__file__).resolve().parent.parent
+    files = sorted((pkg / "backends").rglob("*.py")) + [Path(__file__).resolve()]
+    h = hashlib.sha256(f"triton {triton.__version__}; full={full}; only={only}\n".encode())
+    for f in files:
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _read_record(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--record {path}: not a JSON record of AOT runs ({exc})")
+    if not isinstance(record, dict):
+        raise SystemExit(f"--record {path}: expected a JSON object keyed by Triton version")
+    return record
+
+
+def _recorded_run(path: str, key: str, fp: str) -> dict | None:
+    run = _read_record(path).get(key)
+    return run if isinstance(run, dict) and run.get("fingerprint") == fp else None
+
+
+def _write_record(path: str, key: str, run: dict) -> None:
+    import fcntl
+
+    # CI checks several Tritons at once, each adding its run to the same file
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = _read_record(path)
+        record[key] = run
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(sorted(record.items())), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m salt_kernels.tools.aot", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
@@ -571,10 +629,14 @@ def main(argv=None) -> int:
                    help=f"with --warm-cache: GPU architecture (repeatable; default {WARM_ARCHS[0]}, e.g. 80 too)")
     p.add_argument("--sources", default=None,
                    help="with --warm-cache: only these steps' launches (comma-separated, e.g. tests)")
+    p.add_argument("--record", metavar="FILE", default=None,
+                   help="skip the compiles if FILE records a clean run of these exact sources with this Triton; "
+                        "record a clean run there (SALT_AOT_FORCE=1 compiles anyway)")
     args = p.parse_args(argv)
     if args.triton_venv:
         return _other_venvs(args.triton_venv, ["--jobs", str(args.jobs)] + (["--verbose"] if args.verbose else [])
-                            + (["--full"] if args.full else []) + (["--only", args.only] if args.only else []))
+                            + (["--full"] if args.full else []) + (["--only", args.only] if args.only else [])
+                            + (["--record", os.path.abspath(args.record)] if args.record else []))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "salt_kernels.tools.aot", *(argv if argv is not None else sys.argv[1:])],
@@ -584,6 +646,17 @@ def main(argv=None) -> int:
                           args.sources.split(",") if args.sources else None, args.jobs)
     import triton
 
+    key = f"triton {triton.__version__}" + (" --full" if args.full else "") + (f" --only {args.only}" if args.only else "")
+    fp = fingerprint(args.full, args.only) if args.record else None
+    recorded = _recorded_run(args.record, key, fp) if args.record else None
+    if recorded and os.environ.get("SALT_AOT_FORCE", "0") in ("", "0"):
+        print(f"salt_kernels AOT: triton {triton.__version__}: these sources (sha256 {fp[:12]}) compiled clean on "
+              f"{recorded['date']} ({recorded['specialisations']} specialisations; recorded in {args.record}); "
+              f"not compiled again (SALT_AOT_FORCE=1 does)")
+        for line in recorded["summary"]:
+            print(line)
+        print(f"AOT (triton {triton.__version__}): OK (recorded)")
+        return 0
     t0 = time.time()
     todo = _JOBS[:] = jobs(args.full, args.only)
     t_plan = time.time() - t0
@@ -604,13 +677,19 @@ def main(argv=None) -> int:
             tail = f"ERROR {r['error']}" if r["error"] else f"regs {r['regs']:3d} spill {r['spill']:3d} smem {r['smem']:6d}"
             print(f"{_name(r)}: {tail}  [{', '.join(r['scenarios'])}]")
     ok_rows = [r for r in rows if not r["error"]]
+    summary = []
     for arch in ARCHS:
         sel = [r for r in ok_rows if r["arch"] == arch]
         if sel:
-            print(f"sm_{arch}: {len(sel)} compiled, max registers {max(r['regs'] for r in sel)} (limit {MAX_REGISTERS}), "
-                  f"max shared memory {max(r['smem'] for r in sel)} B (limit {SMEM_LIMIT[arch]}), "
-                  f"spilling {sum(1 for r in sel if r['spill'])}")
+            summary.append(f"sm_{arch}: {len(sel)} compiled, max registers {max(r['regs'] for r in sel)} "
+                           f"(limit {MAX_REGISTERS}), max shared memory {max(r['smem'] for r in sel)} B "
+                           f"(limit {SMEM_LIMIT[arch]}), spilling {sum(1 for r in sel if r['spill'])}")
+    print("\n".join(summary))
     print(f"AOT (triton {triton.__version__}): OK" if not problems else f"AOT (triton {triton.__version__}): {len(problems)} problem(s)")
+    if args.record and not problems:
+        _write_record(args.record, key, dict(fingerprint=fp, date=time.strftime("%Y-%m-%d"),
+                                             specialisations=len(rows), seconds=round(time.time() - t0),
+                                             summary=summary))
     return 1 if problems else 0
 
 
