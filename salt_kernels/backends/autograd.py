@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import accumulate_dtype, autocast_off, mix_matrix
+from .core import accumulate_dtype, autocast_off_for, mix_matrix, mix_matrix_untracked
 
 
 def register_salt_autograd(forward_op, backward_op) -> None:
@@ -34,7 +34,7 @@ def register_salt_autograd(forward_op, backward_op) -> None:
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_y, grad_Z):
-        with autocast_off(grad_y.device.type):
+        with autocast_off_for(grad_y):
             return _backward(ctx, grad_y)
 
     def _backward(ctx, grad_y):
@@ -72,7 +72,7 @@ def eager_function(forward_body, backward_body) -> type:
     class EagerSalt(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, U, V, sigma, X, Y, bias, scaling):
-            C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
+            C = mix_matrix_untracked(sigma, X, Y, scaling, accumulate_dtype(x.dtype))  # (autograd is off here)
             y, Z = forward_body(x, U, V, C, bias)
             # (X only for dY, Y only for dX, x only for dV)
             ctx.save_for_backward(Z, U, V, C, X if Y.requires_grad else None, Y if X.requires_grad else None,
@@ -82,7 +82,7 @@ def eager_function(forward_body, backward_body) -> type:
 
         @staticmethod
         def backward(ctx, grad_y):
-            with autocast_off(grad_y.device.type):
+            with autocast_off_for(grad_y):
                 Z, U, V, C, X, Y, x = ctx.saved_tensors
                 need_x, need_U, need_V, need_sigma, need_X, need_Y, need_b, _ = ctx.needs_input_grad
                 need_b = need_b and ctx.has_bias
@@ -128,6 +128,6 @@ def run_salt_eager(function, forward_body, x, U, V, sigma, X, Y, bias, scaling: 
     if not torch.is_grad_enabled() or not (x.requires_grad or U.requires_grad or V.requires_grad
                                            or sigma.requires_grad or X.requires_grad or Y.requires_grad
                                            or (bias is not None and bias.requires_grad)):
-        C = mix_matrix(sigma, X, Y, scaling, accumulate_dtype(x.dtype))
+        C = mix_matrix_untracked(sigma, X, Y, scaling, accumulate_dtype(x.dtype))  # (nothing to record)
         return forward_body(x, U, V, C, bias)[0]
     return function.apply(x, U, V, sigma, X, Y, bias, scaling)

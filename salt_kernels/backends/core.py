@@ -33,6 +33,20 @@ def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     return C
 
 
+def mix_matrix_untracked(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`mix_matrix` for eager code that autograd does not record (an autograd
+    Function's forward, calls without gradients): the product is added into the diagonal
+    matrix in place, which saves an allocation and a copy of C on every layer call."""
+    C = torch.diag(sigma if sigma.dtype == dtype else sigma.to(dtype))
+    if X.shape[1] > 0:
+        X, Y = (X if X.dtype == dtype else X.to(dtype)), (Y if Y.dtype == dtype else Y.to(dtype))
+        if scaling == 1.0:  # (alpha parsed from Python costs as much as the product at decode sizes)
+            C.addmm_(X, Y)
+        else:
+            C.addmm_(X, Y, alpha=scaling)
+    return C
+
+
 def constant_for_compile(fn):
     """``torch.compiler.assume_constant_result`` without importing Dynamo at import time.
     That decorator only marks ``fn`` (Dynamo reads the mark when it traces a call), but
@@ -57,10 +71,22 @@ def _autocast_available(device_type: str) -> bool:
     return available
 
 
+# One flag for "autocast is on for some device": a layer call asks it first, since autocast
+# is off in most calls and the per-device query costs several times as much.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_may_be_on() -> bool:
+    """False only when no autocast region is on for any device (then no per-device query is
+    needed); always True while torch.compile traces."""
+    return _any_autocast_enabled is None or torch.compiler.is_compiling() or _any_autocast_enabled()
+
+
 def autocast_active(device_type: str) -> bool:
     """Whether a torch.autocast region is active for ``device_type`` (False for device
     types without autocast)."""
-    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # (while tracing, the per-device query is the one Dynamo knows)
+    return autocast_may_be_on() and _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def autocast_off(device_type: str):
@@ -70,6 +96,12 @@ def autocast_off(device_type: str):
     if autocast_active(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_CONTEXT
+
+
+def autocast_off_for(t: torch.Tensor):
+    """:func:`autocast_off` for ``t``'s device; the device is looked up only while some
+    autocast region is on."""
+    return autocast_off(t.device.type) if autocast_may_be_on() else _NO_CONTEXT
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # (reusable: it holds no state)

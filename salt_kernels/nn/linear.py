@@ -157,6 +157,11 @@ class SALTAdapterMixin:
     ``alpha, beta (r,)`` (``"scale_shift"``), ``X (r, r')``, ``Y (r', r)``, ``bias``.
     """
 
+    # Set on the layer inside salt_kernels.adapters(...); a class default, so that reading
+    # it outside that block is a plain lookup (nn.Module's __getattr__ would raise and
+    # catch an AttributeError on every forward).
+    salt_rows = None
+
     def _init_salt(self, in_features, out_features, rank, lora_rank, bias, scaling,
                    sigma_mode, residual, residual_shape, factory):
         _check_ranks(rank, lora_rank, in_features, out_features)
@@ -384,7 +389,7 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             self._check_input_dtype(x)
-        rows = getattr(self, "salt_rows", None)  # set inside salt_kernels.adapters(...)
+        rows = self.salt_rows
         if rows is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
             (sigma, X, Y, bias), op = (self.op_sigma(), self.X, self.Y, self.bias), salt_linear
         else:  # a mixed-adapter batch: the adapter bank and per-row indices

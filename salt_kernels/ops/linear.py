@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.core import autocast_active
+from ..backends.core import autocast_active, autocast_may_be_on
 from . import dispatch
 from .multi_adapter import validate_multi_args
 from .validate import validate_salt_args
@@ -60,7 +60,8 @@ def _call(x, U, V, sigma, X, Y, bias, scaling, backend, mixed, index, base_sigma
 def _autocast_dtype(x):
     """The dtype autocast computes x's layer in, or None (autocast off; float64 x, which
     autocast leaves alone; an x that validation will reject)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+    if not autocast_may_be_on() or not isinstance(x, torch.Tensor) or not x.is_floating_point() \
+            or x.dtype == torch.float64:
         return None
     device_type = x.device.type
     if autocast_active(device_type):

@@ -35,13 +35,48 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> N
         )
 
 
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_BACKEND_SET = frozenset(BACKENDS)
+_FINITE_MAX = sys.float_info.max
+
+
+def _valid_at_a_glance(x, U, V, sigma, X, Y, bias, scaling, backend) -> bool:
+    """True only if every check of :func:`validate_salt_args` passes, tested in one pass
+    without building messages (each layer call runs this; the detailed checks run only when
+    it says False, to name what is wrong). A SymFloat scaling (torch.compile, dynamic) takes
+    the detailed path, which turns its finiteness into a guard."""
+    T = torch.Tensor
+    if not (type(backend) is str and backend in _BACKEND_SET and type(scaling) is float
+            and abs(scaling) <= _FINITE_MAX and isinstance(x, T) and isinstance(U, T) and isinstance(V, T)
+            and isinstance(sigma, T) and isinstance(X, T) and isinstance(Y, T)):
+        return False
+    dtype, floats = x.dtype, _FLOAT_SET
+    if not (dtype in floats and U.dtype == dtype and V.dtype == dtype and sigma.dtype in floats
+            and X.dtype in floats and Y.dtype in floats and x.dim() > 0 and U.dim() == 2 and V.dim() == 2
+            and sigma.dim() == 1 and X.dim() == 2 and Y.dim() == 2):
+        return False
+    (D, r), (K, r_v), (r_x, r_lora), (r_y, r_y2) = U.shape, V.shape, X.shape, Y.shape
+    if not (r >= 1 and r_v == r and sigma.shape[0] == r and r_x == r and r_lora <= r and r_y == r_lora
+            and r_y2 == r and x.shape[-1] == K):
+        return False
+    device = x.device
+    if not (U.device == device and V.device == device and sigma.device == device and X.device == device
+            and Y.device == device):
+        return False
+    return bias is None or (isinstance(bias, T) and bias.dtype == dtype and bias.dim() == 1 and bias.shape[0] == D
+                            and bias.device == device)
+
+
 def validate_salt_args(x, U, V, sigma, X, Y, bias, scaling, backend) -> None:
     """Raise ``TypeError``/``ValueError`` unless the arguments describe a valid SALT layer.
 
     Shapes: ``x (..., K)``, ``U (D, r)``, ``V (K, r)``, ``sigma (r,)``, ``X (r, r')``,
     ``Y (r', r)``, ``bias (D,)`` or None; ``r >= 1``, ``r' >= 0``.
     """
-    # (Called on every layer call: each check is one comparison on the happy path.)
+    if not torch.compiler.is_compiling() and _valid_at_a_glance(x, U, V, sigma, X, Y, bias, scaling, backend):
+        return
+    # The checks one by one, each naming what is wrong (and, under torch.compile, the
+    # checks Dynamo turns into guards).
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if type(scaling) is not float and (isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real)

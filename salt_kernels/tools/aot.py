@@ -664,11 +664,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="salt_aot_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         rows = []
+        print(f"salt_kernels AOT: triton {triton.__version__}: compiling {len(todo)} specialisations with "
+              f"{max(1, args.jobs)} job(s) ...", flush=True)
+        step = max(1, len(todo) // 10)  # a progress line per tenth: a full run takes minutes
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for row in pool.map(compile_index, range(len(todo)), chunksize=1):
                 rows.append(row)
                 for msg in check([row]):  # as they come: a long run shows its problems early
                     print("FAIL", msg, flush=True)
+                if len(rows) % step == 0 and len(rows) < len(todo):
+                    print(f"  {len(rows)}/{len(todo)} compiled ({time.time() - t0:.0f} s)", flush=True)
     print(f"salt_kernels AOT: triton {triton.__version__}, {len(rows)} specialisations (planned in {t_plan:.0f} s) "
           f"compiled in {time.time() - t0:.0f} s (ptxas: {_ptxas()})")
     problems = check(rows)

@@ -177,10 +177,10 @@ def multi_launches(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sca
     dev = x.device
     elem = x.element_size()
     R_PAD, _ = tk.rank_tiles(r)
-    y = torch.empty((M, D), dtype=x.dtype, device=dev)
+    y = torch.empty(M, D, dtype=x.dtype, device=dev)
     RL_PAD = max(16, triton.next_power_of_2(max(rl, 1)))
     # the shared shrink, unsplit: Z (M, r) fp32
-    Z = torch.empty((M, r), dtype=torch.float32, device=dev)
+    Z = torch.empty(M, r, dtype=torch.float32, device=dev)
     BM_s = tk.block_m(M, R_PAD, elem)
     aligned = tk.rank_aligned(r, V)
     shrink = tk._spec("shrink", tk._shrink_kernel, lambda meta: (triton.cdiv(M, BM_s), 1),
