@@ -96,8 +96,8 @@ def eager_function(forward_body, backward_body) -> type:
                 if need_X or need_Y:
                     acc = C.dtype
                     sdC = dC if ctx.scaling == 1.0 else dC * ctx.scaling
-                    if need_X:
-                        dX = torch.mm(sdC, (Y if Y.dtype == acc else Y.to(acc)).t())
+                    if need_X:  # dX = s dC Y^T (linear: the transpose inside the GEMM, not a view op)
+                        dX = torch.nn.functional.linear(sdC, Y if Y.dtype == acc else Y.to(acc))
                         dX = dX if dX.dtype == X_t else dX.to(X_t)
                     if need_Y:
                         dY = torch.mm((X if X.dtype == acc else X.to(acc)).t(), sdC)
