@@ -66,10 +66,13 @@ def test_large_odd_features(dtype, plan):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_single_row_decode(dtype):
-    """M = 1 with a long K: the size heuristic splits the shrink over K by itself."""
+    """M = 1 with a long K: the size heuristic splits the shrink over K by itself, and the
+    split's 24 values are summed in one level whose programs loop over several tiles of
+    partials, the last one partly masked."""
     t = make_salt_inputs((1,), 1500, 300, 24, 8, dtype, device=DEVICE)
     BM, split, _ = tk._plan(1, 1500, 32, t["x"].element_size())
-    assert split > 1 and BM == 16
+    assert split > tk._SUM_ROWS and split % tk._SUM_ROWS and BM == 16
+    assert tk.sum_levels(split, 24) == [(split, 4, 1, 1)]
     assert_matches_ground_truth(fn, t, dtype)
 
 

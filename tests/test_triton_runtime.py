@@ -511,10 +511,17 @@ def test_layers_that_differ_only_in_K_get_their_own_backward_plan():
 
 def test_sum_levels_are_a_function_of_the_sizes():
     """Two levels (or more) over fixed chunks of 32 partials, columns per program from the
-    length alone: the order of every sum depends on (P, L) only."""
+    length alone: the order of every sum depends on (P, L) only. A sum of fewer than
+    4 x 264 values (no level could fill the GPU) takes up to 256 partials in one level."""
     assert tk.sum_levels(8, 4096) == [(8, 8, 1, 2)]
     assert tk.sum_levels(128, 4096) == [(32, 8, 4, 2), (4, 8, 1, 2)]
     assert tk.sum_levels(2048, 65536) == [(32, 128, 64, 4), (32, 128, 2, 4), (2, 128, 1, 4)]
-    for P, L in ((2, 1), (33, 5), (1000, 100_000)):
+    assert tk.sum_levels(256, 64) == [(256, 4, 1, 1)]  # decode, M = 1, r = 64: one launch
+    assert tk.sum_levels(256, 1024) == [(256, 4, 1, 1)]  # M = 16
+    assert tk.sum_levels(257, 1024) == [(32, 4, 9, 1), (9, 4, 1, 1)]  # more partials: two levels
+    assert tk.sum_levels(256, 1056) == [(32, 4, 8, 1), (8, 4, 1, 1)]  # 264 column blocks: two levels
+    for P, L in ((2, 1), (33, 5), (1000, 100_000), (300, 7)):
         levels = tk.sum_levels(P, L)
-        assert levels[-1][2] == 1 and all(rows <= tk._SUM_ROWS for rows, *_ in levels)
+        one_level = L < 4 * tk._REDUCE_PROGRAMS and P <= tk._ONE_LEVEL_MAX_ROWS
+        assert levels[-1][2] == 1
+        assert len(levels) == 1 if one_level else all(rows <= tk._SUM_ROWS for rows, *_ in levels)

@@ -771,6 +771,10 @@ _REDUCE_PROGRAMS = 264
 # Partials summed per program and level (one BP x BL tile load); more partials take
 # another level over the per-program sums.
 _SUM_ROWS = 32
+# ... except in a sum too short for any level to fill the GPU (the split shrink's M x r
+# partials at decode): up to this many partials then go in one level, each program adding
+# its tiles in row order (8 at most), one launch and one buffer fewer per direction.
+_ONE_LEVEL_MAX_ROWS = 256
 # dC rows per step of a program's loop (tl.dot's minimum K), and the workspace bound: the
 # per-group partials of dC stay within G's size / _DC_WORKSPACE_DIVISOR.
 _DC_BM = 16
@@ -784,11 +788,15 @@ def sum_levels(P: int, L: int) -> list[tuple[int, int, int, int]]:
     per program) is the widest power of two from 4 to 128 that still gives
     ``_REDUCE_PROGRAMS`` column blocks, so every level fills the GPU wherever
     L >= 4 * _REDUCE_PROGRAMS; ``_SUM_ROWS`` partials per program keep each program to one
-    tile load. A function of (P, L) only, so the order is the same everywhere."""
+    tile load. Below that length no level can fill the GPU, so up to
+    ``_ONE_LEVEL_MAX_ROWS`` partials are summed in one level (a program loops over its
+    tiles). A function of (P, L) only, so the order is the same everywhere."""
     BL = 128
     while BL > 4 and _cdiv(L, BL) < _REDUCE_PROGRAMS:
         BL //= 2
     warps = max(1, min(4, _SUM_ROWS * BL // 128))  # 4 fp32 (one 16-byte load) per thread and row
+    if _cdiv(L, BL) < _REDUCE_PROGRAMS and P <= _ONE_LEVEL_MAX_ROWS:
+        return [(P, BL, 1, warps)]
     levels = []
     while P > _SUM_ROWS:
         groups = _cdiv(P, _SUM_ROWS)
