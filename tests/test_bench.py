@@ -5,6 +5,7 @@ its timing. Runs the CLI on the seconds-long ``smoke`` preset; no timing is asse
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -266,6 +267,21 @@ def test_bench_variants_script(capsys):
     script.main(["--min-time", "0.005", "--rows", "8", "--size", "4", "--threads", "1"])
     out = capsys.readouterr().out
     assert out.count("×dense") == 3 and "SALTConv2d r=32 direct" in out and "nn.Linear 768->768" in out
+
+
+def test_bench_host_overhead_script():
+    """benchmarks/bench_host_overhead.py runs end to end (its own process: it sets
+    TRITON_INTERPRET and swaps the launcher's launch function for a no-op) and prints its
+    summary line for the default shape and for a bf16 decode plan with a split shrink."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    for extra in ([], ["--shape", "1,600,300,24,4", "--dtype", "bfloat16"]):
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_host_overhead.py"), "--min-time", "0.005",
+                              *extra], capture_output=True, text=True, cwd=root, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert re.search(r"^host overhead: forward \d+ us, forward\+backward \d+ us per layer call$", out.stdout, re.M)
+        assert "Triton launches replaced by no-ops" in out.stdout
 
 
 def _import_script(name):
