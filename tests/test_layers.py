@@ -133,3 +133,46 @@ def test_lora_rank_zero_trains_sigma_only():
     y.backward()
     assert layer.sigma.grad is not None and layer.sigma.grad.abs().sum() > 0
     assert layer.X.numel() == 0 and layer.Y.numel() == 0
+
+
+def _layer_product(layer, x, sigma, X, Y, bias):
+    """The layer's output in float64 from the given tensors and its basis."""
+    core = torch.diag(sigma.double()) + layer.scaling * X.double() @ Y.double()
+    y = x.double() @ layer.V.double() @ core.t() @ layer.U.double().t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("name", ["sigma", "X", "Y", "bias"])
+def test_forward_sees_parametrizations(name):
+    """A parametrization moves a tensor out of the layer's parameters into a property: the
+    forward (which reads its tensors from the parameters) must then use the property."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    torch.manual_seed(9)
+    layer = SALTLinear(19, 13, 7, 3, scaling=0.5)
+    with torch.no_grad():
+        layer.Y.normal_()
+    parametrize.register_parametrization(layer, name, Doubled())
+    x = torch.randn(5, 19)
+    tensors = {n: getattr(layer, n) for n in ("sigma", "X", "Y", "bias")}
+    assert torch.equal(tensors[name], 2 * getattr(layer.parametrizations, name).original)
+    expect = _layer_product(layer, x, **tensors)
+    assert (layer(x).double() - expect).abs().max() < 1e-5 * expect.abs().max()
+
+
+def test_forward_under_functional_call():
+    """torch.func.functional_call swaps tensors into the layer for one call; the forward
+    uses them, and the layer's own are back afterwards."""
+    torch.manual_seed(10)
+    layer = SALTLinear(19, 13, 7, 3)
+    x = torch.randn(5, 19)
+    swapped = {"sigma": torch.rand(7) + 1, "X": torch.randn(7, 3), "Y": torch.randn(3, 7), "bias": torch.randn(13)}
+    y = torch.func.functional_call(layer, swapped, (x,))
+    expect = _layer_product(layer, x, **swapped)
+    assert (y.double() - expect).abs().max() < 1e-5 * expect.abs().max()
+    own = _layer_product(layer, x, layer.sigma, layer.X, layer.Y, layer.bias)
+    assert (layer(x).double() - own).abs().max() < 1e-5 * own.abs().max()

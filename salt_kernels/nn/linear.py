@@ -387,20 +387,28 @@ class SALTLinear(SALTAdapterMixin, nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
+        # The tensors are read from _parameters: through nn.Module's __getattr__ each read
+        # costs about a microsecond, a tenth of a decode step's host time for six of them.
+        # A name not there (moved by a parametrization) is read as an attribute.
+        p = self._parameters
+        U, V, X, Y, bias = (p[n] if n in p else getattr(self, n) for n in ("U", "V", "X", "Y", "bias"))
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != U.dtype:
             self._check_input_dtype(x)
         rows = self.salt_rows
         if rows is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
-            (sigma, X, Y, bias), op = (self.op_sigma(), self.X, self.Y, self.bias), salt_linear
+            sigma = p["sigma"] if self.sigma_mode == "direct" and "sigma" in p else self.effective_sigma()
+            op = salt_linear
+            if self.quantized_base:
+                sigma = self.op_sigma(sigma)
         else:  # a mixed-adapter batch: the adapter bank and per-row indices
             (sigma, X, Y, bias), op = rows.op(self, x)
         if not self.residual or not isinstance(x, torch.Tensor) or x.dim() == 0:
             # (salt_linear's validation reports a bad x)
-            return op(x, self.U, self.V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
+            return op(x, U, V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
         # Lossless mode: y = SALT(x) + W_res x. Produce y once (bias fused in salt_linear)
         # and accumulate the residual GEMM into it in place: no second M x out tensor.
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = op(x2d, self.U, self.V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
+        y = op(x2d, U, V, sigma, X, Y, bias, scaling=self.scaling, backend=self.backend)
         # y's dtype is x's, or the autocast dtype under torch.autocast (as in nn.Linear).
         if self.quantized_residual is not None:
             add_quantized_product(y, x2d.to(y.dtype), self.quantized_residual)
