@@ -1,7 +1,7 @@
 """Host overhead of one SALT layer call on the ``triton`` backend: the Python between the
 user's call and the kernel launches, measured on a CPU.
 
-    PYTHONPATH=. python benchmarks/bench_host_overhead.py [--min-time 1] [--shape M,K,D,r,r']
+    PYTHONPATH=. python benchmarks/bench_host_overhead.py [--min-time 1] [--shape M,K,D,r,r'] [--peft]
 
 At decode a layer's GPU work is a few microseconds, so this host time decides the speed.
 The script runs the public call (``salt_linear(..., backend="triton")`` and
@@ -20,9 +20,16 @@ Three measurements, each against the reference chain in the same interleaved rou
 forward+backward also pays ``torch.autograd.grad``'s own fixed cost, about 20 us here,
 which a model pays once per step, not per layer). The last line,
 ``host overhead: forward N us, forward+backward N us per layer call``, is the stacked
-figure (medians). Timed by this process's CPU time by default (``--clock wall`` for wall
-time): the host code is single-threaded, and on a shared machine other processes' load
-would otherwise inflate it.
+figure (medians).
+
+``--peft`` adds a stack of 8 ``nn.Linear(D, D)`` under PEFT with a SALT adapter (residual:
+the base layer runs and SALT adds its update) against the same stack with a LoRA adapter
+of rank r'. The base layers and LoRA's ops run on the CPU tensors for real, so it takes
+D <= 256, where their arithmetic is about a microsecond or less.
+
+Timed by this process's CPU time by default (``--clock wall`` for wall time): the host
+code is single-threaded, and on a shared machine other processes' load would otherwise
+inflate it.
 """
 
 from __future__ import annotations
@@ -65,6 +72,33 @@ def _inputs(M, K, D, r, rl, grad: bool, dtype=torch.float32):
 STACK = 8  # layers in the stacked measurement
 
 
+class _Stack(torch.nn.Module):
+    """STACK nn.Linear(D, D) in a row: the model a PEFT adapter is put on (``--peft``)."""
+
+    def __init__(self, D, dtype):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(D, D, dtype=dtype) for _ in range(STACK))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _peft_models(D, r, rl, dtype):
+    """The stack with a SALT adapter (rank r, r', residual: the base layer runs, SALT adds
+    its update) and with a LoRA adapter of rank r' (what SALT is measured against in PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    from salt_kernels.peft import SaltConfig
+
+    names = [f"layers.{i}" for i in range(STACK)]
+    salt = get_peft_model(_Stack(D, dtype), SaltConfig(rank=r, lora_rank=rl, target_modules=names, residual=True,
+                                                       backend="triton"))
+    lora = get_peft_model(_Stack(D, dtype), LoraConfig(r=max(rl, 1), target_modules=names))
+    return salt, lora
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per step (default 1)")
@@ -74,8 +108,13 @@ def main(argv=None) -> int:
                          "wall: wall time")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="dtype of x, the basis and the bias (default float32; sigma, X, Y stay float32)")
+    ap.add_argument("--peft", action="store_true",
+                    help="also a stack of 8 nn.Linear(D, D) under PEFT: a SALT adapter (residual) against "
+                         "a LoRA adapter of rank r' (needs peft)")
     args = ap.parse_args(argv)
     M, K, D, r, rl = (int(v) for v in args.shape.split(","))
+    if args.peft and D > 256:
+        ap.error(f"--peft: the base layers run on the CPU for real, so D must be at most 256 (got --shape with D={D})")
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     # The skipped kernels leave their outputs as torch.empty left them, and the torch ops
@@ -119,6 +158,12 @@ def main(argv=None) -> int:
                                                                                      grad_out)], mode)
             steps[("stack", backend, mode)] = layer_step(stack_call(backend), [((x_stack,), stack_trained,
                                                                                stack_grad)], mode)
+    if args.peft:
+        salt_model, lora_model = _peft_models(D, r, rl, dtype)
+        for mode in ("fwd", "fwd+bwd"):
+            for name, model in (("SALT", salt_model), ("LoRA", lora_model)):
+                trainable = [x_stack] + [p for p in model.parameters() if p.requires_grad]
+                steps[("peft", name, mode)] = layer_step(model, [((x_stack,), trainable, stack_grad)], mode)
     names = {k: " ".join(k) for k in steps}
     times = time_steps({names[k]: s for k, s in steps.items()}, "cpu", args.min_time, clock=args.clock)
     print(f"host overhead of one layer call, M={M} K={K} D={D} r={r} r'={rl}, Triton launches replaced by no-ops, "
@@ -132,6 +177,13 @@ def main(argv=None) -> int:
             per_layer[api, mode] = tri.median / n * 1e6
             print(f"  {label:36s} {mode:8s} triton {tri.median / n * 1e6:7.1f} us   reference chain "
                   f"{ref.median / n * 1e6:7.1f} us   reference / triton {ratio.median:.2f}±{ratio.spread:.2f}")
+    if args.peft:
+        for mode in ("fwd", "fwd+bwd"):
+            salt, lora = times[names[("peft", "SALT", mode)]], times[names[("peft", "LoRA", mode)]]
+            ratio = paired_ratio(lora, salt)
+            print(f"  {'PEFT, per layer of %d stacked' % STACK:36s} {mode:8s} SALT   {salt.median / STACK * 1e6:7.1f} us"
+                  f"   LoRA            {lora.median / STACK * 1e6:7.1f} us   LoRA / SALT {ratio.median:.2f}"
+                  f"±{ratio.spread:.2f}")
     fwd, fwd_bwd = per_layer["stack", "fwd"], per_layer["stack", "fwd+bwd"]
     print(f"host overhead: forward {fwd:.0f} us, forward+backward {fwd_bwd:.0f} us per layer call")
     return 0

@@ -272,16 +272,21 @@ def test_bench_variants_script(capsys):
 def test_bench_host_overhead_script():
     """benchmarks/bench_host_overhead.py runs end to end (its own process: it sets
     TRITON_INTERPRET and swaps the launcher's launch function for a no-op) and prints its
-    summary line for the default shape and for a bf16 decode plan with a split shrink."""
+    summary line for the default shape (with the PEFT lines) and for a bf16 decode plan
+    with a split shrink."""
     pytest.importorskip("triton")
+    pytest.importorskip("peft")
     root = Path(__file__).resolve().parents[1]
-    for extra in ([], ["--shape", "1,600,300,24,4", "--dtype", "bfloat16"]):
+    for extra in (["--peft"], ["--shape", "1,600,300,24,4", "--dtype", "bfloat16"]):
         out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_host_overhead.py"), "--min-time", "0.005",
                               *extra], capture_output=True, text=True, cwd=root, timeout=300,
                              env={**os.environ, "PYTHONPATH": str(root)})
         assert out.returncode == 0, out.stderr[-3000:]
         assert re.search(r"^host overhead: forward \d+ us, forward\+backward \d+ us per layer call$", out.stdout, re.M)
         assert "Triton launches replaced by no-ops" in out.stdout
+        peft_lines = re.findall(r"^  PEFT, per layer of 8 stacked +fwd(?:\+bwd)? +SALT +[\d.]+ us +LoRA +[\d.]+ us", out.stdout,
+                                re.M)
+        assert len(peft_lines) == (2 if "--peft" in extra else 0), out.stdout
 
 
 def _import_script(name):

@@ -75,6 +75,12 @@ def allow_other_base():
         _OTHER_BASE.reset(token)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call to ``.to`` when it is there already (a dispatch
+    each, and a decode step's update makes several)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _column_signs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     """+-1 per column if the unit columns of ``a`` and ``b`` agree up to sign, else None."""
     dots = (a.detach().float().cpu() * b.detach().float().cpu()).sum(0)
@@ -171,13 +177,16 @@ class SaltCore(SALTAdapterMixin, nn.Module):
             self.alpha.add_(0.1 * torch.randn_like(self.alpha))
             self.beta.add_(0.1 * self.sigma0.to(self.beta.dtype) * torch.randn_like(self.beta))
 
-    def coefficients(self, residual: bool, dtype: torch.dtype):
+    def coefficients(self, residual: bool, dtype: torch.dtype, fold_scaling: bool = True):
         """``(sigma, X, Y)`` of the update this adapter adds (``residual``: ``sigma' - sigma0``)
-        or of its whole truncated layer, in ``dtype``, with ``scaling`` folded into ``X``."""
-        sigma = self.effective_sigma().to(dtype)
+        or of its whole truncated layer, in ``dtype``, with ``scaling`` folded into ``X``
+        (``fold_scaling=False``: not folded, for a caller that passes it to the op, one
+        multiplication less per call)."""
+        sigma = _cast(self.effective_sigma(), dtype)
         if residual:
-            sigma = sigma - self.sigma0.to(dtype)  # the update only: W x comes from the base layer
-        return sigma, self.X.to(dtype) * self.scaling, self.Y.to(dtype)
+            sigma = sigma - _cast(self.sigma0, dtype)  # the update only: W x comes from the base layer
+        X = _cast(self.X, dtype)
+        return sigma, (X * self.scaling if fold_scaling else X), _cast(self.Y, dtype)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, lora_rank={self.lora_rank}, scaling={self.scaling}, "
@@ -504,13 +513,15 @@ class SaltLayer(BaseTunerLayer):
                     "and cannot be combined with other adapters; activate one at a time"
                 )
             core = self.salt_core[truncated[0]]
-            y = self._salt_update(x, core, core.coefficients(False, core.compute_dtype), self.get_base_layer().bias)
+            y = self._salt_update(x, core, core.coefficients(False, core.compute_dtype, fold_scaling=False),
+                                  self.get_base_layer().bias)
             # the base layer's output dtype (autocast's, under autocast; the op returns that already)
-            return y if autocast_active(x.device.type) else y.to(x.dtype)
+            return y if y.dtype == x.dtype or autocast_active(x.device.type) else y.to(x.dtype)
         y = self.base_layer(x, *args, **kwargs)
         for name in active:
             core = self.salt_core[name]
-            y = y + self._salt_update(x, core, core.coefficients(True, core.compute_dtype), None).to(y.dtype)
+            y = y + _cast(self._salt_update(x, core, core.coefficients(True, core.compute_dtype, fold_scaling=False),
+                                            None), y.dtype)
         return y
 
     def _salt_bank(self, present: list[str]):
@@ -609,10 +620,10 @@ class SaltLinear(_SaltModule, SaltLayer):
         return matrix.t() if self.fan_in_fan_out else matrix
 
     def _salt_update(self, x: torch.Tensor, core: SaltCore, coefficients, bias) -> torch.Tensor:
-        sigma, X, Y = coefficients
+        sigma, X, Y = coefficients  # (scaling not folded into X)
         dtype = sigma.dtype
-        return salt_linear(x.to(dtype), core.U.to(dtype), core.V.to(dtype), sigma, X, Y,
-                           None if bias is None else bias.to(dtype), backend=core.backend)
+        return salt_linear(_cast(x, dtype), _cast(core.U, dtype), _cast(core.V, dtype), sigma, X, Y,
+                           None if bias is None else _cast(bias, dtype), scaling=core.scaling, backend=core.backend)
 
     def _salt_mixed_update(self, x, sigma, X, Y, index, backend) -> torch.Tensor:
         dtype = sigma.dtype
@@ -651,9 +662,9 @@ class SaltConv2d(_SaltModule, SaltLayer):
         return matrix.reshape(self.get_base_layer().weight.shape)
 
     def _salt_update(self, x: torch.Tensor, core: SaltCore, coefficients, bias) -> torch.Tensor:
-        sigma, X, Y = coefficients
+        sigma, X, Y = coefficients  # (scaling not folded into X)
         dtype = sigma.dtype
-        C = mix_matrix(sigma, X, Y, 1.0, accumulate_dtype(dtype))  # scaling is folded into X
+        C = mix_matrix(sigma, X, Y, core.scaling, accumulate_dtype(dtype))
         return salt_conv2d(x.to(dtype), core.U.to(dtype), core.V.to(dtype), C,
                            None if bias is None else bias.to(dtype), self.get_base_layer())
 
