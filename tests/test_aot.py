@@ -202,7 +202,7 @@ def test_every_launch_compiles_on_the_installed_triton():
 # ----------------------------------------------- --record: clean runs keyed by their inputs
 
 def _package_copy(tmp_path):
-    """backends/ and tools/aot.py of this package, copied (what the fingerprint reads)."""
+    """backends/ and tools/aot.py of this package, copied (the fingerprint reads part of them)."""
     import shutil
     from pathlib import Path
 
@@ -224,6 +224,9 @@ def test_record_fingerprint_follows_the_kernel_sources_triton_and_mode(tmp_path,
     (dst / "nn").mkdir()
     (dst / "nn" / "layer.py").write_text("x = 1\n")  # outside what compiles: no effect
     assert aot.fingerprint(True, None) == base
+    eager = dst / "backends" / "autograd.py"  # the host path around the kernels: no effect either
+    eager.write_text(eager.read_text() + "\n# a change\n")
+    assert aot.fingerprint(True, None) == base
     assert aot.fingerprint(False, None) != base and aot.fingerprint(True, "contiguous") != base
     kernels = dst / "backends" / "triton" / "kernels.py"
     kernels.write_text(kernels.read_text() + "\n# a change\n")
@@ -233,6 +236,29 @@ def test_record_fingerprint_follows_the_kernel_sources_triton_and_mode(tmp_path,
     assert aot.fingerprint(True, None) not in (base, changed)
     monkeypatch.setattr(triton, "__version__", "0.0.0")
     assert aot.fingerprint(True, None) != base
+
+
+def test_kernel_sources_import_only_the_host_glue_from_the_package():
+    """The fingerprint reads the Triton backend's modules only. Anything else of the package
+    they import could change a launch plan without changing the fingerprint: a new such
+    import fails here, to be added to aot.EAGER_IMPORTS (it does not plan) or to the
+    fingerprinted sources (it does)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(aot.__file__).resolve().parent.parent / aot.KERNEL_SOURCES
+    files = sorted(root.rglob("*.py"))
+    assert {f.name for f in files} >= {"kernels.py", "multi.py"}
+    outside = {}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                key = "." * node.level + (node.module or "")
+                outside.setdefault(key, set()).update(a.name for a in node.names)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] == "salt_kernels" for n in names), f"{f.name}: {names}"
+    assert outside == aot.EAGER_IMPORTS
 
 
 def test_record_skips_the_compiles_only_for_the_recorded_sources(tmp_path, monkeypatch, capsys):

@@ -17,29 +17,31 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _diag_and_factors(sigma, X, Y, dtype: torch.dtype):
+    """diag(sigma), X and Y in ``dtype``. Casts to the dtype already held are skipped: each
+    is a dispatch, and at decode this tiny product is a visible share of a layer call."""
+    C = torch.diag(sigma if sigma.dtype == dtype else sigma.to(dtype))
+    return C, (X if X.dtype == dtype else X.to(dtype)), (Y if Y.dtype == dtype else Y.to(dtype))
+
+
 def mix_matrix(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """C = diag(sigma) + scaling * X @ Y, shape (r, r), in ``dtype``."""
-    # (Casts to the dtype already held are skipped: each is a dispatch, and at decode this
-    # tiny product is a visible share of a layer call.)
-    C = torch.diag(sigma if sigma.dtype == dtype else sigma.to(dtype))
-    if X.shape[1] > 0:
-        X, Y = (X if X.dtype == dtype else X.to(dtype)), (Y if Y.dtype == dtype else Y.to(dtype))
-        if torch.compiler.is_compiling():
-            # scaling multiplies the small factor X (r x r') rather than riding as addmm's
-            # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
-            C = torch.addmm(C, X * scaling, Y)
-        else:  # eager: alpha saves a launch (a Python scalar times a tensor is one more op)
-            C = torch.addmm(C, X, Y, alpha=scaling)
-    return C
+    C, X, Y = _diag_and_factors(sigma, X, Y, dtype)
+    if X.shape[1] == 0:
+        return C
+    if torch.compiler.is_compiling():
+        # scaling multiplies the small factor X (r x r') rather than riding as addmm's
+        # alpha: under torch.compile a symbolic alpha is specialised by addmm's backward.
+        return torch.addmm(C, X * scaling, Y)
+    return torch.addmm(C, X, Y, alpha=scaling)  # (alpha saves a launch: a scalar times X is one more op)
 
 
 def mix_matrix_untracked(sigma, X, Y, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """:func:`mix_matrix` for eager code that autograd does not record (an autograd
     Function's forward, calls without gradients): the product is added into the diagonal
     matrix in place, which saves an allocation and a copy of C on every layer call."""
-    C = torch.diag(sigma if sigma.dtype == dtype else sigma.to(dtype))
+    C, X, Y = _diag_and_factors(sigma, X, Y, dtype)
     if X.shape[1] > 0:
-        X, Y = (X if X.dtype == dtype else X.to(dtype)), (Y if Y.dtype == dtype else Y.to(dtype))
         if scaling == 1.0:  # (alpha parsed from Python costs as much as the product at decode sizes)
             C.addmm_(X, Y)
         else:

@@ -563,15 +563,24 @@ def warm_cache(cache_dir: str, plan_path: str | None, archs, sources=None, jobs_
 
 # --- --record: clean runs, keyed by what their result depends on -------------------------
 
+# The sources a compile's result depends on: the kernels and their launch plans (the
+# Triton backend's modules) and the specialisations listed here. Those modules take from
+# the rest of the package only the host path's glue (EAGER_IMPORTS); tests/test_aot.py
+# fails if they import anything else, which might change a plan without changing this.
+KERNEL_SOURCES = "backends/triton"
+EAGER_IMPORTS = {"..autograd": {"eager_function", "register_salt_autograd", "run_salt_eager", "run_salt_op"},
+                 "..": {"reference"}}
+
+
 def fingerprint(full: bool, only: str | None) -> str:
     """sha256 of the Triton version, the mode and the sources that plan and define the
-    kernels (every module of ``backends/`` and this file)."""
+    kernels (the modules of ``KERNEL_SOURCES`` and this file)."""
     import hashlib
 
     import triton
 
     pkg = Path(__file__).resolve().parent.parent
-    files = sorted((pkg / "backends").rglob("*.py")) + [Path(__file__).resolve()]
+    files = sorted((pkg / KERNEL_SOURCES).rglob("*.py")) + [Path(__file__).resolve()]
     h = hashlib.sha256(f"triton {triton.__version__}; full={full}; only={only}\n".encode())
     for f in files:
         h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
