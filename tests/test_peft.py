@@ -658,8 +658,8 @@ def test_mixed_batch_errors_are_peft_s():
             pass
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_conv2d_layer_matches_float64_and_mixes(residual):
+@pytest.mark.parametrize("residual,scaling", [(True, 1.0), (False, 1.0), (True, 0.6)])
+def test_conv2d_layer_matches_float64_and_mixes(residual, scaling):
     class ConvNet(nn.Module):
         def __init__(self):
             super().__init__()
@@ -671,7 +671,7 @@ def test_conv2d_layer_matches_float64_and_mixes(residual):
     torch.manual_seed(0)
     base = ConvNet()
     model = perturb(get_peft_model(copy.deepcopy(base), SaltConfig(rank=5, lora_rank=2, target_modules=["conv"],
-                                                                  residual=residual)))
+                                                                  residual=residual, scaling=scaling)))
     layer = model.base_model.model.conv
     x = torch.randn(2, 3, 7, 9, requires_grad=True)
     y = layer(x)
