@@ -36,9 +36,25 @@ def _op_inputs(M=6, K=40, D=30, r=8, dtype=torch.float32, device=DEVICE):
 # ---------------------------------------------------------------------------------------
 
 
-def test_launches_run_under_the_inputs_device_guard(monkeypatch):
+def _as_if_on_cuda(monkeypatch):
+    """Calls on CPU tensors take the path of CUDA calls (device guard, capture check):
+    the runners decide it once per layout, so the cached ones are dropped."""
+    monkeypatch.setattr(tk, "_guarded", lambda device: True)
+    tk.clear_plan_cache()
+
+
+@pytest.fixture
+def fresh_plans():
+    """Runners made under a test's patches do not outlive it."""
+    tk.clear_plan_cache()
+    yield
+    tk.clear_plan_cache()
+
+
+def test_launches_run_under_the_inputs_device_guard(monkeypatch, fresh_plans):
     """Both ops make the inputs' device current around their launches (Triton launches
-    on the current device's current stream)."""
+    on the current device's current stream), where the device needs it (CUDA; forced
+    here on CPU tensors); CPU calls under the interpreter skip the guard."""
     entered = []
     real_guard = tk._device_guard
 
@@ -46,8 +62,13 @@ def test_launches_run_under_the_inputs_device_guard(monkeypatch):
         entered.append(device)
         return real_guard(device)
 
+    assert tk._guarded(torch.device("cuda", 1)) and not tk._guarded(torch.device("cpu"))
     monkeypatch.setattr(tk, "_device_guard", spy)
     x, U, V, C, b = _op_inputs()
+    y, Z = tk.salt_forward(x, U, V, C, b)
+    tk.salt_backward(torch.randn_like(y), Z, U, V, C, True, True, True)
+    assert entered == []
+    _as_if_on_cuda(monkeypatch)
     y, Z = tk.salt_forward(x, U, V, C, b)
     tk.salt_backward(torch.randn_like(y), Z, U, V, C, True, True, True)
     assert entered == [x.device, x.device]
@@ -200,11 +221,12 @@ def test_every_launch_passes_the_compile_options(monkeypatch):
     assert all(kwargs["enable_fp_fusion"] is True for kwargs in seen)
 
 
-def test_capture_forbids_compiling(monkeypatch):
+def test_capture_forbids_compiling(monkeypatch, fresh_plans):
     """While capturing, every launch runs with Triton's jit_cache_hook (called just
     before a compile) set to raise NotWarmedUpError; outside capture it is untouched."""
     seen = []
     monkeypatch.setattr(tk, "_check_tuned", lambda launch: seen.append(triton.knobs.runtime.jit_cache_hook))
+    _as_if_on_cuda(monkeypatch)
     monkeypatch.setattr(tk, "_capturing", lambda device: True)
     before = triton.knobs.runtime.jit_cache_hook
     x, U, V, C, b = _op_inputs()
@@ -362,7 +384,7 @@ def test_autotune_key_separates_aligned_and_odd_ranks():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other_rank", "rank1_odd_stride"])
-def test_kernels_see_a_unit_stride_basis(layout, monkeypatch):
+def test_kernels_see_a_unit_stride_basis(layout, monkeypatch, fresh_plans):
     """U and V reach the kernels with a unit rank stride whatever the caller passed (a
     transposed basis, e.g. V = Vh.t() from torch.linalg.svd, spilled in some configs);
     a contiguous basis is passed through without a copy, and results are unchanged."""
@@ -377,12 +399,24 @@ def test_kernels_see_a_unit_stride_basis(layout, monkeypatch):
         assert out.stride(1) == 1 and torch.equal(out, B)
         assert (out.data_ptr() == B.data_ptr()) == (B.stride(1) == 1)
     seen = []
-    real = tk.forward_launches
-    monkeypatch.setattr(tk, "forward_launches", lambda x, U, V, *a: seen.append((U.stride(1), V.stride(1))) or real(x, U, V, *a))
-    y, _ = tk.salt_forward(x, U2, V2, C, b)
-    assert seen == [(1, 1)]
-    y_ref, _ = tk.salt_forward(x, U2.contiguous(), V2.contiguous(), C, b)
+    real = tk._launch
+
+    def spy(kernel, grid, args, kwargs):  # the basis operand of each launch: its rank stride, and the one passed
+        if kernel is tk._shrink_kernel:
+            seen.append(("shrink", args[3].stride(1), args[5]))
+        elif kernel is tk._expand_kernel:
+            seen.append(("expand", args[4].stride(1), args[6]))
+        real(kernel, grid, args, kwargs)
+
+    monkeypatch.setattr(tk, "_launch", spy)
+    y, Z = tk.salt_forward(x, U2, V2, C, b)
+    G = torch.randn_like(y)
+    grads = tk.salt_backward(G, Z, U2, V2, C, True, True, True)
+    assert seen == [("shrink", 1, 1), ("expand", 1, 1)] * 2
+    y_ref, Z_ref = tk.salt_forward(x, U2.contiguous(), V2.contiguous(), C, b)
     torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, tk.salt_backward(G, Z_ref, U2.contiguous(), V2.contiguous(), C, True, True, True)):
+        torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def test_warmup_runs_every_layer_at_every_token_count(monkeypatch):
 
     monkeypatch.setattr(tk, "forward_launches", spy_fwd)
     monkeypatch.setattr(tk, "backward_launches", spy_bwd)
+    monkeypatch.setattr(tk, "LIST_LAUNCHES", True)  # every call through the planners
     model = _model()
     assert salt_kernels.warmup(model, token_counts=[3, 40]) == 2
     for K in (24, 72):

@@ -72,8 +72,9 @@ cost is that Inductor cannot fuse into the kernels, which it would not do with t
 anyway. Eager calls skip the custom-op dispatch (tens of microseconds a call, most of a
 decode step): :func:`salt_linear_2d` runs the same bodies (:func:`forward_impl`,
 :func:`backward_impl`) through one autograd Function (backends/autograd.py), choosing by
-``torch.compiler.is_compiling()``. Launch plans are cached per layout (sizes, strides,
-dtypes, device, needed gradients): a call allocates its outputs and binds arguments.
+``torch.compiler.is_compiling()``. What a call does (path, basis copy, launch plan) is
+decided once per layout (sizes, strides, dtypes, device, needed gradients): a call
+allocates its outputs and launches each kernel as the plan reaches it.
 
 Devices, streams and CUDA graphs. Every launch runs under ``torch.cuda.device`` of the
 inputs' device, so Triton launches on that device's current stream (with x on cuda:1
@@ -91,9 +92,10 @@ Autotuning: two or three configs per (kernel, dtype size, rank range) in
 ``_CONFIG_TABLE`` (``_UNALIGNED_CONFIGS`` replaces some where r is not a multiple of
 16), keyed on power-of-two buckets of M and N, the padded rank and that alignment.
 ``SALT_KERNELS_AUTOTUNE=0`` (and the interpreter) use the first config of the entry.
-Every launch is described by a :class:`Launch` (kernel, grid, arguments, candidate
-configs) built by :func:`forward_launches` / :func:`backward_launches`; the ops run
-them, and ``python -m salt_kernels.aot`` compiles exactly their specialisations.
+The launches a call makes can be listed as :class:`Launch` records (kernel, grid,
+arguments, candidate configs) by :func:`forward_launches` / :func:`backward_launches`,
+from the same plans the ops launch from; ``python -m salt_kernels.aot`` compiles exactly
+their specialisations.
 """
 
 from __future__ import annotations
@@ -615,14 +617,25 @@ def _run(launches: list[Launch], device: torch.device) -> None:
 
 
 def _launch_all(launches: list[Launch]) -> None:
-    tuners = _AUTOTUNED if AUTOTUNE else {}
     for launch in launches:
-        tuner = tuners.get(launch.name)
-        if tuner is not None:
-            _launch(tuner, launch.grid, launch.args, launch.tuned)
-        else:
-            grid, kwargs = launch.default
-            _launch(launch.fn, grid, launch.args, kwargs)
+        _launch_now(launch, launch.args)
+
+
+def _launch_now(spec, args: tuple) -> None:
+    """Launch ``spec`` (a plan's _Spec, or a Launch) on ``args``: through its autotuner
+    where autotuning is on, else at its first config. (A plan's emitter on the direct
+    path: see _forward_runner.)"""
+    tuner = _AUTOTUNED.get(spec.name) if AUTOTUNE else None
+    if tuner is not None:
+        _launch(tuner, spec.grid, args, spec.tuned)
+    else:
+        grid, kwargs = spec.default
+        _launch(spec.fn, grid, args, kwargs)
+
+
+def _listing(launches: list):
+    """A plan's emitter that binds each launch into ``launches`` instead of launching."""
+    return lambda spec, args: launches.append(spec.bind(args))
 
 
 # ---------------------------------------------------------------------------------------
@@ -819,13 +832,12 @@ def _sum_specs(P: int, L: int) -> list[tuple]:
     return out
 
 
-def _bind_sums(launches: list, specs: list, parts: torch.Tensor, out: torch.Tensor) -> None:
-    """Append the sum launches of ``specs`` (from :func:`_sum_specs`) to ``launches``:
-    ``out`` (flattened) = the fixed-order sum of ``parts`` (P, ...) fp32 contiguous; fp32
-    buffers between levels."""
+def _emit_sums(emit, specs: list, parts: torch.Tensor, out: torch.Tensor) -> None:
+    """Emit the sum launches of ``specs`` (from :func:`_sum_specs`): ``out`` (flattened) =
+    the fixed-order sum of ``parts`` (P, ...) fp32 contiguous; fp32 buffers between levels."""
     for spec, P, L, rows, shape in specs:
         dst = out if shape is None else torch.empty(*shape, dtype=torch.float32, device=parts.device)
-        launches.append(spec.bind((parts, P, L, rows, dst)))
+        emit(spec, (parts, P, L, rows, dst))
         parts = dst
 
 
@@ -869,14 +881,29 @@ def _mix_spec(M: int, r: int, R_PAD: int, elem: int, precision: str) -> _Spec:
 
 # Launch plans, cached per layout: everything that depends only on the sizes, strides,
 # dtypes and device (tiles, splits, configs, grids, constexprs) is computed once; a call
-# then allocates its outputs and binds the arguments. Tests that change the planner's
-# inputs (FORCE_SPLIT, usable_configs) call clear_plan_cache().
+# then allocates its outputs and binds the arguments. A plan is one function
+# ``build(*inputs, emit)`` that calls ``emit(spec, args)`` for each launch in order:
+# _launch_now launches at once (the ops' direct path), _listing collects Launch records
+# (forward_launches / backward_launches: aot.py, the GPU check, CUDA-graph capture).
+# The ops' calls are cached per layout too, as runners (_forward_runner): which path,
+# and the plan, decided once. Tests that change the planner's inputs (FORCE_SPLIT,
+# usable_configs) call clear_plan_cache().
 _PLANS: dict = {}
 _MAX_PLANS = 4096  # a bound for runs that see ever new layouts (plans are rebuilt on demand)
+# Set by tools that must see every launch the ops make as a list (the GPU check's
+# recording, tests that spy on the planners): the ops then always take the listed path.
+LIST_LAUNCHES = False
 
 
 def clear_plan_cache() -> None:
     _PLANS.clear()
+
+
+def _remember(key: tuple, value):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = value
+    return value
 
 
 def _layout_key(kind: str, a: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C: torch.Tensor, *rest) -> tuple:
@@ -888,18 +915,19 @@ def _layout_key(kind: str, a: torch.Tensor, U: torch.Tensor, V: torch.Tensor, C:
 
 
 def forward_launches(x, U, V, C, bias) -> tuple[torch.Tensor, torch.Tensor, list[Launch]]:
-    """Allocate y (M, D) and Z (M, r) and plan the forward's launches, for M, K, D >= 1
-    (the launcher's and aot.py's one source of launch arguments)."""
+    """Allocate y (M, D) and Z (M, r) and list the forward's launches, for M, K, D >= 1 and
+    bases of unit rank stride: the plan the ops launch from (:func:`forward_impl`), as
+    records (aot.py, the GPU check, CUDA-graph capture)."""
     key = _layout_key("fwd", x, U, V, C, None if bias is None else bias.stride(0))
-    build = _PLANS.get(key)
-    if build is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        build = _PLANS[key] = _forward_plan(x, U, V, bias)
-    return build(x, U, V, C, bias)
+    build = _PLANS.get(key) or _remember(key, _forward_plan(x, U, V, bias))
+    launches = []
+    y, Z = build(x, U, V, C, bias, _listing(launches))
+    return y, Z, launches
 
 
 def _forward_plan(x, U, V, bias):
+    """The forward's plan for this layout: ``build(x, U, V, C, bias, emit)`` allocates y and
+    Z, calls ``emit(spec, args)`` for each launch in stream order, and returns (y, Z)."""
     M, K = x.shape
     D, r = U.shape
     elem = x.element_size()
@@ -928,7 +956,7 @@ def _forward_plan(x, U, V, bias):
     expand_ints = (ys[0], ys[1], M, D, r, keys[0], keys[2], keys[3])
     bias_stride = 0 if bias is None else bias.stride(0)
 
-    def build(x, U, V, C, bias):
+    def build(x, U, V, C, bias, emit):
         # (sizes passed one by one: torch.empty parses them faster than a tuple, ~0.4 us a
         # buffer, and a decode step allocates eight per layer)
         dev = x.device
@@ -936,36 +964,35 @@ def _forward_plan(x, U, V, bias):
         y = torch.empty(M, D, dtype=x.dtype, device=dev)
         Z = torch.empty(M, r, dtype=C.dtype, device=dev)
         parts = Z if split == 1 else torch.empty(split, M, r, dtype=f32, device=dev)
-        launches = [shrink.bind((x, xs[0], xs[1], V, Vs[0], Vs[1], parts, parts) + shrink_ints)]
+        emit(shrink, (x, xs[0], xs[1], V, Vs[0], Vs[1], parts, parts) + shrink_ints)
         if sums:
-            _bind_sums(launches, sums, parts, Z)
+            _emit_sums(emit, sums, parts, Z)
         rows = Z
         # T = Z @ C^T: C^T passed as C with its strides swapped
         if mix is not None:
             # into the split partials' buffer once they are summed (stream order), else a new one
             rows = parts if sums else torch.empty(M, r, dtype=f32, device=dev)
-            launches.append(mix.bind((Z, C, cs[1], cs[0], rows, M, r)))
-        launches.append(expand.bind((rows, C, cs[1], cs[0], U, Us[0], Us[1], y if bias is None else bias, bias_stride,
-                                     y) + expand_ints))
-        return y, Z, launches
+            emit(mix, (Z, C, cs[1], cs[0], rows, M, r))
+        emit(expand, (rows, C, cs[1], cs[0], U, Us[0], Us[1], y if bias is None else bias, bias_stride, y) + expand_ints)
+        return y, Z
 
     return build
 
 
 def backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Launch]]:
-    """Allocate dx, dC, db and plan the backward's launches, for M, K, D >= 1 and at least
-    one gradient asked for (the launcher's and aot.py's one source of launch arguments)."""
+    """Allocate dx, dC, db and list the backward's launches, for M, K, D >= 1, bases of
+    unit rank stride and at least one gradient asked for (as :func:`forward_launches`)."""
     key = _layout_key("bwd", G, U, V, C, Z.stride(), need_dx, need_dC, need_db)
-    build = _PLANS.get(key)
-    if build is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        build = _PLANS[key] = _backward_plan(G, Z.stride(), U, V, need_dx, need_dC, need_db)
-    return build(G, Z, U, V, C)
+    build = _PLANS.get(key) or _remember(key, _backward_plan(G, Z.stride(), U, V, need_dx, need_dC, need_db))
+    launches = []
+    dx, dC, db = build(G, U, V, C, Z, _listing(launches))
+    return dx, dC, db, launches
 
 
 def _backward_plan(G, Z_strides, U, V, need_dx, need_dC, need_db):
+    """The backward's plan (as :func:`_forward_plan`): ``build(G, U, V, C, Z, emit)`` (the
+    forward's order, Z where the bias was: one runner serves both) returns (dx, dC, db)."""
     M, D = G.shape
     K, r = V.shape
     elem = G.element_size()
@@ -1006,7 +1033,7 @@ def _backward_plan(G, Z_strides, U, V, need_dx, need_dC, need_db):
     shrink_ints = (M, D, r, n_per_split, keys[0], keys[2], keys[3])
     expand_ints = (K, 1, M, K, r, keys[0], keys[1], keys[3])
 
-    def build(G, Z, U, V, C):
+    def build(G, U, V, C, Z, emit):
         dev = G.device
         dx = torch.empty(M, K, dtype=G.dtype, device=dev) if need_dx else G.new_empty(0)
         dC = torch.empty(r, r, dtype=C.dtype, device=dev) if need_dC else C.new_empty(0)
@@ -1015,24 +1042,24 @@ def _backward_plan(G, Z_strides, U, V, need_dx, need_dC, need_db):
         db_part = (torch.empty(m_blocks, D, dtype=f32, device=dev) if db_sums else db) if need_db else Z
         dT = torch.empty(M, r, dtype=f32, device=dev) if need_dT else Z
         parts = torch.empty(split, M, r, dtype=f32, device=dev) if dt_sums else dT
-        launches = [shrink.bind((G, Gs[0], Gs[1], U, Us[0], Us[1], parts, db_part) + shrink_ints)]
+        emit(shrink, (G, Gs[0], Gs[1], U, Us[0], Us[1], parts, db_part) + shrink_ints)
         if dt_sums:
-            _bind_sums(launches, dt_sums, parts, dT)
+            _emit_sums(emit, dt_sums, parts, dT)
         if dc is not None:
             dc_part = torch.empty(groups, r, r, dtype=f32, device=dev) if dc_sums else dC
-            launches.append(dc.bind((dT, Z, Zs[0], Zs[1], dc_part, M, r, rows_per_group)))
+            emit(dc, (dT, Z, Zs[0], Zs[1], dc_part, M, r, rows_per_group))
             if dc_sums:
-                _bind_sums(launches, dc_sums, dc_part, dC)
+                _emit_sums(emit, dc_sums, dc_part, dC)
         if expand is not None:  # dZ = dT @ C: the core is applied on the right as is
             cs = C.stride()
             rows = dT
             if mix is not None:  # (the split partials' buffer is free again, as in the forward)
                 rows = parts if dt_sums else torch.empty(M, r, dtype=f32, device=dev)
-                launches.append(mix.bind((dT, C, cs[0], cs[1], rows, M, r)))
-            launches.append(expand.bind((rows, C, cs[0], cs[1], V, Vs[0], Vs[1], Z, 0, dx) + expand_ints))
+                emit(mix, (dT, C, cs[0], cs[1], rows, M, r))
+            emit(expand, (rows, C, cs[0], cs[1], V, Vs[0], Vs[1], Z, 0, dx) + expand_ints)
         if db_sums:
-            _bind_sums(launches, db_sums, db_part, db)
-        return dx, dC, db, launches
+            _emit_sums(emit, db_sums, db_part, db)
+        return dx, dC, db
 
     return build
 
@@ -1062,37 +1089,91 @@ def _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db):
 
 def forward_impl(x, U, V, C, bias):
     """The forward of the contract (backends/autograd.py): the body of the ``salt_forward``
-    op and of the eager path."""
-    M, K = x.shape
-    D, r = U.shape
-    if not _uses_kernels(x) or K == 0 or D == 0:  # (K or D = 0: nothing for a kernel to do)
-        return _forward_torch(x, U, V, C, bias)
-    if M == 0:
-        return x.new_empty((0, D)), x.new_empty((0, r), dtype=C.dtype)
-    device = x.device
-    with _device_guard(device):
-        y, Z, launches = forward_launches(x, basis_for_kernels(U), basis_for_kernels(V), C, bias)
-        _run(launches, device)
-    return y, Z
+    op and of the eager path. What a call of this layout does is decided once
+    (:func:`_forward_runner`)."""
+    key = _layout_key("run-fwd", x, U, V, C, None if bias is None else bias.stride(0))
+    run = _PLANS.get(key) or _remember(key, _forward_runner(x, U, V, bias))
+    return run(x, U, V, C, bias)
 
 
 def backward_impl(G, Z, U, V, C, need_dx, need_dC, need_db):
-    """The backward of the contract: the body of the ``salt_backward`` op and of the eager path."""
+    """The backward of the contract: the body of the ``salt_backward`` op and of the eager
+    path (decided once per layout, as the forward)."""
+    key = _layout_key("run-bwd", G, U, V, C, Z.stride(), need_dx, need_dC, need_db)
+    run = _PLANS.get(key) or _remember(key, _backward_runner(G, Z, U, V, need_dx, need_dC, need_db))
+    return run(G, U, V, C, Z)
+
+
+def _forward_runner(x, U, V, bias):
+    """How the forward of this layout runs: the torch path (fp64, CPU tensors outside the
+    interpreter, K or D = 0: nothing for a kernel to do), empty outputs (M = 0), or the
+    kernels on the plan made here (:func:`_kernel_runner`)."""
+    M, K = x.shape
+    D, r = U.shape
+    if not _uses_kernels(x) or K == 0 or D == 0:
+        return _forward_torch
+    if M == 0:
+        return lambda x, U, V, C, bias: (x.new_empty((0, D)), x.new_empty((0, r), dtype=C.dtype))
+    build = _forward_plan(x, basis_for_kernels(U), basis_for_kernels(V), bias)
+    return _kernel_runner(build, lambda *args: forward_launches(*args), x.device, U, V)
+
+
+def _backward_runner(G, Z, U, V, need_dx, need_dC, need_db):
+    """How the backward of this layout runs (as :func:`_forward_runner`; no gradient asked
+    for, or M = 0, gives empty or zero outputs)."""
     M, D = G.shape
     K, r = V.shape
     if not _uses_kernels(G) or K == 0 or D == 0:
-        return _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
+        return lambda G, U, V, C, Z: _backward_torch(G, Z, U, V, C, need_dx, need_dC, need_db)
     if M == 0 or not (need_dx or need_dC or need_db):
-        dx = G.new_empty((M, K)) if need_dx else G.new_empty(0)
-        dC = C.new_zeros((r, r)) if need_dC else C.new_empty(0)
-        db = G.new_zeros((D,)) if need_db else G.new_empty(0)
-        return dx, dC, db
-    device = G.device
+        def empty(G, U, V, C, Z):
+            dx = G.new_empty((M, K)) if need_dx else G.new_empty(0)
+            dC = C.new_zeros((r, r)) if need_dC else C.new_empty(0)
+            db = G.new_zeros((D,)) if need_db else G.new_empty(0)
+            return dx, dC, db
+        return empty
+    build = _backward_plan(G, Z.stride(), basis_for_kernels(U), basis_for_kernels(V), need_dx, need_dC, need_db)
+    return _kernel_runner(build, lambda G, U, V, C, Z: backward_launches(G, Z, U, V, C, need_dx, need_dC, need_db),
+                          G.device, U, V)
+
+
+def _kernel_runner(build, listed, device: torch.device, U: torch.Tensor, V: torch.Tensor):
+    """A kernel call of one layout, ``run(a, U, V, C, e)`` (x and bias forward, G and Z
+    backward): a basis whose rank axis is strided is copied first (basis_for_kernels), then
+    ``build`` launches as it plans; CUDA calls go through :func:`_guarded_call`. (The
+    planners are looked up at call time, where tools replace them.)"""
+    copy_U, copy_V, guarded = U.stride(1) != 1, V.stride(1) != 1, _guarded(device)
+
+    def run(a, U, V, C, e):
+        if copy_U:
+            U = basis_for_kernels(U)
+        if copy_V:
+            V = basis_for_kernels(V)
+        if not guarded and not LIST_LAUNCHES:
+            return build(a, U, V, C, e, _launch_now)
+        return _guarded_call(build, listed, (a, U, V, C, e))
+
+    return run
+
+
+def _guarded(device: torch.device) -> bool:
+    """Do calls on ``device`` need its device guard and the capture check? (CUDA: Triton
+    launches on the current device's current stream, which may be capturing a graph.)"""
+    return device.type == "cuda"
+
+
+def _guarded_call(build, listed, args: tuple) -> tuple:
+    """A call under the inputs' device guard: launched as planned (``build(*args,
+    _launch_now)``), except while the stream captures a CUDA graph, or for tools that set
+    LIST_LAUNCHES: then ``listed(*args)`` plans the whole call into a list first, which
+    :func:`_run` checks (nothing may autotune or compile while capturing) and launches."""
+    device = args[0].device
     with _device_guard(device):
-        dx, dC, db, launches = backward_launches(G, Z, basis_for_kernels(U), basis_for_kernels(V), C,
-                                                 need_dx, need_dC, need_db)
-        _run(launches, device)
-    return dx, dC, db
+        if LIST_LAUNCHES or _capturing(device):
+            *outputs, launches = listed(*args)
+            _run(launches, device)
+            return tuple(outputs)
+        return build(*args, _launch_now)
 
 
 @torch.library.custom_op("salt_triton::forward", mutates_args=())

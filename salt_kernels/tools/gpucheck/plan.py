@@ -1,9 +1,9 @@
 """The Triton launches the GPU check makes, recorded on CPU, and the Triton cache of a run.
 
-**Recording.** Every Triton launch of salt_kernels is planned by three functions
-(``backends.triton.kernels.forward_launches`` / ``backward_launches`` and
-``backends.triton.multi.multi_launches``). :func:`recording` replaces them, in this
-process, with versions that plan exactly as on a GPU (``INTERPRET`` off while planning,
+**Recording.** Every Triton launch of salt_kernels can be planned as a list by three
+functions (``backends.triton.kernels.forward_launches`` / ``backward_launches`` and
+``backends.triton.multi.multi_launches``; ``LIST_LAUNCHES`` makes the ops use the first
+two for every call). :func:`recording` replaces them, in this process, with versions that plan exactly as on a GPU (``INTERPRET`` off while planning,
 so the precision and dot flags are the GPU's), write each planned launch to a JSON-lines
 file, and fill the outputs with the torch path's results, launching nothing: the GPU check's
 tests and steps then run on CPU at torch speed and record every launch they would make
@@ -83,7 +83,7 @@ def recording(path, source: str, autotune: bool):
     from ...backends import reference
     from ...backends.triton import kernels as tk, multi as tm
 
-    real = tk.forward_launches, tk.backward_launches, tm.multi_launches, tk._run
+    real = tk.forward_launches, tk.backward_launches, tm.multi_launches, tk._run, tk.LIST_LAUNCHES
     seen = set()
 
     def sink(launches):
@@ -119,10 +119,11 @@ def recording(path, source: str, autotune: bool):
 
     tk.forward_launches, tk.backward_launches, tm.multi_launches = forward_launches, backward_launches, multi_launches
     tk._run = lambda launches, device: None
+    tk.LIST_LAUNCHES = True  # every call through the planners above
     try:
         yield
     finally:
-        tk.forward_launches, tk.backward_launches, tm.multi_launches, tk._run = real
+        tk.forward_launches, tk.backward_launches, tm.multi_launches, tk._run, tk.LIST_LAUNCHES = real
 
 
 # pytest plugin (``-p salt_kernels.tools.gpucheck.plan``): records while PLAN_ENV is set.
