@@ -484,6 +484,47 @@ def test_triton_inference_runs_the_kernels(monkeypatch):
     assert ran[0] == "triton" and ran[1] in ("cpu", "reference")
 
 
+def test_triton_eager_calls_skip_the_op_and_traced_calls_use_it(monkeypatch):
+    """Eager mixed calls run the op's body without the custom-op dispatch (tens of
+    microseconds a call); traced calls (torch.compile, fullgraph, dynamic) go through the
+    op, whose fake kernel gives the shape; both match, and opcheck passes on the op."""
+    _require("triton")
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from salt_kernels.backends.triton import multi as tm
+
+    t, index = make_bank((13,), 24, 20, 8, 4, 3, torch.float32, bias="banked", seed=11)
+    t = {k: None if v is None else v.detach() for k, v in t.items()}
+    bodies = []
+    real = tm.multi_forward_impl
+    monkeypatch.setattr(tm, "multi_forward_impl", lambda *a: bodies.append(torch.compiler.is_compiling()) or real(*a))
+    y_eager = sk.salt_linear(**t, scaling=0.6, backend="triton", adapter_index=index)
+    assert bodies == [False]  # the body, called directly (the op would have run it too: one call either way)
+    ops = []
+    real_op = tm.multi_forward
+    monkeypatch.setattr(tm, "multi_forward", lambda *a: ops.append(1) or real_op(*a))
+    sk.salt_linear(**t, scaling=0.6, backend="triton", adapter_index=index)
+    assert ops == []  # eager: no custom-op dispatch
+
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x, i: sk.salt_linear(**{**t, "x": x}, scaling=0.6, backend="triton", adapter_index=i),
+                      fullgraph=True, backend=cnt, dynamic=True)
+    try:
+        y_compiled = f(t["x"], index)
+        assert ops  # traced: through the op
+        torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
+        x2 = torch.randn(29, 24)
+        i2 = torch.randint(-1, 3, (29,))
+        torch.testing.assert_close(f(x2, i2), sk.salt_linear(**{**t, "x": x2}, scaling=0.6, backend="triton",
+                                                            adapter_index=i2), rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+    torch.library.opcheck(real_op, (t["x"], t["U"], t["V"], t["sigma"], t["X"], t["Y"], t["bias"], index,
+                                    t["base_sigma"], t["base_bias"], 0.6))
+
+
 def test_triton_tiles_read_no_index_values_on_the_host():
     """The mixed-batch tile plan is built on the device: it runs on meta tensors, which
     have no values (bincount, which reads min/max on the host, a CUDA sync, does not), and

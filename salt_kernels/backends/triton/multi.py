@@ -142,7 +142,12 @@ def _tiles(index: torch.Tensor, A: int, BM: int):
 
 
 def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float):
-    return multi_forward(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+    """Traced (torch.compile, export) and under torch.func transforms: the op below. Eager:
+    its body without the custom-op dispatch (tens of microseconds a call, as for the plain
+    ops: kernels.salt_linear_2d)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return multi_forward(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+    return multi_forward_impl(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
 
 
 # An op (opaque to torch.compile, planned at run time like the plain Triton ops); inference
@@ -151,6 +156,11 @@ def multi_linear_2d(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, sc
 def multi_forward(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, X: torch.Tensor,
                   Y: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, base_sigma: torch.Tensor | None,
                   base_bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    return multi_forward_impl(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling)
+
+
+def multi_forward_impl(x, U, V, sigma, X, Y, bias, index, base_sigma, base_bias, scaling: float) -> torch.Tensor:
+    """The body of ``multi_forward`` and of the eager path."""
     if x.shape[0] == 0:
         return x.new_empty((0, U.shape[0]))
     if x.shape[1] == 0 or U.shape[0] == 0:  # nothing for a kernel to do
