@@ -3,9 +3,9 @@
 **Recording.** Every Triton launch of salt_kernels can be planned as a list by three
 functions (``backends.triton.kernels.forward_launches`` / ``backward_launches`` and
 ``backends.triton.multi.multi_launches``; ``LIST_LAUNCHES`` makes the ops use the first
-two for every call). :func:`recording` replaces them, in this process, with versions that plan exactly as on a GPU (``INTERPRET`` off while planning,
-so the precision and dot flags are the GPU's), write each planned launch to a JSON-lines
-file, and fill the outputs with the torch path's results, launching nothing: the GPU check's
+two for every call). :func:`recording` replaces them, in this process, with versions
+that plan exactly as on a GPU (``INTERPRET`` off while planning, so the precision and
+dot flags are the GPU's), write each planned launch to a JSON-lines file, and fill the outputs with the torch path's results, launching nothing: the GPU check's
 tests and steps then run on CPU at torch speed and record every launch they would make
 on a GPU (:func:`record_plan`). A launch is recorded as what Triton specialises on:
 the kernel, each argument (a tensor as its dtype and whether its address is 16-byte
